@@ -1,0 +1,52 @@
+"""The `megacpt` command line: one subcommand per job, each living in the module that does the work.
+
+Each entry of COMMANDS names a module that defines `add_arguments(parser)` and `run(args) -> int`. Modules
+are imported only when their command runs, so `megacpt schedule` or `megacpt plan` start without torch.
+This is the only place that turns a `UserError` into a message and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from megacpt.errors import UserError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("megacpt.train", "train one stage from a JSON config (resumes RUN_DIR if it holds a checkpoint)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megacpt", description="Continual pretraining of GPT-NeoX models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(_module=module_name)
+        # Arguments are added lazily in main() so that only the chosen command's module is imported.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints usage / error and exits 2
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    command_parser = argparse.ArgumentParser(prog=f"megacpt {argv[0]}", description=COMMANDS[argv[0]][1])
+    module.add_arguments(command_parser)
+    args = command_parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except UserError as e:
+        print(f"megacpt {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"megacpt {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""The run configuration: pydantic schema, JSON loading, `--set` overrides and the derived values.
+
+Every key has a description; docs/CONFIG.md is generated from this module (`python tools/config_doc.py`)
+and a test fails when it is stale. Validation happens here, before anything heavy is imported, and every
+problem is raised as a `ConfigError` naming the dotted key. This module does not touch torch or the data.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from megacpt.errors import ConfigError, UserError
+from megacpt.model.presets import PRESETS
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """GPT-NeoX dimensions. `preset` fills every field not given explicitly."""
+
+    preset: str | None = Field(None, description="Size preset (see megacpt/model/presets.py), e.g. 'pythia-410m', 'neox-10b', 'tiny'.")
+    num_layers: int | None = Field(None, gt=0, description="Transformer layers.")
+    hidden_size: int | None = Field(None, gt=0, description="Hidden size.")
+    num_attention_heads: int | None = Field(None, gt=0, description="Attention heads.")
+    ffn_hidden_size: int | None = Field(None, gt=0, description="MLP inner size; default 4 x hidden_size.")
+    seq_length: int | None = Field(None, gt=0, description="Tokens per training sample.")
+    vocab_size: int | None = Field(None, gt=0, description="Tokenizer vocabulary size (before padding to a multiple of 128 x tensor parallel).")
+    rotary_pct: float = Field(0.25, gt=0, le=1, description="Fraction of each head's dimensions that get rotary embeddings.")
+    rotary_base: int = Field(10000, gt=0, description="Rotary base (theta).")
+    parallel_residual: bool = Field(True, description="NeoX parallel residual x + attn(ln1 x) + mlp(ln2 x); false gives the sequential block.")
+    layernorm_eps: float = Field(1e-5, gt=0, description="LayerNorm epsilon.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Hidden and attention dropout (Pythia: 0).")
+    init_std: float = Field(0.02, gt=0, description="Standard deviation of the normal weight initialisation.")
+
+    @model_validator(mode="after")
+    def _fill_from_preset(self) -> "ModelConfig":
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ValueError(f"unknown preset '{self.preset}'{_did_you_mean(self.preset, PRESETS)}; known: {', '.join(PRESETS)}")
+            for key, value in PRESETS[self.preset].items():
+                if getattr(self, key) is None:
+                    object.__setattr__(self, key, value)
+        missing = [k for k in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size") if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)} (give them or a 'preset')")
+        if self.ffn_hidden_size is None:
+            object.__setattr__(self, "ffn_hidden_size", 4 * self.hidden_size)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+class ParallelConfig(Section):
+    """Model parallelism. Data parallelism is whatever is left of the world size."""
+
+    tensor: int = Field(1, gt=0, description="Tensor-parallel degree.")
+    pipeline: int = Field(1, gt=0, description="Pipeline-parallel degree; only 1 is supported (use tensor parallel + ZeRO).")
+
+
+class TokenizerConfig(Section):
+    """How text becomes tokens. Omit the section for data that is already tokenized."""
+
+    type: Literal["sentencepiece", "hf", "byte"] = Field(description="'sentencepiece' (a .model file), 'hf' (a tokenizer.json) or 'byte' (no file).")
+    model: str | None = Field(None, description="Path of the SentencePiece .model file (type 'sentencepiece').")
+    path: str | None = Field(None, description="Path of the Hugging Face tokenizer.json (type 'hf').")
+
+    @model_validator(mode="after")
+    def _needs_file(self) -> "TokenizerConfig":
+        if self.type == "sentencepiece" and not self.model:
+            raise ValueError("type 'sentencepiece' needs 'model' (the .model file)")
+        if self.type == "hf" and not self.path:
+            raise ValueError("type 'hf' needs 'path' (the tokenizer.json)")
+        return self
+
+
+class DataSource(Section):
+    """One Megatron indexed dataset (PREFIX.bin / PREFIX.idx) with its blend weight."""
+
+    name: str = Field(description="Name used in metrics (`samples`) and the stage history.")
+    prefix: str = Field(description="Path prefix of the .bin/.idx pair.")
+    weight: float = Field(1.0, description="Relative weight within its group (new data or replay).")
+
+
+class ReplayConfig(Section):
+    """Compute-equivalent replay of earlier data (Ibrahim et al. 2024)."""
+
+    fraction: float = Field(0.0, ge=0, lt=1, description="Share of every batch drawn from the replay sources; new sources get 1 - fraction.")
+    sources: list[DataSource] = Field(default_factory=list, description="Earlier datasets to replay.")
+    seen_only: bool = Field(False, description="Replay only the samples an earlier megacpt stage trained on (from the checkpoint's stage history).")
+
+
+class ValidationSet(Section):
+    """A held-out dataset whose loss is reported separately (forgetting vs adaptation)."""
+
+    name: str = Field(description="Name of the validation set in metrics (`eval`).")
+    prefix: str = Field(description="Path prefix of the .bin/.idx pair.")
+
+
+class DataConfig(Section):
+    """Training data: new sources, replay, validation sets."""
+
+    sources: list[DataSource] = Field(description="New data for this stage.")
+    replay: ReplayConfig = Field(default_factory=ReplayConfig, description="Replay of earlier data.")
+    validation: list[ValidationSet] = Field(default_factory=list, description="Validation sets, each evaluated separately.")
+    seed: int = Field(1234, description="Seed of the sample order (shuffling and blending).")
+    cache_dir: str | None = Field(None, description="Where dataset indices are cached; default RUN_DIR/data_cache.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if not self.sources:
+            raise ValueError("'sources' needs at least one dataset")
+        names = [s.name for s in self.sources + self.replay.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique across sources and replay.sources; repeated: {dupes}")
+        for group, items in (("sources", self.sources), ("replay.sources", self.replay.sources)):
+            if any(s.weight < 0 for s in items) or (items and sum(s.weight for s in items) <= 0):
+                raise ValueError(f"weights in '{group}' must be >= 0 and sum to more than 0")
+        if self.replay.fraction > 0 and not self.replay.sources:
+            raise ValueError("replay.fraction > 0 needs replay.sources")
+        return self
+
+
+ScheduleStyle = Literal["constant", "cosine", "linear", "inverse_sqrt", "wsd", "infinite_cosine", "infinite_inv_sqrt"]
+
+
+class ScheduleConfig(Section):
+    """The LR of every step of this stage; see megacpt/schedule.py for the exact formulas."""
+
+    style: ScheduleStyle = Field("cosine", description="constant | cosine | linear | inverse_sqrt | wsd | infinite_cosine | infinite_inv_sqrt.")
+    max_lr: float = Field(3e-4, gt=0, description="Peak LR (eta_max), reached at the end of warmup.")
+    min_lr: float = Field(0.0, ge=0, description="Final LR (eta_min).")
+    warmup: int | float = Field(0, ge=0, description="Warmup: an int is steps, a float in [0, 1) a fraction of train.steps (rounded).")
+    decay_steps: int | None = Field(None, gt=0, description="cosine/linear: step where the decay reaches min_lr; default train.steps.")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: fraction of train.steps spent cooling down.")
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = Field("1-sqrt", description="wsd: shape of the cooldown.")
+    const_lr: float | None = Field(None, gt=0, description="infinite_*: the constant LR (eta_const).")
+    cooldown_end: float = Field(0.6, ge=0, le=1, description="infinite_*: end of the cooldown, as a fraction of train.steps.")
+    constant_end: float = Field(0.85, ge=0, le=1, description="infinite_*: end of the constant phase (start of the anneal); 1 never anneals.")
+    timescale: float = Field(10.0, gt=0, description="infinite_inv_sqrt: alpha of h(x) = 1/sqrt(1 + alpha x) - 1.")
+    meta: Literal["autoregressive_cosine", "autoregressive_rsqrt"] | None = Field(None, description="Lower each later stage's peak (FoMo-in-Flux meta schedules).")
+
+
+class TrainConfig(Section):
+    """The loop: steps, batch sizes, intervals."""
+
+    steps: int = Field(gt=0, description="Optimizer steps in this stage (T).")
+    global_batch_size: int = Field(gt=0, description="Samples per optimizer step over all data-parallel ranks.")
+    micro_batch_size: int = Field(1, gt=0, description="Samples per forward pass per rank.")
+    seed: int = Field(1234, description="Seed of the weight initialisation and dropout.")
+    log_interval: int = Field(10, gt=0, description="Steps between training records in metrics.jsonl and the console.")
+    eval_interval: int = Field(0, ge=0, description="Steps between evaluations on every validation set; 0 evaluates only at the end.")
+    eval_batches: int = Field(4, gt=0, description="Micro-batches per validation set per evaluation.")
+    save_interval: int = Field(0, ge=0, description="Steps between checkpoints; 0 saves only at the end.")
+    activation_checkpointing: bool = Field(False, description="Recompute each layer in the backward pass (megatron-core full recompute).")
+    max_skipped_steps: int = Field(10, gt=0, description="Stop after this many consecutive steps with a non-finite loss or grad norm.")
+
+
+class InitConfig(Section):
+    """Where the weights come from: a fresh init, or a checkpoint as a new stage."""
+
+    checkpoint: str | None = Field(None, description="A checkpoints folder (its `latest`) or one tag folder in it.")
+    mode: Literal["resume", "new_stage"] = Field("new_stage", description="'new_stage' starts a new schedule on the loaded weights; 'resume' continues that checkpoint's stage.")
+    load_optimizer: bool = Field(False, description="Keep Adam's moments and step count from the checkpoint.")
+    load_scheduler: bool = Field(False, description="Continue the checkpoint's schedule position instead of starting at t = 0.")
+    load_data_position: bool = Field(False, description="Continue the checkpoint's data position instead of starting the data at its beginning.")
+
+
+class CheckpointConfig(Section):
+    """Checkpoint retention."""
+
+    keep_last: int | None = Field(None, gt=0, description="Keep only the newest N tags (older ones are removed after a new one is complete).")
+
+
+class LoggingConfig(Section):
+    """Where metrics go besides RUN_DIR/metrics.jsonl."""
+
+    tensorboard: bool = Field(False, description="Also write TensorBoard events to RUN_DIR/tensorboard (needs the 'tb' extra).")
+
+
+class RunConfig(Section):
+    """One training run (one stage)."""
+
+    run_dir: str = Field(description="Folder for metrics.jsonl, the resolved config and checkpoints/.")
+    model: ModelConfig = Field(description="Model dimensions.")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Tensor/pipeline parallelism.")
+    tokenizer: TokenizerConfig | None = Field(None, description="Tokenizer; omit for pre-tokenized data.")
+    data: DataConfig = Field(description="Datasets.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="LR schedule of this stage.")
+    train: TrainConfig = Field(description="Training loop.")
+    init: InitConfig = Field(default_factory=InitConfig, description="Initial weights and what else to load.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoint retention.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Extra metric sinks.")
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="Native DeepSpeed config; megacpt fills batch sizes, optimizer and defaults it derives.")
+
+    @model_validator(mode="after")
+    def _check_cross_section(self) -> "RunConfig":
+        if self.parallel.pipeline != 1:
+            raise ValueError("parallel.pipeline > 1 is not supported; use parallel.tensor and ZeRO (deepspeed.zero_optimization.stage)")
+        if self.model.num_attention_heads % self.parallel.tensor:
+            raise ValueError(f"model.num_attention_heads {self.model.num_attention_heads} is not divisible by parallel.tensor {self.parallel.tensor}")
+        if self.model.ffn_hidden_size % self.parallel.tensor:
+            raise ValueError(f"model.ffn_hidden_size {self.model.ffn_hidden_size} is not divisible by parallel.tensor {self.parallel.tensor}")
+        if self.schedule.min_lr > self.schedule.max_lr:
+            raise ValueError(f"schedule.min_lr {self.schedule.min_lr} is larger than schedule.max_lr {self.schedule.max_lr}")
+        if self.train.global_batch_size % self.train.micro_batch_size:
+            raise ValueError(f"train.global_batch_size {self.train.global_batch_size} is not a multiple of train.micro_batch_size {self.train.micro_batch_size}")
+        if self.init.mode == "resume" and self.init.checkpoint is None:
+            raise ValueError("init.mode 'resume' needs init.checkpoint")
+        return self
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return padded_vocab_size(self.model.vocab_size, self.parallel.tensor)
+
+    @property
+    def data_cache_dir(self) -> Path:
+        return Path(self.data.cache_dir) if self.data.cache_dir else Path(self.run_dir) / "data_cache"
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int) -> int:
+    """Pad the vocabulary to a multiple of 128 x TP, as GPT-NeoX/Pythia do."""
+    multiple = 128 * tensor_parallel
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def batch_arithmetic(train: TrainConfig, data_parallel: int) -> int:
+    """Gradient accumulation steps for global = micro x accumulation x data parallel; error if it is not whole."""
+    per_step = train.micro_batch_size * data_parallel
+    if train.global_batch_size % per_step:
+        raise ConfigError(
+            "train.global_batch_size",
+            f"{train.global_batch_size} must be a multiple of micro_batch_size x data-parallel size = "
+            f"{train.micro_batch_size} x {data_parallel} = {per_step}",
+        )
+    return train.global_batch_size // per_step
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a JSON config, apply `dotted.key=value` overrides and validate it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"config file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must hold a JSON object at the top level")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw, source=str(path))
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set `a.b.c=value` in a raw config dict; the value is parsed as JSON when it can be, else kept as text."""
+    key, sep, value_text = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set expects dotted.key=value, got '{item}'")
+    try:
+        value = json.loads(value_text)
+    except json.JSONDecodeError:
+        value = value_text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(key, f"cannot set a field inside '{part}', which is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate_config(raw: dict, source: str | None = None) -> RunConfig:
+    """Validate a raw dict against the schema, turning pydantic's report into one `ConfigError`."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise _first_error(e, raw, source) from None
+
+
+def _first_error(e: ValidationError, raw: dict, source: str | None) -> ConfigError:
+    err = e.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        section = _section_model(loc[:-1])
+        known = list(section.model_fields) if section else []
+        return ConfigError(key, f"unknown key{_did_you_mean(loc[-1], known)}", source)
+    if err["type"] == "missing":
+        return ConfigError(key, "is required", source)
+    message = err["msg"].removeprefix("Value error, ")
+    given = _lookup(raw, err["loc"])
+    if err["type"] != "value_error" and given is not _MISSING:
+        message += f" (got {json.dumps(given)})"
+    return ConfigError(key, message, source)
+
+
+_MISSING = object()
+
+
+def _lookup(raw: Any, loc: tuple) -> Any:
+    for part in loc:
+        try:
+            raw = raw[part]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return raw
+
+
+def _section_model(loc: list[str]) -> type[BaseModel] | None:
+    """The pydantic model that holds the field at `loc` (list indices skipped)."""
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _inner_model(field.annotation)
+        if model is None:
+            return None
+    return model
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _inner_model(arg)
+        if found:
+            return found
+    return None
+
+
+def _did_you_mean(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def dump_config(config: RunConfig) -> dict:
+    """The resolved config as plain JSON data (presets expanded)."""
+    return config.model_dump(mode="json")

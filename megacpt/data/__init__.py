@@ -1,0 +1,1 @@
+"""Data: tokenizers, preprocessing to indexed datasets, blending with replay, the resumable loader."""
