@@ -1,0 +1,171 @@
+"""Checkpoints: DeepSpeed's files plus megacpt's own state, saved atomically, loaded as resume or new stage.
+
+A tag folder holds what `engine.save_checkpoint` writes, `megacpt_state.json` (resolved config, stage
+history, data position and samples per source, schedule state, model dimensions) and one RNG file per rank.
+`latest` names the newest complete tag and is replaced (atomically) only after every rank has finished
+writing, so a crash during a save leaves the previous checkpoint in charge.
+
+Loading follows the CPT policy: a run whose RUN_DIR holds a checkpoint resumes it (same stage, same t,
+same data position). `init.checkpoint` with mode `new_stage` loads the weights and then, independently,
+the optimizer, the scheduler position and the data position as `init.load_*` say.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megacpt.config import InitConfig, RunConfig
+from megacpt.errors import ConfigError, UserError
+
+STATE_FILE = "megacpt_state.json"
+LATEST = "latest"
+STATE_FORMAT = 1
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tag_name(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def resolve_tag(path: str | Path, key: str = "init.checkpoint") -> Path:
+    """A checkpoints folder (follow its `latest`) or one tag folder in it -> the tag folder."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    latest = path / LATEST
+    if latest.is_file():
+        tag = path / latest.read_text().strip()
+        if (tag / STATE_FILE).is_file():
+            return tag
+        raise UserError(f"{key}: {latest} names {tag}, which holds no {STATE_FILE} (incomplete checkpoint)")
+    if not path.exists():
+        raise UserError(f"{key}: checkpoint path {path} does not exist")
+    raise UserError(f"{key}: {path} is neither a megacpt checkpoint tag (no {STATE_FILE}) nor a checkpoints folder (no '{LATEST}')")
+
+
+def read_state(tag_dir: Path) -> dict:
+    try:
+        state = json.loads((tag_dir / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {tag_dir / STATE_FILE}: {e}") from None
+    if state.get("format") != STATE_FORMAT:
+        raise UserError(f"{tag_dir / STATE_FILE} has format {state.get('format')}, expected {STATE_FORMAT}")
+    return state
+
+
+def model_signature(config: RunConfig) -> dict:
+    """What must agree between a checkpoint and the model it is loaded into."""
+    m = config.model
+    return {
+        "num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_attention_heads": m.num_attention_heads,
+        "ffn_hidden_size": m.ffn_hidden_size, "padded_vocab_size": config.padded_vocab_size,
+        "rotary_pct": m.rotary_pct, "parallel_residual": m.parallel_residual, "tensor_parallel": config.parallel.tensor,
+    }
+
+
+def check_architecture(config: RunConfig, state: dict, tag_dir: Path) -> None:
+    """A readable error when the checkpoint's model differs from the config's (instead of a tensor-copy trace)."""
+    saved, wanted = state["model"], model_signature(config)
+    diffs = [f"{k}: checkpoint {saved.get(k)} vs config {v}" for k, v in wanted.items() if saved.get(k) != v]
+    if diffs:
+        hint = " (change the TP degree with `megacpt reshard`)" if saved.get("tensor_parallel") != wanted["tensor_parallel"] else ""
+        raise UserError(f"checkpoint {tag_dir} does not match the config's model: {'; '.join(diffs)}{hint}")
+
+
+@dataclass
+class LoadPlan:
+    """What to load from which tag, decided before the engine exists."""
+
+    tag_dir: Path
+    state: dict
+    resume: bool  # continue the checkpoint's stage (own RUN_DIR, or init.mode 'resume')
+    load_optimizer: bool
+    load_scheduler: bool
+    load_data_position: bool
+
+
+def plan_load(config: RunConfig) -> LoadPlan | None:
+    """Resume RUN_DIR's own checkpoint if it has one, else follow `init`, else nothing (fresh weights)."""
+    own = checkpoint_dir(config.run_dir)
+    if (own / LATEST).is_file():
+        tag_dir = resolve_tag(own, key="run_dir")
+        return LoadPlan(tag_dir, read_state(tag_dir), True, True, True, True)
+    init = config.init
+    if init.checkpoint is None:
+        return None
+    tag_dir = resolve_tag(init.checkpoint)
+    state = read_state(tag_dir)
+    if init.mode == "resume":
+        return LoadPlan(tag_dir, state, True, True, True, True)
+    check_init_combination(init, state, config)
+    return LoadPlan(tag_dir, state, False, init.load_optimizer, init.load_scheduler, init.load_data_position)
+
+
+def check_init_combination(init: InitConfig, state: dict, config: RunConfig) -> None:
+    """Reject new-stage choices that cannot mean anything for this checkpoint."""
+    if init.load_optimizer and not state.get("has_optimizer", False):
+        raise ConfigError("init.load_optimizer", f"checkpoint {init.checkpoint} holds no optimizer state (converted weights?); set it to false")
+    if init.load_data_position:
+        saved = state["config"]["data"]
+        if (saved["sources"], saved["replay"], saved["seed"]) != (
+                [s.model_dump() for s in config.data.sources], config.data.replay.model_dump(), config.data.seed):
+            raise ConfigError("init.load_data_position", "the data position only means something for the same sources, replay and seed as the checkpoint's stage")
+    if init.load_scheduler and state["scheduler"]["steps"] != config.train.steps:
+        raise ConfigError("init.load_scheduler", f"the checkpoint's stage has {state['scheduler']['steps']} steps, this config {config.train.steps}; a continued schedule needs the same train.steps")
+
+
+def load_into_engine(engine, plan: LoadPlan, world_rank: int) -> None:
+    """Load the weights (and, per the plan, the optimizer) through DeepSpeed; restore this rank's RNG on resume."""
+    path, _ = engine.load_checkpoint(
+        str(plan.tag_dir.parent), tag=plan.tag_dir.name, load_module_strict=True,
+        load_optimizer_states=plan.load_optimizer, load_lr_scheduler_states=False,
+        load_module_only=not plan.load_optimizer)
+    if path is None:
+        raise UserError(f"DeepSpeed found no checkpoint files in {plan.tag_dir}")
+    rng_file = plan.tag_dir / f"rng_rank{world_rank}.pt"
+    if plan.resume and rng_file.is_file():
+        torch.set_rng_state(torch.load(rng_file, weights_only=True)["cpu"])
+
+
+def save(engine, run_dir: str | Path, step: int, state: dict, world_rank: int, keep_last: int | None) -> Path:
+    """Write a complete tag, then move `latest` to it, then apply retention. Call on every rank."""
+    root = checkpoint_dir(run_dir)
+    tag = tag_name(step)
+    tag_dir = root / tag
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    torch.save({"cpu": torch.get_rng_state()}, tag_dir / f"rng_rank{world_rank}.pt")
+    if world_rank == 0:
+        _write_atomic(tag_dir / STATE_FILE, json.dumps(state, indent=1))
+    torch.distributed.barrier()
+    if world_rank == 0:
+        _write_atomic(root / LATEST, tag)
+        if keep_last:
+            prune(root, keep_last)
+    torch.distributed.barrier()
+    return tag_dir
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Remove the oldest complete tags beyond `keep_last` (never the one `latest` names)."""
+    latest = (root / LATEST).read_text().strip()
+    tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step") and (p / STATE_FILE).is_file())
+    for old in tags[:-keep_last]:
+        if old.name != latest:
+            shutil.rmtree(old)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

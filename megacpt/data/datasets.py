@@ -1,0 +1,166 @@
+"""Training and validation datasets over Megatron indexed files, with compute-equivalent replay.
+
+The blend is megatron-core's own (`BlendedMegatronDatasetBuilder` -> `GPTDataset` / `BlendedDataset`, a
+deterministic greedy interleave that keeps every prefix of the sample stream at the target mix). megacpt
+adds the CPT policy on top: new sources share 1 - replay.fraction of the weight and replay sources share
+replay.fraction, so replay takes part of the batch instead of adding compute. It also checks every file
+before any compute is spent, and says for each sample which source it came from.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from megacpt.config import DataConfig
+from megacpt.errors import UserError
+
+# Scan at most this many tokens for out-of-vocabulary ids (larger files are checked on evenly spaced chunks).
+_FULL_SCAN_TOKENS = 1 << 28
+_CHUNK_TOKENS = 1 << 22
+
+
+@dataclass(frozen=True)
+class WeightedSource:
+    name: str
+    prefix: str
+    weight: float
+
+
+def blend_weights(data: DataConfig) -> list[WeightedSource]:
+    """Normalised blend: new sources share 1 - f, replay sources share f; zero-weight sources are left out."""
+    fraction = data.replay.fraction
+    groups = [(data.sources, 1.0 - fraction), (data.replay.sources, fraction)]
+    blend = []
+    for sources, share in groups:
+        total = sum(s.weight for s in sources)
+        for s in sources:
+            weight = share * s.weight / total if total > 0 else 0.0
+            if weight > 0:
+                blend.append(WeightedSource(s.name, s.prefix, weight))
+    return blend
+
+
+def check_indexed_dataset(prefix: str, key: str, vocab_size: int) -> None:
+    """Fail with the file's name before training if a dataset is missing, truncated or out of vocabulary."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    idx_path, bin_path = prefix + ".idx", prefix + ".bin"
+    for path in (idx_path, bin_path):
+        if not os.path.isfile(path):
+            raise UserError(f"{key}: dataset file {path} does not exist (prefix '{prefix}' needs {prefix}.bin and {prefix}.idx)")
+    try:
+        dataset = IndexedDataset(prefix, mmap=True)
+    except (AssertionError, ValueError, OSError) as e:
+        raise UserError(f"{key}: {idx_path} is not a valid Megatron index ({e or type(e).__name__})") from None
+    index = dataset.index
+    if len(index) == 0:
+        raise UserError(f"{key}: {idx_path} holds no sequences")
+    itemsize = np.dtype(index.dtype).itemsize
+    expected = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * itemsize
+    actual = os.path.getsize(bin_path)
+    if actual < expected:
+        raise UserError(f"{key}: {bin_path} is truncated: {actual} bytes, but {idx_path} describes {expected}")
+    _check_token_range(bin_path, index.dtype, expected // itemsize, vocab_size, key)
+
+
+def _check_token_range(bin_path: str, dtype, num_tokens: int, vocab_size: int, key: str) -> None:
+    if np.iinfo(dtype).max < vocab_size:
+        return  # every id the dtype can hold is in the vocabulary
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(num_tokens,))
+    if num_tokens <= _FULL_SCAN_TOKENS:
+        starts = range(0, num_tokens, _CHUNK_TOKENS)
+    else:
+        starts = np.linspace(0, num_tokens - _CHUNK_TOKENS, _FULL_SCAN_TOKENS // _CHUNK_TOKENS).astype(np.int64)
+    for start in starts:
+        chunk = tokens[start:start + _CHUNK_TOKENS]
+        top = int(chunk.max())
+        if top >= vocab_size:
+            position = start + int(np.argmax(chunk >= vocab_size))
+            raise UserError(f"{key}: {bin_path} holds token id {top} at token {position}, but model.vocab_size is {vocab_size}")
+
+
+def check_data(data: DataConfig, vocab_size: int) -> None:
+    """Check every training, replay and validation dataset of the config."""
+    for group, sources in (("data.sources", data.sources), ("data.replay.sources", data.replay.sources),
+                           ("data.validation", data.validation)):
+        for i, source in enumerate(sources):
+            check_indexed_dataset(source.prefix, f"{group}[{i}] ({source.name})", vocab_size)
+
+
+class _DatasetTokenizer:
+    """The two facts megatron's GPTDataset asks of a tokenizer (no padding token: samples are full length)."""
+
+    def __init__(self, vocab_size: int, eod: int):
+        self.vocab_size = vocab_size
+        self.eod = eod
+        self.unique_identifiers = {"vocab_size": vocab_size, "eod": eod}  # part of megatron's cache hash
+
+
+class SourceTaggedDataset:
+    """A training sample stream where every index also tells which source it came from."""
+
+    def __init__(self, dataset, names: list[str]):
+        self.dataset = dataset
+        self.names = names
+        # BlendedDataset knows each sample's source; a single GPTDataset has only one.
+        index = getattr(dataset, "dataset_index", None)
+        self.source_index = np.asarray(index) if index is not None else np.zeros(len(dataset), dtype=np.int16)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> dict:
+        return self.dataset[idx]
+
+    def samples_per_source(self, consumed: int) -> dict[str, int]:
+        """How many of the first `consumed` samples came from each source."""
+        counts = np.bincount(self.source_index[:consumed], minlength=len(self.names))
+        return {name: int(n) for name, n in zip(self.names, counts)}
+
+
+def _gpt_config(blend, seq_length: int, seed: int, cache_dir: str, vocab_size: int, eod: int):
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    return GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=blend,
+        split="100,0,0",
+        path_to_cache=cache_dir,
+        tokenizer=_DatasetTokenizer(vocab_size, eod),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+
+
+def _build(config, num_samples: int) -> object:
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, None, None], lambda: True, config).build()
+    return train
+
+
+def build_train_dataset(data: DataConfig, num_samples: int, seq_length: int, cache_dir: str,
+                        vocab_size: int, eod: int) -> SourceTaggedDataset:
+    """The blended training stream of at least `num_samples` samples. Call on every rank (rank 0 builds first)."""
+    blend = blend_weights(data)
+    os.makedirs(cache_dir, exist_ok=True)
+    weights = [s.weight for s in blend] if len(blend) > 1 else None
+    config = _gpt_config(([s.prefix for s in blend], weights), seq_length, data.seed, cache_dir, vocab_size, eod)
+    return SourceTaggedDataset(_build(config, num_samples), [s.name for s in blend])
+
+
+def build_validation_datasets(data: DataConfig, num_samples: int, seq_length: int, cache_dir: str,
+                              vocab_size: int, eod: int) -> dict[str, object]:
+    """One dataset per validation set, each of `num_samples` samples, evaluated separately."""
+    os.makedirs(cache_dir, exist_ok=True)
+    out = {}
+    for val in data.validation:
+        config = _gpt_config(([val.prefix], None), seq_length, data.seed, cache_dir, vocab_size, eod)
+        out[val.name] = _build(config, num_samples)
+    return out

@@ -1,0 +1,116 @@
+"""Process groups: torch.distributed (one plain process or the deepspeed launcher's world) and megatron's
+parallel state, exposed to DeepSpeed through the `mpu` interface it expects.
+
+Device choice happens here, once: CUDA (nccl) when present, otherwise the CPU (gloo) with megatron-core's
+CPU fallback installed.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+
+from megacpt.errors import UserError
+from megacpt.model import cpu_fallback
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process sits: global rank and size, tensor- and data-parallel coordinates, its device."""
+
+    rank: int
+    size: int
+    local_rank: int
+    tensor_rank: int
+    tensor_size: int
+    data_rank: int
+    data_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class MegatronMPU:
+    """megatron's parallel_state under the names DeepSpeed's `mpu` argument looks up."""
+
+    get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_src_rank = staticmethod(parallel_state.get_tensor_model_parallel_src_rank)
+    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(parallel_state.get_pipeline_model_parallel_world_size)
+    get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_world(tensor_parallel: int, seed: int) -> World:
+    """Join (or create) the process group, build megatron's TP/DP groups and seed every generator.
+
+    A plain `megatron train` has no launcher environment, so it becomes a world of one on a free port.
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    world_size = int(os.environ["WORLD_SIZE"])
+    if world_size % tensor_parallel:
+        raise UserError(f"the world size {world_size} is not divisible by parallel.tensor {tensor_parallel}")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        cpu_fallback.install_if_needed()
+        device = torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+    _seed(seed, parallel_state.get_tensor_model_parallel_rank(), on_gpu)
+    return World(
+        rank=torch.distributed.get_rank(),
+        size=world_size,
+        local_rank=local_rank,
+        tensor_rank=parallel_state.get_tensor_model_parallel_rank(),
+        tensor_size=tensor_parallel,
+        data_rank=parallel_state.get_data_parallel_rank(),
+        data_size=parallel_state.get_data_parallel_world_size(),
+        device=device,
+    )
+
+
+def _seed(seed: int, tensor_rank: int, on_gpu: bool) -> None:
+    """Same default seed on every rank (so CPU-initialised weights agree), a distinct TP-region seed per TP rank."""
+    torch.manual_seed(seed)
+    if on_gpu:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+    else:
+        cpu_fallback.seed_tensor_parallel_rng(seed, tensor_rank)
+
+
+def teardown_world() -> None:
+    """Destroy megatron's groups and the process group (tests run several worlds in one process)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,76 @@
+"""The DeepSpeed engine around the megatron-core model: derived DeepSpeed config, parameter groups, initialize.
+
+The user's `deepspeed` section is passed through; megacpt fills what it derives (batch sizes, gradient
+accumulation) and sensible defaults (AdamW 0.9/0.95/1e-8, weight decay 0.1 off biases and norms, clipping
+1.0, ZeRO stage 0), and refuses DeepSpeed's own LR scheduler: megacpt's schedule owns the LR.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from megacpt.config import ConfigError, RunConfig, batch_arithmetic
+from megacpt.model import cpu_fallback
+
+DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}}
+
+
+def deepspeed_config(config: RunConfig, data_parallel: int) -> dict:
+    """The native DeepSpeed config for this run: the user's section plus what megacpt derives."""
+    ds = copy.deepcopy(config.deepspeed)
+    train = config.train
+    accumulation = batch_arithmetic(train, data_parallel)
+    derived = {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+    }
+    for key, value in derived.items():
+        if key in ds and ds[key] != value:
+            raise ConfigError(f"deepspeed.{key}", f"is {ds[key]} but train.* gives {value}; set batch sizes in 'train' only")
+        ds[key] = value
+    if "scheduler" in ds:
+        raise ConfigError("deepspeed.scheduler", "megacpt's 'schedule' section sets the LR; remove DeepSpeed's scheduler")
+    optimizer = ds.setdefault("optimizer", copy.deepcopy(DEFAULT_OPTIMIZER))
+    if str(optimizer.get("type", "")).lower() not in ("adamw", "adam"):
+        raise ConfigError("deepspeed.optimizer.type", f"'{optimizer.get('type')}' is not supported; use AdamW")
+    params = optimizer.setdefault("params", {})
+    for key, value in DEFAULT_OPTIMIZER["params"].items():
+        params.setdefault(key, value)
+    params["lr"] = config.schedule.max_lr  # overwritten by the schedule before the first step
+    if "fp16" not in ds:
+        ds.setdefault("bf16", {"enabled": True})  # on GPU; the CPU fallback trains in fp32
+    ds.setdefault("gradient_clipping", 1.0)
+    ds.setdefault("zero_optimization", {"stage": 0})
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return cpu_fallback.adapt_deepspeed_config(ds)
+
+
+def mixed_precision_dtype(ds: dict) -> torch.dtype:
+    """The dtype the engine trains in."""
+    if ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; biases and LayerNorm parameters are not decayed (as in GPT-NeoX)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def initialize(model: torch.nn.Module, ds: dict, scheduler_factory, mpu):
+    """deepspeed.initialize with megacpt's parameter groups; `scheduler_factory(optimizer)` builds the LR scheduler."""
+    import deepspeed
+
+    groups = parameter_groups(model, ds["optimizer"]["params"]["weight_decay"])
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=groups, config=ds, lr_scheduler=scheduler_factory, mpu=mpu)
+    return engine, optimizer, scheduler

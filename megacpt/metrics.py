@@ -1,0 +1,85 @@
+"""Where training and evaluation records go: RUN_DIR/metrics.jsonl (one JSON object per line), the console
+progress line and, when enabled, TensorBoard. Only the main rank writes.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+class MetricsWriter:
+    """Appends records to metrics.jsonl (continuing the file on resume) and prints progress lines."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = False):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = open(self.path, "a", encoding="utf-8") if enabled else None
+        self._tb = _tensorboard_writer(Path(run_dir) / "tensorboard") if enabled and tensorboard else None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            step = record["step"]
+            for key, value in _flatten(record).items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+            if "event" in record:
+                self._tb.add_text("events", json.dumps(record), step)
+            self._tb.flush()
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _tensorboard_writer(path: Path):
+    from megacpt.errors import UserError
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("logging.tensorboard is true but tensorboard is not installed (pip install 'megacpt[tb]')") from None
+    return SummaryWriter(str(path))
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Throughput:
+    """Tokens per second between two log points."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.last_time = self.start
+        self.last_tokens = 0
+
+    def rate(self, tokens: int) -> float:
+        now = time.perf_counter()
+        rate = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_tokens = now, tokens
+        return rate

@@ -1,0 +1,278 @@
+"""`megacpt train CONFIG`: build the parts from the config, then loop.
+
+One process (a world of one) or one rank under the deepspeed launcher. Reads top to bottom: validate the
+config and the data, join the world, build model / data / engine / schedule, load a checkpoint as the CPT
+policy says, then train with periodic logging, per-dataset evaluation and checkpoints. SIGTERM and SIGUSR1
+finish the current step, save and exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from megacpt import checkpoint
+from megacpt.config import RunConfig, dump_config, load_config
+from megacpt.errors import UserError
+from megacpt.metrics import MetricsWriter, Throughput, format_duration
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="JSON run config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.steps=100 (repeatable)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set)
+    train(config)
+    return 0
+
+
+def preflight(config: RunConfig) -> None:
+    """Everything that can be checked before torch.distributed starts: schedule, data files, checkpoint."""
+    from megacpt.data.datasets import check_data
+    from megacpt.schedule import check_schedule
+
+    check_schedule(config.schedule, config.train.steps)
+    check_data(config.data, config.model.vocab_size)
+    plan = checkpoint.plan_load(config)
+    if plan is not None:
+        checkpoint.check_architecture(config, plan.state, plan.tag_dir)
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGUSR1 so the loop can finish the step, save and exit cleanly."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def agreed(self) -> bool:
+        """True on every rank if any rank got a signal (ranks must stop at the same step)."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train(config: RunConfig) -> None:
+    from megacpt.data.datasets import build_train_dataset, build_validation_datasets
+    from megacpt.data.loader import BatchStream
+    from megacpt.distributed import MegatronMPU, setup_world
+    from megacpt.engine import deepspeed_config, initialize
+    from megacpt.model.neox import build_gpt_neox
+    from megacpt.schedule import StageScheduler
+
+    preflight(config)
+    world = setup_world(config.parallel.tensor, config.train.seed)
+    run_dir = Path(config.run_dir)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dump_config(config), indent=2))
+    plan = checkpoint.plan_load(config)
+    stages = stage_history(config, plan)
+    stage = stages[-1]
+
+    model = build_gpt_neox(config.model, config.padded_vocab_size, world.tensor_size,
+                           activation_checkpointing=config.train.activation_checkpointing,
+                           cpu_init=world.device.type == "cpu")
+    ds = deepspeed_config(config, world.data_size)
+    engine, optimizer, scheduler = initialize(
+        model, ds, lambda opt: StageScheduler(opt, config.schedule, config.train.steps, stage["index"]), MegatronMPU)
+
+    train_data = build_train_dataset(config.data, config.train.steps * config.train.global_batch_size,
+                                     config.model.seq_length, str(config.data_cache_dir), config.model.vocab_size,
+                                     _eod(config))
+    stream = BatchStream(train_data, config.train.global_batch_size, config.train.micro_batch_size,
+                         world.data_rank, world.data_size, world.device)
+    eval_samples = config.train.eval_batches * config.train.micro_batch_size * world.data_size
+    val_data = build_validation_datasets(config.data, eval_samples, config.model.seq_length,
+                                         str(config.data_cache_dir), config.model.vocab_size, _eod(config))
+
+    tokens_before = 0
+    if plan is not None:
+        checkpoint.load_into_engine(engine, plan, world.rank)
+        saved = plan.state
+        if plan.load_scheduler:
+            scheduler.load_state_dict(saved["scheduler"])
+        if plan.load_data_position:
+            stream.load_state_dict(saved["data"])
+        tokens_before = saved["tokens"]
+    scheduler.apply()  # the schedule, not a loaded optimizer, decides the LR of every group
+
+    metrics = MetricsWriter(run_dir, world.is_main, config.logging.tensorboard)
+    if plan is None or not plan.resume:
+        metrics.write({"step": 0, "event": "stage_start", "stage": stage["index"], "stage_name": stage["name"],
+                       "init": str(plan.tag_dir) if plan else None})
+    loop = TrainingLoop(config, world, engine, scheduler, stream, val_data, metrics, stages, tokens_before)
+    try:
+        loop.run()
+    finally:
+        metrics.close()
+
+
+def _eod(config: RunConfig) -> int:
+    """EOD id for the dataset (only used for masks megacpt does not build); -1 when no tokenizer is set."""
+    if config.tokenizer is None:
+        return -1
+    from megacpt.data.tokenizers import build_tokenizer
+
+    return build_tokenizer(config.tokenizer).eod_id
+
+
+def stage_history(config: RunConfig, plan: checkpoint.LoadPlan | None) -> list[dict]:
+    """The stages that made this model, ending with the current one (appended when this run is a new stage)."""
+    if plan is not None and plan.resume:
+        return plan.state["stages"]
+    earlier = plan.state["stages"] if plan is not None else []
+    return earlier + [{
+        "index": len(earlier),
+        "name": Path(config.run_dir).name,
+        "run_dir": str(Path(config.run_dir).resolve()),
+        "init": str(plan.tag_dir) if plan else None,
+        "steps": config.train.steps,
+        "global_batch_size": config.train.global_batch_size,
+        "seq_length": config.model.seq_length,
+        "schedule": config.schedule.model_dump(mode="json"),
+        "data": config.data.model_dump(mode="json"),
+        "samples": {},
+        "steps_done": 0,
+    }]
+
+
+class TrainingLoop:
+    """The step loop: train, log, evaluate, checkpoint, stop on signals or too many non-finite steps."""
+
+    def __init__(self, config, world, engine, scheduler, stream, val_data, metrics, stages, tokens_before):
+        self.config, self.world, self.engine = config, world, engine
+        self.scheduler, self.stream, self.val_data = scheduler, stream, val_data
+        self.metrics, self.stages = metrics, stages
+        self.tokens_per_step = config.train.global_batch_size * config.model.seq_length
+        self.tokens_at_start, self.start_t = tokens_before, scheduler.t
+        self.signals = StopSignal()
+
+    def total_tokens(self) -> int:
+        """Tokens trained on by this model over all stages."""
+        return self.tokens_at_start + (self.scheduler.t - self.start_t) * self.tokens_per_step
+
+    def run(self) -> None:
+        cfg = self.config.train
+        throughput = Throughput()
+        throughput.last_tokens = self.total_tokens()
+        losses = []
+        start_t = self.start_t
+        if start_t > 0:
+            self.metrics.print(f"resuming stage {self.stages[-1]['index']} at step {start_t}/{cfg.steps}")
+        while self.scheduler.t < cfg.steps:
+            step = self.scheduler.t
+            lr = self.scheduler.current_lr()
+            loss = self.train_step()
+            losses.append(loss)
+            done = step + 1
+            if done % cfg.log_interval == 0 or done == cfg.steps:
+                mean_loss = torch.stack(losses).mean()
+                torch.distributed.all_reduce(mean_loss, group=_dp_group())
+                mean_loss = mean_loss.item() / self.world.data_size
+                losses.clear()
+                grad_norm = self.engine.get_global_grad_norm()
+                self.log_train(done, lr, mean_loss, grad_norm, throughput, start_t)
+            if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.steps:
+                self.evaluate(done)
+            stop = self.signals.agreed()
+            if done == cfg.steps or stop or (cfg.save_interval and done % cfg.save_interval == 0):
+                if done == cfg.steps and self.val_data:
+                    self.evaluate(done)
+                self.save(done)
+            if stop:
+                self.metrics.print(f"received signal {self.signals.received}: saved a checkpoint at step {done}, exiting")
+                return
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over the accumulated micro-batches; returns this rank's mean loss (no host sync)."""
+        micro_batches = self.stream.next_step()
+        total = torch.zeros((), device=self.world.device)
+        for mb in micro_batches:
+            loss = self.forward_loss(mb)
+            self.engine.backward(loss)
+            self.engine.step()
+            total = total + loss.detach()
+        return total / len(micro_batches)
+
+    def forward_loss(self, mb: dict) -> torch.Tensor:
+        per_token = self.engine(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
+        mask = mb["loss_mask"].float()
+        return (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Mean loss on each validation set separately, averaged over data-parallel ranks."""
+        from megacpt.data.loader import BatchStream
+
+        self.engine.eval()
+        results = {}
+        for name, dataset in self.val_data.items():
+            mb_size = self.config.train.micro_batch_size
+            stream = BatchStream(dataset, len(dataset) - len(dataset) % (mb_size * self.world.data_size) or mb_size,
+                                 mb_size, self.world.data_rank, self.world.data_size, self.world.device)
+            batches = stream.next_step()[: self.config.train.eval_batches]
+            loss = torch.stack([self.forward_loss(mb) for mb in batches]).mean()
+            torch.distributed.all_reduce(loss, group=_dp_group())
+            results[name] = loss.item() / self.world.data_size
+        self.engine.train()
+        if results:
+            self.metrics.write({"step": step, "stage": self.stages[-1]["index"], "tokens": self.total_tokens(), "eval": results})
+            self.metrics.print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        return results
+
+    def log_train(self, step: int, lr: float, loss: float, grad_norm, throughput: Throughput, start_t: int) -> None:
+        cfg = self.config.train
+        tokens = self.total_tokens()
+        rate = throughput.rate(tokens)
+        samples = self.stream.dataset.samples_per_source(self.stream.consumed_samples)
+        record = {
+            "step": step, "stage": self.stages[-1]["index"], "lr": lr, "loss": loss,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens": tokens, "samples": samples, "tokens_per_s": rate,
+        }
+        self.metrics.write(record)
+        elapsed = time.perf_counter() - throughput.start
+        eta = elapsed / max(step - start_t, 1) * (cfg.steps - step)
+        self.metrics.print(f"step {step}/{cfg.steps}  loss {loss:.4f}  lr {lr:.3e}  "
+                           f"{rate:,.0f} tok/s  ETA {format_duration(eta)}")
+
+    def save(self, step: int) -> None:
+        stage = dict(self.stages[-1])
+        stage["steps_done"] = step
+        stage["samples"] = self.stream.dataset.samples_per_source(self.stream.consumed_samples)
+        stages = self.stages[:-1] + [stage]
+        state = {
+            "format": checkpoint.STATE_FORMAT,
+            "step": step,
+            "tokens": self.total_tokens(),
+            "config": dump_config(self.config),
+            "model": checkpoint.model_signature(self.config),
+            "tokenizer": self.config.tokenizer.model_dump(mode="json") if self.config.tokenizer else None,
+            "has_optimizer": True,
+            "stages": stages,
+            "scheduler": self.scheduler.state_dict(),
+            "data": {**self.stream.state_dict(), "samples": stage["samples"]},
+        }
+        tag_dir = checkpoint.save(self.engine, self.config.run_dir, step, state, self.world.rank,
+                                  self.config.checkpoint.keep_last)
+        self.metrics.print(f"saved checkpoint {tag_dir}")
+
+
+def _dp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()

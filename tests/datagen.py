@@ -1,0 +1,58 @@
+"""Small Megatron indexed datasets and run configs for tests, written with megatron-core's own builder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def write_indexed(prefix: str | Path, documents: list[list[int]], dtype=np.uint16) -> str:
+    """PREFIX.bin/.idx holding `documents`, through megatron-core's IndexedDatasetBuilder."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(prefix)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    for doc in documents:
+        builder.add_document(torch.tensor(doc, dtype=torch.int64), [len(doc)])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def pattern_documents(period: int, offset: int, num_docs: int, doc_len: int, vocab: int = 256) -> list[list[int]]:
+    """Documents repeating a short token cycle: easy to learn, and distinct per (period, offset)."""
+    cycle = [(offset + 7 * i) % vocab for i in range(period)]
+    return [[cycle[(d + j) % period] for j in range(doc_len)] for d in range(num_docs)]
+
+
+def random_documents(seed: int, num_docs: int, doc_len: int, vocab: int = 256) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, doc_len).tolist() for _ in range(num_docs)]
+
+
+def tiny_config(run_dir: Path, sources: list[dict], **sections) -> dict:
+    """A config for the 'tiny' preset (2 layers, hidden 64, seq 64, vocab 256) on the given sources."""
+    config = {
+        "run_dir": str(run_dir),
+        "model": {"preset": "tiny"},
+        "data": {"sources": sources, "cache_dir": str(Path(run_dir).parent / "cache")},
+        "schedule": {"style": "cosine", "max_lr": 3e-3, "min_lr": 3e-4, "warmup": 2},
+        "train": {"steps": 10, "global_batch_size": 4, "micro_batch_size": 2, "log_interval": 1},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+def write_config(path: Path, config: dict) -> str:
+    path.write_text(json.dumps(config, indent=1))
+    return str(path)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
