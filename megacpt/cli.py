@@ -15,6 +15,9 @@ from megacpt.errors import UserError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megacpt.train", "train one stage from a JSON config (resumes RUN_DIR if it holds a checkpoint)"),
+    "preprocess": ("megacpt.data.preprocess", "tokenize jsonl/txt into Megatron indexed datasets (PREFIX.bin/.idx)"),
+    "tokenizer": ("megacpt.data.tokenizer_command", "train a SentencePiece tokenizer"),
+    "schedule": ("megacpt.schedule_command", "write the LR of every step of a config's stage as CSV (and a plot)"),
 }
 
 
@@ -28,8 +31,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher passes `--local_rank=N` before the subcommand; LOCAL_RANK carries the same."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg.startswith(("--local_rank=", "--local-rank=")):
+            continue
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _strip_local_rank(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv)  # prints usage / error and exits 2

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from megacpt.errors import ConfigError, UserError
 from megacpt.model.presets import PRESETS
@@ -147,11 +147,47 @@ class ScheduleConfig(Section):
     decay_steps: int | None = Field(None, gt=0, description="cosine/linear: step where the decay reaches min_lr; default train.steps.")
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: fraction of train.steps spent cooling down.")
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = Field("1-sqrt", description="wsd: shape of the cooldown.")
-    const_lr: float | None = Field(None, gt=0, description="infinite_*: the constant LR (eta_const).")
+    const_lr: float | None = Field(None, gt=0, validate_default=True, description="infinite_*: the constant LR (eta_const), between min_lr and max_lr; required for those styles.")
     cooldown_end: float = Field(0.6, ge=0, le=1, description="infinite_*: end of the cooldown, as a fraction of train.steps.")
     constant_end: float = Field(0.85, ge=0, le=1, description="infinite_*: end of the constant phase (start of the anneal); 1 never anneals.")
     timescale: float = Field(10.0, gt=0, description="infinite_inv_sqrt: alpha of h(x) = 1/sqrt(1 + alpha x) - 1.")
     meta: Literal["autoregressive_cosine", "autoregressive_rsqrt"] | None = Field(None, description="Lower each later stage's peak (FoMo-in-Flux meta schedules).")
+
+    # Checks that need no train.steps; megacpt.schedule.check_schedule does the ones that do. Field validators
+    # (not a model validator) so that the error names the offending key, e.g. 'schedule.min_lr'.
+
+    @field_validator("min_lr")
+    @classmethod
+    def _min_not_above_max(cls, value: float, info: ValidationInfo) -> float:
+        max_lr = info.data.get("max_lr")
+        if max_lr is not None and value > max_lr:
+            raise ValueError(f"{value} is larger than schedule.max_lr {max_lr}")
+        return value
+
+    @field_validator("warmup")
+    @classmethod
+    def _fraction_below_one(cls, value: int | float) -> int | float:
+        if isinstance(value, float) and value >= 1:
+            raise ValueError(f"a float is a fraction of train.steps and must be below 1, got {value}; give an int for a number of steps")
+        return value
+
+    @field_validator("const_lr")
+    @classmethod
+    def _const_lr_for_infinite(cls, value: float | None, info: ValidationInfo) -> float | None:
+        style, low, high = info.data.get("style"), info.data.get("min_lr"), info.data.get("max_lr")
+        if value is None and style in ("infinite_cosine", "infinite_inv_sqrt"):
+            raise ValueError(f"is required for style '{style}' (the LR of the constant phase, eta_const)")
+        if value is not None and low is not None and high is not None and not low <= value <= high:
+            raise ValueError(f"{value} must lie between schedule.min_lr {low} and schedule.max_lr {high}")
+        return value
+
+    @field_validator("constant_end")
+    @classmethod
+    def _phases_in_order(cls, value: float, info: ValidationInfo) -> float:
+        cooldown_end = info.data.get("cooldown_end")
+        if cooldown_end is not None and value < cooldown_end:
+            raise ValueError(f"{value} is before schedule.cooldown_end {cooldown_end}; the phases end in order: cooldown_end <= constant_end <= 1")
+        return value
 
 
 class TrainConfig(Section):
@@ -214,8 +250,6 @@ class RunConfig(Section):
             raise ValueError(f"model.num_attention_heads {self.model.num_attention_heads} is not divisible by parallel.tensor {self.parallel.tensor}")
         if self.model.ffn_hidden_size % self.parallel.tensor:
             raise ValueError(f"model.ffn_hidden_size {self.model.ffn_hidden_size} is not divisible by parallel.tensor {self.parallel.tensor}")
-        if self.schedule.min_lr > self.schedule.max_lr:
-            raise ValueError(f"schedule.min_lr {self.schedule.min_lr} is larger than schedule.max_lr {self.schedule.max_lr}")
         if self.train.global_batch_size % self.train.micro_batch_size:
             raise ValueError(f"train.global_batch_size {self.train.global_batch_size} is not a multiple of train.micro_batch_size {self.train.micro_batch_size}")
         if self.init.mode == "resume" and self.init.checkpoint is None:

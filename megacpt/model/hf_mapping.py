@@ -108,3 +108,20 @@ def merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
         dim = tensor_parallel_dim(name)
         out[name] = shards[0][name] if dim is None else torch.cat([s[name] for s in shards], dim=dim)
     return out
+
+
+def model_fields_from_hf(hf_config: dict) -> dict:
+    """megacpt `model` fields from an HF GPT-NeoX config.json (transformers 4.x and 5.x spellings)."""
+    rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+    return {
+        "num_layers": hf_config["num_hidden_layers"],
+        "hidden_size": hf_config["hidden_size"],
+        "num_attention_heads": hf_config["num_attention_heads"],
+        "ffn_hidden_size": hf_config["intermediate_size"],
+        "seq_length": hf_config.get("max_position_embeddings", 2048),
+        "vocab_size": hf_config["vocab_size"],
+        "rotary_pct": rope.get("partial_rotary_factor", hf_config.get("rotary_pct", 0.25)),
+        "rotary_base": int(rope.get("rope_theta", hf_config.get("rotary_emb_base", 10000))),
+        "parallel_residual": hf_config.get("use_parallel_residual", True),
+        "layernorm_eps": hf_config.get("layer_norm_eps", 1e-5),
+    }

@@ -1,0 +1,47 @@
+"""Run megacpt in fresh processes: plainly, or under the real `deepspeed` launcher on CPU.
+
+The environment is cleaned of the distributed variables that in-process tests set, so every child builds
+its own world.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+             "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK")
+
+
+def clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_megacpt(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m megacpt ARGS` as one plain process."""
+    return subprocess.run([sys.executable, "-m", "megacpt", *args], env=clean_env(), capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def deepspeed_launch(num_procs: int, target: list[str], module: bool = True, timeout: float = 600,
+                     extra: list[str] = ()) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N [--module] TARGET...` on this machine (CPU, gloo)."""
+    launcher = str(Path(sys.executable).with_name("deepspeed"))
+    cmd = [launcher, "--num_gpus", str(num_procs), "--master_port", str(free_port()), *extra]
+    cmd += (["--module"] if module else []) + target
+    result = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}"

@@ -1,0 +1,48 @@
+"""Every shipped config loads, validates and has a schedule that can run; the paper recipes hold their numbers."""
+from pathlib import Path
+
+import pytest
+
+from megacpt.config import load_config
+from megacpt.schedule import check_schedule, warmup_steps
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json"))
+
+
+def test_configs_exist():
+    assert CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_validates_and_its_schedule_runs(path):
+    config = load_config(path)
+    check_schedule(config.schedule, config.train.steps)
+
+
+# name -> (preset, style, max_lr, min_lr, tokens per step, token budget)
+RECIPES = {
+    "gupta_pythia410m_cpt_lr1.5e-4.json": ("pythia-410m", "cosine", 1.5e-4, 1.5e-5, 1024 * 2048, 297e9),
+    "gupta_pythia410m_cpt_lr3e-4.json": ("pythia-410m", "cosine", 3e-4, 3e-5, 1024 * 2048, 297e9),
+    "gupta_pythia410m_cpt_lr6e-4.json": ("pythia-410m", "cosine", 6e-4, 6e-5, 1024 * 2048, 297e9),
+    "ibrahim_405m_cpt_cosine.json": ("neox-405m", "cosine", 3e-4, 3e-5, 1104 * 2048, 300e9),
+    "ibrahim_405m_infinite_cosine.json": ("neox-405m", "infinite_cosine", 3e-4, 3e-5, 1104 * 2048, 300e9),
+    "ibrahim_405m_infinite_inv_sqrt.json": ("neox-405m", "infinite_inv_sqrt", 3e-4, 3e-5, 1104 * 2048, 300e9),
+    "ibrahim_10b_cpt_cosine.json": ("neox-10b", "cosine", 1.2e-4, 1.2e-5, 1104 * 2048, 300e9),
+    "wsd_405m.json": ("neox-405m", "wsd", 3e-4, 3e-5, 1104 * 2048, 300e9),
+}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_paper_recipe(name):
+    preset, style, max_lr, min_lr, tokens_per_step, budget = RECIPES[name]
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    schedule = config.schedule
+    assert (config.model.preset, schedule.style, schedule.max_lr, schedule.min_lr) == (preset, style, max_lr, min_lr)
+    assert config.train.global_batch_size * config.model.seq_length == tokens_per_step
+    assert config.train.steps == round(budget / tokens_per_step)
+    assert warmup_steps(schedule, config.train.steps) == round(0.01 * config.train.steps)
+    assert (config.init.checkpoint is not None, config.init.mode) == (True, "new_stage")
+    if style.startswith("infinite"):
+        assert (schedule.const_lr, schedule.cooldown_end, schedule.constant_end, schedule.timescale) == (1.65e-4, 0.6, 0.85, 10.0)
+    if style == "wsd":
+        assert (schedule.decay_fraction, schedule.decay_shape) == (0.2, "1-sqrt")
