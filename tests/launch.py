@@ -33,6 +33,11 @@ def run_megacpt(args: list[str], timeout: float = 300, **kwargs) -> subprocess.C
                           text=True, timeout=timeout, **kwargs)
 
 
+def run_python(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python ARGS` in a clean environment."""
+    return subprocess.run([sys.executable, *args], env=clean_env(), capture_output=True, text=True, timeout=timeout)
+
+
 def deepspeed_launch(num_procs: int, target: list[str], module: bool = True, timeout: float = 600,
                      extra: list[str] = ()) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N [--module] TARGET...` on this machine (CPU, gloo)."""
