@@ -1,0 +1,127 @@
+"""Compute-equivalent replay blending, per-source sample counts, validation sets and data checks."""
+import json
+
+import numpy as np
+import pytest
+
+from datagen import read_metrics, tiny_config, write_config, write_indexed
+from megacpt.cli import main
+from megacpt.config import validate_config
+from megacpt.data.datasets import blend_weights, build_train_dataset
+from megacpt.data.loader import BatchStream
+
+
+def _data(pattern_data, fraction, new_weight=1.0):
+    return {
+        "sources": [{"name": "new", "prefix": pattern_data["a"], "weight": new_weight}],
+        "replay": {"fraction": fraction, "sources": [{"name": "old1", "prefix": pattern_data["b"], "weight": 3.0},
+                                                     {"name": "old2", "prefix": pattern_data["c"], "weight": 1.0}]},
+    }
+
+
+def _config(tmp_path, pattern_data, fraction, **train):
+    return tiny_config(tmp_path / "run", [], data=_data(pattern_data, fraction),
+                       train={"steps": 10, "global_batch_size": 20, "micro_batch_size": 10, **train})
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.25])
+def test_new_sources_share_one_minus_fraction_and_replay_shares_fraction(tmp_path, pattern_data, fraction):
+    config = validate_config(_config(tmp_path, pattern_data, fraction))
+    weights = {s.name: s.weight for s in blend_weights(config.data)}
+    assert weights == pytest.approx({"new": 1 - fraction, "old1": fraction * 0.75, "old2": fraction * 0.25}, abs=1e-12)
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.25])
+def test_every_batch_of_the_stream_holds_the_shares_within_one_sample(tmp_path, world, pattern_data, fraction):
+    config = validate_config(_config(tmp_path, pattern_data, fraction))
+    dataset = build_train_dataset(config.data, 400, 64, str(tmp_path / "cache"), 256, -1)
+    shares = {s.name: s.weight for s in blend_weights(config.data)}
+    for consumed in range(1, 401):
+        counts = dataset.samples_per_source(consumed)
+        assert sum(counts.values()) == consumed
+        # megatron's greedy interleave keeps counts within one sample of share x (consumed - 1): at any
+        # prefix that is at most 1 + share off; at the end of each global batch of 20 it is within one.
+        bound = 1.0 if consumed % 20 == 0 else 1.0 + max(shares.values())
+        for name, share in shares.items():
+            assert abs(counts[name] - share * consumed) <= bound, (consumed, counts)
+
+
+def test_training_logs_cumulative_samples_per_source_at_the_configured_shares(tmp_path, pattern_data):
+    config = _config(tmp_path, pattern_data, 0.25, log_interval=1)
+    assert main(["train", write_config(tmp_path / "c.json", config)]) == 0
+    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 11))
+    for r in records:
+        consumed = r["step"] * 20
+        assert sum(r["samples"].values()) == consumed
+        assert abs(r["samples"]["new"] - 0.75 * consumed) <= 1
+        assert abs(r["samples"]["old1"] - 0.1875 * consumed) <= 1
+        assert abs(r["samples"]["old2"] - 0.0625 * consumed) <= 1
+
+
+def test_no_replay_sample_appears_with_fraction_zero(tmp_path, world, pattern_data):
+    config = validate_config(_config(tmp_path, pattern_data, 0.0))
+    dataset = build_train_dataset(config.data, 200, 64, str(tmp_path / "cache"), 256, -1)
+    assert dataset.samples_per_source(200) == {"new": 200}
+    new_only = {tuple(dataset[i]["tokens"][:8].tolist()) for i in range(200)}
+    a_only = build_train_dataset(validate_config(tiny_config(tmp_path / "r2", [{"name": "new", "prefix": pattern_data["a"]}])).data,
+                                 200, 64, str(tmp_path / "cache"), 256, -1)
+    assert new_only == {tuple(a_only[i]["tokens"][:8].tolist()) for i in range(200)}
+
+
+@pytest.mark.parametrize("data_size", [2, 4])
+def test_data_parallel_ranks_read_disjoint_samples_whose_union_is_the_global_batch(data_size):
+    one = BatchStream(range(10**6), 16, 2, 0, 1, device=None)
+    expected = [list(one.micro_batch_indices(m)) for m in range(one.accumulation_steps)]
+    expected = sorted(i for batch in expected for i in batch)
+    ranks = [BatchStream(range(10**6), 16, 2, r, data_size, device=None) for r in range(data_size)]
+    seen = [i for s in ranks for m in range(s.accumulation_steps) for i in s.micro_batch_indices(m)]
+    assert sorted(seen) == expected == list(range(16)) and len(set(seen)) == len(seen)
+
+
+def test_validation_sets_are_reported_separately(tmp_path, pattern_data):
+    config = tiny_config(tmp_path / "run", [{"name": "a", "prefix": pattern_data["a"]}],
+                         data={"validation": [{"name": "a", "prefix": pattern_data["a"]},
+                                              {"name": "noise", "prefix": pattern_data["noise"]}]},
+                         train={"steps": 20, "eval_interval": 10, "log_interval": 10})
+    assert main(["train", write_config(tmp_path / "c.json", config)]) == 0
+    evals = [r for r in read_metrics(tmp_path / "run") if "eval" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    final = evals[-1]["eval"]
+    assert set(final) == {"a", "noise"}
+    assert final["noise"] > final["a"] + 2.0  # the learnt pattern vs random tokens
+
+
+def _bad_run(tmp_path, capsys, config) -> str:
+    assert main(["train", write_config(tmp_path / "bad.json", config)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not (tmp_path / "run" / "metrics.jsonl").exists()
+    return err
+
+
+def test_truncated_bin_is_refused_before_training(tmp_path, capsys):
+    prefix = write_indexed(tmp_path / "t", [[1, 2, 3] * 50] * 10)
+    with open(prefix + ".bin", "r+b") as f:
+        f.truncate(100)
+    err = _bad_run(tmp_path, capsys, tiny_config(tmp_path / "run", [{"name": "t", "prefix": prefix}]))
+    assert "t.bin is truncated" in err
+
+
+def test_token_id_beyond_the_vocabulary_is_refused(tmp_path, capsys):
+    prefix = write_indexed(tmp_path / "big", [[1, 2, 300, 4] * 40] * 10)
+    err = _bad_run(tmp_path, capsys, tiny_config(tmp_path / "run", [{"name": "big", "prefix": prefix}]))
+    assert "token id 300" in err and "vocab_size is 256" in err and "big.bin" in err
+
+
+@pytest.mark.parametrize("weights", [[-1.0], [0.0]])
+def test_negative_or_zero_weights_are_refused(tmp_path, capsys, pattern_data, weights):
+    config = tiny_config(tmp_path / "run", [{"name": "a", "prefix": pattern_data["a"], "weight": weights[0]}])
+    err = _bad_run(tmp_path, capsys, config)
+    assert "data" in err and "weights" in err
+
+
+def test_corrupt_index_is_refused(tmp_path, capsys):
+    prefix = write_indexed(tmp_path / "x", [[1, 2, 3] * 50] * 4)
+    (tmp_path / "x.idx").write_bytes(b"garbage" * 10)
+    err = _bad_run(tmp_path, capsys, tiny_config(tmp_path / "run", [{"name": "x", "prefix": prefix}]))
+    assert "x.idx" in err
