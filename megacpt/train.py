@@ -71,6 +71,7 @@ def train(config: RunConfig) -> None:
     from megacpt.engine import deepspeed_config, initialize
     from megacpt.model.neox import build_gpt_neox
     from megacpt.schedule import StageScheduler
+    from megacpt.step_guard import StepGuard
 
     preflight(config)
     world = setup_world(config.parallel.tensor, config.train.seed)
@@ -113,7 +114,8 @@ def train(config: RunConfig) -> None:
     if plan is None or not plan.resume:
         metrics.write({"step": 0, "event": "stage_start", "stage": stage["index"], "stage_name": stage["name"],
                        "init": str(plan.tag_dir) if plan else None})
-    loop = TrainingLoop(config, world, engine, scheduler, stream, val_data, metrics, stages, tokens_before)
+    guard = StepGuard(engine.basic_optimizer, world.device)
+    loop = TrainingLoop(config, world, engine, scheduler, stream, val_data, metrics, stages, tokens_before, guard)
     try:
         loop.run()
     finally:
@@ -152,8 +154,8 @@ def stage_history(config: RunConfig, plan: checkpoint.LoadPlan | None) -> list[d
 class TrainingLoop:
     """The step loop: train, log, evaluate, checkpoint, stop on signals or too many non-finite steps."""
 
-    def __init__(self, config, world, engine, scheduler, stream, val_data, metrics, stages, tokens_before):
-        self.config, self.world, self.engine = config, world, engine
+    def __init__(self, config, world, engine, scheduler, stream, val_data, metrics, stages, tokens_before, guard):
+        self.config, self.world, self.engine, self.guard = config, world, engine, guard
         self.scheduler, self.stream, self.val_data = scheduler, stream, val_data
         self.metrics, self.stages = metrics, stages
         self.tokens_per_step = config.train.global_batch_size * config.model.seq_length
@@ -178,13 +180,20 @@ class TrainingLoop:
             loss = self.train_step()
             losses.append(loss)
             done = step + 1
-            if done % cfg.log_interval == 0 or done == cfg.steps:
+            diverged = self.guard.skipped_in_a_row >= cfg.max_skipped_steps
+            if done % cfg.log_interval == 0 or done == cfg.steps or diverged:
                 mean_loss = torch.stack(losses).mean()
                 torch.distributed.all_reduce(mean_loss, group=_dp_group())
                 mean_loss = mean_loss.item() / self.world.data_size
                 losses.clear()
                 grad_norm = self.engine.get_global_grad_norm()
                 self.log_train(done, lr, mean_loss, grad_norm, throughput, start_t)
+            if diverged:
+                raise UserError(
+                    f"{self.guard.skipped_in_a_row} consecutive steps up to step {done} had a non-finite loss or "
+                    f"gradient (train.max_skipped_steps = {cfg.max_skipped_steps}); stopping without saving. The last "
+                    f"good checkpoint in {checkpoint.checkpoint_dir(self.config.run_dir)} is kept; lower schedule.max_lr "
+                    f"or check the data")
             if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.steps:
                 self.evaluate(done)
             stop = self.signals.agreed()
@@ -200,11 +209,13 @@ class TrainingLoop:
         """One optimizer step over the accumulated micro-batches; returns this rank's mean loss (no host sync)."""
         micro_batches = self.stream.next_step()
         total = torch.zeros((), device=self.world.device)
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
             loss = self.forward_loss(mb)
             self.engine.backward(loss)
-            self.engine.step()
             total = total + loss.detach()
+            if i == len(micro_batches) - 1:
+                self.guard.loss_is_finite = torch.isfinite(total)
+            self.engine.step()
         return total / len(micro_batches)
 
     def forward_loss(self, mb: dict) -> torch.Tensor:
@@ -242,6 +253,7 @@ class TrainingLoop:
             "step": step, "stage": self.stages[-1]["index"], "lr": lr, "loss": loss,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens": tokens, "samples": samples, "tokens_per_s": rate,
+            "skipped_steps": self.guard.skipped_total,
         }
         self.metrics.write(record)
         elapsed = time.perf_counter() - throughput.start

@@ -1,0 +1,39 @@
+"""Skip optimizer updates whose loss or gradients are not finite.
+
+DeepSpeed skips steps only for fp16 overflow. megacpt wraps the innermost optimizer's `step` (the torch
+AdamW that every DeepSpeed wrapper, ZeRO or not, finally calls) so that a non-finite loss or gradient on
+any rank leaves the weights and Adam's moments untouched on every rank. A skipped step still counts as a
+step of the stage: the schedule and the data move on, the model does not.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class StepGuard:
+    """Decides, with one tiny all-reduce per step, whether the update about to happen is applied."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device):
+        self.optimizer = optimizer
+        self.device = device
+        self.loss_is_finite = torch.ones((), dtype=torch.bool, device=device)
+        self.skipped_in_a_row = 0
+        self.skipped_total = 0
+        self._step = optimizer.step
+        optimizer.step = self._guarded_step
+
+    def _gradients_finite(self) -> torch.Tensor:
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return torch.ones((), dtype=torch.bool, device=self.device)
+        return torch.isfinite(torch.stack(torch._foreach_norm(grads)).to(self.device)).all()
+
+    def _guarded_step(self, *args, **kwargs):
+        flag = (self.loss_is_finite & self._gradients_finite()).float()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        if flag.item() < 1:
+            self.skipped_in_a_row += 1
+            self.skipped_total += 1
+            return None
+        self.skipped_in_a_row = 0
+        return self._step(*args, **kwargs)

@@ -1,0 +1,216 @@
+"""Checkpoints for continual pretraining: bit-exact resume after kill -9 and SIGTERM, new stages that keep or
+drop Adam's moments, atomic saves, architecture checks, non-finite steps."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from datagen import read_metrics, tiny_config, write_config
+from launch import assert_ok, clean_env, deepspeed_launch, run_megacpt
+from megacpt.cli import main
+
+BETA1, BETA2 = 0.9, 0.95
+
+
+def _config(tmp_path, name, pattern_data, **sections) -> dict:
+    sections.setdefault("train", {})
+    sections["train"] = {"steps": 40, "global_batch_size": 8, "micro_batch_size": 2, "save_interval": 10,
+                         "log_interval": 1, **sections["train"]}
+    return tiny_config(tmp_path / name, [{"name": "a", "prefix": pattern_data["a"], "weight": 3},
+                                         {"name": "noise", "prefix": pattern_data["noise"]}], **sections)
+
+
+def _per_step(run_dir) -> dict[int, dict]:
+    """The last training record of each step (a resumed run re-logs the steps after its checkpoint)."""
+    return {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(args, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists():
+            steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+            if steps and steps[-1] >= step:
+                return steps[-1]
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, pattern_data):
+    tmp_path = tmp_path_factory.mktemp("straight")
+    assert_ok(run_megacpt(["train", write_config(tmp_path / "c.json", _config(tmp_path, "run", pattern_data))]))
+    return _per_step(tmp_path / "run")
+
+
+def test_kill_9_then_rerun_is_bit_exact(tmp_path, pattern_data, uninterrupted):
+    cfg = write_config(tmp_path / "c.json", _config(tmp_path, "run", pattern_data))
+    proc = _start([sys.executable, "-m", "megacpt", "train", cfg])
+    killed_at = _wait_for_step(tmp_path / "run", 13, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert killed_at < 40
+    assert_ok(run_megacpt(["train", cfg]))
+    resumed = _per_step(tmp_path / "run")
+    assert sorted(resumed) == list(range(1, 41))
+    for step in range(1, 41):
+        assert resumed[step]["loss"] == uninterrupted[step]["loss"], step
+        assert resumed[step]["samples"] == uninterrupted[step]["samples"]
+        assert resumed[step]["lr"] == uninterrupted[step]["lr"]
+
+
+def test_sigterm_saves_the_current_step_and_exits_0_then_the_rerun_continues(tmp_path, pattern_data, uninterrupted):
+    cfg = write_config(tmp_path / "c.json", _config(tmp_path, "run", pattern_data, train={"save_interval": 0}))
+    proc = _start([sys.executable, "-m", "megacpt", "train", cfg])
+    _wait_for_step(tmp_path / "run", 5, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output[-3000:]
+    last = max(_per_step(tmp_path / "run"))
+    assert last < 40 and (tmp_path / "run" / "checkpoints" / "latest").read_text() == f"step{last:08d}"
+    assert_ok(run_megacpt(["train", cfg]))
+    resumed = _per_step(tmp_path / "run")
+    assert [resumed[s]["loss"] for s in range(1, 41)] == [uninterrupted[s]["loss"] for s in range(1, 41)]
+
+
+@pytest.mark.launcher
+def test_kill_9_then_rerun_is_bit_exact_under_the_launcher(tmp_path, pattern_data):
+    cfg = write_config(tmp_path / "c.json", _config(tmp_path, "run", pattern_data, train={"steps": 16, "save_interval": 6}))
+    straight_cfg = write_config(tmp_path / "s.json", _config(tmp_path, "straight", pattern_data, train={"steps": 16, "save_interval": 6}))
+    assert_ok(deepspeed_launch(2, ["megacpt", "train", straight_cfg]))
+    launcher = str(Path(sys.executable).with_name("deepspeed"))
+    proc = _start([launcher, "--num_gpus", "2", "--master_port", "29611", "--module", "megacpt", "train", cfg])
+    _wait_for_step(tmp_path / "run", 8, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert_ok(deepspeed_launch(2, ["megacpt", "train", cfg]))
+    resumed, straight = _per_step(tmp_path / "run"), _per_step(tmp_path / "straight")
+    assert sorted(resumed) == list(range(1, 17))
+    assert [resumed[s]["loss"] for s in range(1, 17)] == [straight[s]["loss"] for s in range(1, 17)]
+    assert resumed[16]["samples"] == straight[16]["samples"]
+
+
+def _adam_state(tag_dir: Path) -> dict:
+    """Adam's state from a ZeRO-0 DeepSpeed checkpoint: {param index: {step, exp_avg, exp_avg_sq}}."""
+    saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
+    return saved["optimizer"]["state"]
+
+
+@pytest.fixture(scope="module")
+def stage0(tmp_path_factory, pattern_data):
+    tmp_path = tmp_path_factory.mktemp("stage0")
+    config = _config(tmp_path, "stage0", pattern_data, train={"steps": 5, "save_interval": 0})
+    assert main(["train", write_config(tmp_path / "c.json", config)]) == 0
+    return tmp_path / "stage0" / "checkpoints"
+
+
+@pytest.mark.parametrize("load_optimizer", [False, True])
+def test_new_stage_keeps_or_drops_adams_moments(tmp_path, pattern_data, stage0, load_optimizer):
+    config = _config(tmp_path, "stage1", pattern_data, train={"steps": 1}, schedule={"style": "constant", "max_lr": 1e-3, "warmup": 0},
+                     init={"checkpoint": str(stage0), "mode": "new_stage", "load_optimizer": load_optimizer})
+    assert main(["train", write_config(tmp_path / "c.json", config)]) == 0
+    before = _adam_state(stage0 / "step00000005")
+    after = _adam_state(tmp_path / "stage1" / "checkpoints" / "step00000001")
+    for index, state in after.items():
+        m0 = before[index]["exp_avg"] if load_optimizer else torch.zeros_like(state["exp_avg"])
+        v0 = before[index]["exp_avg_sq"] if load_optimizer else torch.zeros_like(state["exp_avg_sq"])
+        grad = (state["exp_avg"] - BETA1 * m0) / (1 - BETA1)  # the one gradient of this stage's step
+        torch.testing.assert_close(state["exp_avg_sq"], BETA2 * v0 + (1 - BETA2) * grad**2, rtol=1e-4, atol=1e-10)
+        assert float(state["step"]) == (6 if load_optimizer else 1)
+    if not load_optimizer:  # after one step from zero moments, exp_avg is exactly (1 - beta1) x grad
+        first = after[0]
+        assert not torch.equal(first["exp_avg"], before[0]["exp_avg"])
+    history = json.loads((tmp_path / "stage1" / "checkpoints" / "step00000001" / "megacpt_state.json").read_text())["stages"]
+    assert [s["index"] for s in history] == [0, 1] and history[0]["steps_done"] == 5
+
+
+def test_new_stage_restarts_the_schedule_and_the_data(tmp_path, pattern_data, stage0):
+    config = _config(tmp_path, "stage1", pattern_data, train={"steps": 3},
+                     schedule={"style": "constant", "max_lr": 1e-4, "min_lr": 0.0, "warmup": 2},
+                     init={"checkpoint": str(stage0 / "step00000005"), "mode": "new_stage"})
+    assert main(["train", write_config(tmp_path / "c.json", config)]) == 0
+    records = _per_step(tmp_path / "stage1")
+    assert [records[s]["lr"] for s in (1, 2, 3)] == pytest.approx([5e-5, 1e-4, 1e-4], abs=0)
+    assert records[3]["samples"] == {"a": 18, "noise": 6} and records[3]["stage"] == 1
+
+
+def test_crash_during_a_save_leaves_latest_at_a_complete_checkpoint(tmp_path, pattern_data, monkeypatch):
+    from megacpt import checkpoint
+
+    config = _config(tmp_path, "run", pattern_data, train={"steps": 6, "save_interval": 3})
+    cfg = write_config(tmp_path / "c.json", config)
+    real_write = checkpoint._write_atomic
+
+    def crash_on_second_state(path, text):
+        if path.name == checkpoint.STATE_FILE and "step00000006" in str(path):
+            raise OSError("disk full (injected)")
+        real_write(path, text)
+
+    monkeypatch.setattr(checkpoint, "_write_atomic", crash_on_second_state)
+    with pytest.raises(OSError):
+        main(["train", cfg])
+    monkeypatch.undo()
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "latest").read_text() == "step00000003"
+    assert (root / "step00000006").exists() and not (root / "step00000006" / "megacpt_state.json").exists()
+    assert main(["train", cfg]) == 0  # resumes from step 3 and finishes
+    assert (root / "latest").read_text() == "step00000006"
+
+
+def test_keep_last_removes_older_tags_after_the_new_one_is_complete(tmp_path, pattern_data):
+    config = _config(tmp_path, "run", pattern_data, train={"steps": 8, "save_interval": 2}, checkpoint={"keep_last": 2})
+    assert main(["train", write_config(tmp_path / "c.json", config)]) == 0
+    tags = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.is_dir())
+    assert tags == ["step00000006", "step00000008"]
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"model": {"preset": "tiny", "hidden_size": 128}}, ["hidden_size: checkpoint 64 vs config 128"]),
+    ({"parallel": {"tensor": 2}}, ["tensor_parallel: checkpoint 1 vs config 2", "reshard"]),
+])
+def test_loading_a_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, pattern_data, stage0, capsys, change, words):
+    config = _config(tmp_path, "stage1", pattern_data, init={"checkpoint": str(stage0)}, **change)
+    assert main(["train", write_config(tmp_path / "c.json", config)]) == 2
+    err = capsys.readouterr().err
+    assert str(stage0) in err and "Traceback" not in err
+    for word in words:
+        assert word in err
+
+
+def test_load_optimizer_from_weights_without_optimizer_state_is_refused(tmp_path, pattern_data, stage0, capsys):
+    state_file = stage0 / "step00000005" / "megacpt_state.json"
+    state = json.loads(state_file.read_text())
+    fake = tmp_path / "converted" / "step00000005"
+    fake.mkdir(parents=True)
+    (fake / "megacpt_state.json").write_text(json.dumps({**state, "has_optimizer": False}))
+    config = _config(tmp_path, "stage1", pattern_data, init={"checkpoint": str(fake), "load_optimizer": True})
+    assert main(["train", write_config(tmp_path / "c.json", config)]) == 2
+    assert "init.load_optimizer" in capsys.readouterr().err
+
+
+def test_diverging_run_skips_non_finite_steps_then_stops_keeping_the_last_good_checkpoint(tmp_path, pattern_data, capsys):
+    config = _config(tmp_path, "run", pattern_data,
+                     train={"steps": 30, "save_interval": 2, "max_skipped_steps": 3},
+                     schedule={"style": "constant", "max_lr": 1e6, "warmup": 0},
+                     deepspeed={"gradient_clipping": 0.0})
+    assert main(["train", write_config(tmp_path / "c.json", config)]) == 2
+    assert "consecutive steps" in capsys.readouterr().err
+    records = read_metrics(tmp_path / "run")
+    train = [r for r in records if "loss" in r]
+    assert train[-1]["skipped_steps"] == 3
+    good = (tmp_path / "run" / "checkpoints" / "latest").read_text()
+    state = json.loads((tmp_path / "run" / "checkpoints" / good / "megacpt_state.json").read_text())
+    assert state["step"] < train[-1]["step"]
