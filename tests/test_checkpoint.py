@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from datagen import read_metrics, tiny_config, write_config
-from launch import assert_ok, clean_env, deepspeed_launch, run_megacpt
+from launch import assert_ok, clean_env, deepspeed_launch, free_port, run_megacpt
 from megacpt.cli import main
 
 BETA1, BETA2 = 0.9, 0.95
@@ -92,7 +92,7 @@ def test_kill_9_then_rerun_is_bit_exact_under_the_launcher(tmp_path, pattern_dat
     straight_cfg = write_config(tmp_path / "s.json", _config(tmp_path, "straight", pattern_data, train={"steps": 16, "save_interval": 6}))
     assert_ok(deepspeed_launch(2, ["megacpt", "train", straight_cfg]))
     launcher = str(Path(sys.executable).with_name("deepspeed"))
-    proc = _start([launcher, "--num_gpus", "2", "--master_port", "29611", "--module", "megacpt", "train", cfg])
+    proc = _start([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "megacpt", "train", cfg])
     _wait_for_step(tmp_path / "run", 8, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
