@@ -369,17 +369,17 @@ def _section_model(loc: list[str]) -> type[BaseModel] | None:
         field = model.model_fields.get(part)
         if field is None:
             return None
-        model = _inner_model(field.annotation)
+        model = inner_model(field.annotation)
         if model is None:
             return None
     return model
 
 
-def _inner_model(annotation: Any) -> type[BaseModel] | None:
+def inner_model(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in getattr(annotation, "__args__", ()):
-        found = _inner_model(arg)
+        found = inner_model(arg)
         if found:
             return found
     return None
