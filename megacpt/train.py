@@ -92,7 +92,7 @@ def train(config: RunConfig) -> None:
 
     train_data = build_train_dataset(config.data, config.train.steps * config.train.global_batch_size,
                                      config.model.seq_length, str(config.data_cache_dir), config.model.vocab_size,
-                                     _eod(config))
+                                     _eod(config), stages[:-1])
     stream = BatchStream(train_data, config.train.global_batch_size, config.train.micro_batch_size,
                          world.data_rank, world.data_size, world.device)
     eval_samples = config.train.eval_batches * config.train.micro_batch_size * world.data_size

@@ -125,3 +125,39 @@ def test_corrupt_index_is_refused(tmp_path, capsys):
     (tmp_path / "x.idx").write_bytes(b"garbage" * 10)
     err = _bad_run(tmp_path, capsys, tiny_config(tmp_path / "run", [{"name": "x", "prefix": prefix}]))
     assert "x.idx" in err
+
+
+def test_seen_only_replays_only_samples_the_earlier_stage_trained_on(tmp_path, pattern_data, world):
+    from megacpt import checkpoint
+    from megacpt.config import load_config
+
+    stage0 = tiny_config(tmp_path / "stage0", [{"name": "old", "prefix": pattern_data["noise"]}], train={"steps": 3})
+    assert main(["train", write_config(tmp_path / "s0.json", stage0)]) == 0
+    stage1 = tiny_config(tmp_path / "stage1", [{"name": "new", "prefix": pattern_data["a"]}],
+                         data={"replay": {"fraction": 0.5, "seen_only": True,
+                                          "sources": [{"name": "old", "prefix": pattern_data["noise"]}]}},
+                         init={"checkpoint": str(tmp_path / "stage0" / "checkpoints")}, train={"steps": 3})
+    path = write_config(tmp_path / "s1.json", stage1)
+    assert main(["train", path]) == 0
+
+    cache = str(tmp_path / "cache")
+    seen0 = build_train_dataset(load_config(tmp_path / "s0.json").data, 12, 64, cache, 256, -1)
+    trained_on = {tuple(seen0[i]["tokens"].tolist()) for i in range(12)}
+    history = checkpoint.read_state(checkpoint.resolve_tag(tmp_path / "stage0" / "checkpoints"))["stages"]
+    config = load_config(path)
+    replayed = build_train_dataset(config.data, 200, 64, cache, 256, -1, history)
+    replay_tokens = [tuple(replayed[i]["tokens"].tolist()) for i in range(200) if replayed.source_index[i] == 1]
+    assert len(replay_tokens) == 100 and set(replay_tokens) <= trained_on
+    assert len(set(replay_tokens)) == len(trained_on)  # every seen sample comes back
+
+    config.data.replay.seen_only = False
+    anything = build_train_dataset(config.data, 200, 64, cache, 256, -1, history)
+    assert not {tuple(anything[i]["tokens"].tolist()) for i in range(200) if anything.source_index[i] == 1} <= trained_on
+
+
+def test_seen_only_without_a_history_that_says_is_an_error(tmp_path, pattern_data, capsys):
+    config = tiny_config(tmp_path / "run", [{"name": "new", "prefix": pattern_data["a"]}],
+                         data={"replay": {"fraction": 0.25, "seen_only": True,
+                                          "sources": [{"name": "old", "prefix": pattern_data["b"]}]}})
+    assert main(["train", write_config(tmp_path / "c.json", config)]) == 2
+    assert "seen_only" in capsys.readouterr().err

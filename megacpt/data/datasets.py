@@ -146,13 +146,58 @@ def _build(config, num_samples: int) -> object:
 
 
 def build_train_dataset(data: DataConfig, num_samples: int, seq_length: int, cache_dir: str,
-                        vocab_size: int, eod: int) -> SourceTaggedDataset:
-    """The blended training stream of at least `num_samples` samples. Call on every rank (rank 0 builds first)."""
+                        vocab_size: int, eod: int, earlier_stages: list[dict] = ()) -> SourceTaggedDataset:
+    """The blended training stream of at least `num_samples` samples. Call on every rank (rank 0 builds first).
+
+    With `replay.seen_only`, each replay source yields only samples that an earlier stage (from the
+    checkpoint's stage history) trained on; megatron's interleave still decides when a replay sample comes.
+    """
     blend = blend_weights(data)
     os.makedirs(cache_dir, exist_ok=True)
     weights = [s.weight for s in blend] if len(blend) > 1 else None
     config = _gpt_config(([s.prefix for s in blend], weights), seq_length, data.seed, cache_dir, vocab_size, eod)
-    return SourceTaggedDataset(_build(config, num_samples), [s.name for s in blend])
+    dataset = _build(config, num_samples)
+    if data.replay.seen_only:
+        replay_names = {s.name for s in data.replay.sources}
+        for i, source in enumerate(blend):
+            if source.name in replay_names:
+                dataset.datasets[i] = seen_samples(source, list(earlier_stages), cache_dir, vocab_size, eod, data.seed)
+    return SourceTaggedDataset(dataset, [s.name for s in blend])
+
+
+class SeenSamples:
+    """The samples of one source that an earlier stage trained on, replayed in a seeded order (reshuffled per pass)."""
+
+    def __init__(self, dataset, sample_ids: np.ndarray, seed: int):
+        self.dataset, self.sample_ids, self.seed = dataset, sample_ids, seed
+
+    def __getitem__(self, idx: int) -> dict:
+        rounds, position = divmod(int(idx), len(self.sample_ids))
+        order = np.random.default_rng([self.seed, rounds]).permutation(len(self.sample_ids))
+        return self.dataset[int(self.sample_ids[order[position]])]
+
+
+def seen_samples(source: WeightedSource, stages: list[dict], cache_dir: str, vocab_size: int, eod: int,
+                 seed: int) -> SeenSamples:
+    """Rebuild the latest earlier stage that read `source.prefix` and keep the samples it consumed from it."""
+    for stage in reversed(stages):
+        earlier = DataConfig.model_validate(stage["data"])
+        names = [s.name for s in earlier.sources + earlier.replay.sources if s.prefix == source.prefix]
+        if not names or stage["steps_done"] == 0:
+            continue
+        consumed = stage["steps_done"] * stage["global_batch_size"]
+        old = build_train_dataset(earlier, stage["steps"] * stage["global_batch_size"], stage["seq_length"],
+                                  cache_dir, vocab_size, eod, stages[: stage["index"]])
+        k = old.names.index(names[0])
+        positions = np.flatnonzero(old.source_index[:consumed] == k)
+        blended = hasattr(old.dataset, "dataset_sample_index")
+        sample_ids = np.asarray(old.dataset.dataset_sample_index)[positions] if blended else positions
+        if len(sample_ids) == 0:
+            continue
+        return SeenSamples(old.dataset.datasets[k] if blended else old.dataset, sample_ids, seed)
+    raise UserError(f"data.replay.seen_only: no earlier stage in the checkpoint's stage history trained on "
+                    f"'{source.name}' ({source.prefix}); set init.checkpoint to a megacpt checkpoint whose history "
+                    f"includes it, or set data.replay.seen_only to false")
 
 
 def build_validation_datasets(data: DataConfig, num_samples: int, seq_length: int, cache_dir: str,
