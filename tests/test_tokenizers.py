@@ -1,0 +1,123 @@
+"""Tokenizers: each type's EOD and vocabulary, encode/decode, bad model files, and `megacpt tokenizer train`.
+
+Fast: tiny models trained in the session fixtures (tests/conftest.py); nothing here imports torch.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megacpt.cli import main as cli_main
+from megacpt.config import TokenizerConfig
+from megacpt.data.tokenizers import build_tokenizer
+from megacpt.errors import ConfigError
+
+TEXT = "warmup and decay of the café über alles ☃ 中文"  # the last words are outside the training corpus
+
+
+def test_byte_tokenizer_is_utf8_bytes_with_eod_256():
+    tokenizer = build_tokenizer(TokenizerConfig(type="byte"))
+    assert (tokenizer.vocab_size, tokenizer.eod_id) == (257, 256)
+    assert tokenizer.encode("é!") == [0xC3, 0xA9, ord("!")]
+    assert tokenizer.decode(tokenizer.encode(TEXT) + [tokenizer.eod_id]) == TEXT
+
+
+def test_sentencepiece_eod_is_the_eos_piece_and_byte_fallback_round_trips_unseen_text(sp_model):
+    tokenizer = build_tokenizer(TokenizerConfig(type="sentencepiece", model=sp_model))
+    assert tokenizer.vocab_size == 300
+    assert tokenizer.eod_id == 1
+    ids = tokenizer.encode(TEXT)
+    assert 0 not in ids  # byte fallback: no unk
+    assert tokenizer.decode(ids) == TEXT
+    assert "sentencepiece" in tokenizer.describe() and sp_model in tokenizer.describe()
+
+
+def test_hf_eod_is_endoftext_and_vocab_counts_added_tokens(hf_tokenizer_json, tmp_path):
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(hf_tokenizer_json)
+    raw.add_tokens(["<extra_token>"])
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = build_tokenizer(TokenizerConfig(type="hf", path=str(tmp_path / "tokenizer.json")))
+    assert tokenizer.eod_id == raw.token_to_id("<|endoftext|>")
+    assert tokenizer.vocab_size == raw.get_vocab_size(with_added_tokens=True) == raw.get_vocab_size(with_added_tokens=False) + 1
+    assert tokenizer.decode(tokenizer.encode(TEXT)) == TEXT
+
+
+def test_hf_path_may_be_the_folder_holding_tokenizer_json(hf_tokenizer_json):
+    tokenizer = build_tokenizer(TokenizerConfig(type="hf", path=str(Path(hf_tokenizer_json).parent)))
+    assert tokenizer.encode(TEXT) == build_tokenizer(TokenizerConfig(type="hf", path=hf_tokenizer_json)).encode(TEXT)
+
+
+def test_hf_without_endoftext_uses_the_eos_token_of_tokenizer_config(make_hf_tokenizer, tmp_path):
+    path = make_hf_tokenizer(tmp_path / "tokenizer.json", ["<unk>", "</s>"])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    tokenizer = build_tokenizer(TokenizerConfig(type="hf", path=path))
+    assert tokenizer.eod_id == 1
+
+
+def test_hf_without_any_end_of_document_token_is_an_error(make_hf_tokenizer, tmp_path):
+    path = make_hf_tokenizer(tmp_path / "tokenizer.json", ["<unk>"])
+    with pytest.raises(ConfigError, match="tokenizer.path.*<\\|endoftext\\|>.*tokenizer_config.json"):
+        build_tokenizer(TokenizerConfig(type="hf", path=path))
+
+
+@pytest.mark.parametrize("kind, key", [("sentencepiece", "model"), ("hf", "path")])
+@pytest.mark.parametrize("problem", ["missing", "garbage"])
+def test_bad_tokenizer_file_names_the_path_and_the_key(kind, key, problem, tmp_path):
+    path = tmp_path / "tok.bin"
+    if problem == "garbage":
+        path.write_bytes(b"\x00not a model")
+    with pytest.raises(ConfigError) as caught:
+        build_tokenizer(TokenizerConfig(type=kind, **{key: str(path)}))
+    assert caught.value.key == f"tokenizer.{key}"
+    assert str(path) in str(caught.value)
+
+
+def test_tokenizer_train_is_reproducible_and_writes_model_and_vocab(tmp_path, corpus, write_jsonl, capsys):
+    corpus_file = write_jsonl(tmp_path / "c.jsonl", corpus)
+    for name in ("a", "b"):
+        assert cli_main(["tokenizer", "train", "--input", corpus_file, "--vocab-size", "290", "--output", str(tmp_path / name)]) == 0
+    assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes()
+    assert (tmp_path / "a.vocab").read_text().splitlines()[:2] == ["<unk>\t0", "</s>\t0"]
+    assert "a.model" in capsys.readouterr().out
+
+
+def test_tokenizer_train_keeps_existing_output_unless_overwrite(tmp_path, corpus, write_jsonl, capsys):
+    corpus_file = write_jsonl(tmp_path / "c.jsonl", corpus)
+    (tmp_path / "tok.model").write_text("precious")
+    args = ["tokenizer", "train", "--input", corpus_file, "--vocab-size", "290", "--output", str(tmp_path / "tok")]
+    assert cli_main(args) == 2
+    assert "tok.model already exists" in capsys.readouterr().err
+    assert (tmp_path / "tok.model").read_text() == "precious"
+    assert cli_main(args + ["--overwrite"]) == 0
+    assert (tmp_path / "tok.model").read_bytes() != b"precious"
+
+
+@pytest.mark.parametrize("vocab_size, texts, message", [
+    (5000, None, "Vocabulary size too high"),
+    (290, [], "no text to train a tokenizer on"),
+    (290, ["   ", ""], "no text to train a tokenizer on"),
+])
+def test_tokenizer_train_bad_input_exits_2_and_writes_nothing(vocab_size, texts, message, tmp_path, corpus, write_jsonl, capsys):
+    corpus_file = write_jsonl(tmp_path / "c.jsonl", corpus if texts is None else texts)
+    assert cli_main(["tokenizer", "train", "--input", corpus_file, "--vocab-size", str(vocab_size), "--output", str(tmp_path / "tok")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "c.jsonl" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
+
+
+def test_tokenizer_modules_do_not_import_torch():
+    code = "import sys, megacpt.data.tokenizers, megacpt.data.preprocess; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_tokenizer_train_reports_a_bad_input_line_not_a_sentencepiece_error(tmp_path, corpus, write_jsonl, capsys):
+    corpus_file = write_jsonl(tmp_path / "c.jsonl", corpus)
+    with open(corpus_file, "a") as f:
+        f.write('{"text": oops}\n')
+    assert cli_main(["tokenizer", "train", "--input", corpus_file, "--vocab-size", "290", "--output", str(tmp_path / "tok")]) == 2
+    assert f"c.jsonl, line {len(corpus) + 1}: not valid JSON" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
