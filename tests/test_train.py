@@ -90,3 +90,16 @@ def test_set_override_reaches_the_config(tmp_path, capsys, pattern_data):
     path = write_config(tmp_path / "c.json", _good(tmp_path, pattern_data))
     err = _bad(tmp_path, capsys, Path(path).read_text(), "--set", "train.micro_batch_size=3")
     assert "train.global_batch_size" in err
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, pattern_data):
+    losses = {}
+    for recompute in (False, True):
+        name = f"recompute_{recompute}"
+        config = tiny_config(tmp_path / name, [{"name": "a", "prefix": pattern_data["a"]}],
+                             model={"preset": "tiny", "dropout": 0.1},
+                             train={"steps": 5, "activation_checkpointing": recompute})
+        assert main(["train", write_config(tmp_path / f"{name}.json", config)]) == 0
+        losses[recompute] = [r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r]
+    assert len(losses[True]) == 5
+    assert max(abs(a - b) for a, b in zip(losses[False], losses[True])) <= 1e-6, losses

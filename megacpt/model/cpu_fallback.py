@@ -46,6 +46,9 @@ def install_if_needed() -> bool:
     if torch.cuda.is_available():
         return False
     torch.cuda.current_device = lambda: torch.device("cpu")
+    # Activation recompute saves and restores "the CUDA generator" next to the CPU one; there is none.
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
     mcore_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     return True
