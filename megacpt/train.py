@@ -19,6 +19,7 @@ import torch
 from megacpt import checkpoint
 from megacpt.config import RunConfig, dump_config, load_config
 from megacpt.errors import UserError
+from megacpt.evaluate import micro_batch_loss, validation_losses
 from megacpt.metrics import MetricsWriter, Throughput, format_duration
 
 
@@ -210,7 +211,7 @@ class TrainingLoop:
         micro_batches = self.stream.next_step()
         total = torch.zeros((), device=self.world.device)
         for i, mb in enumerate(micro_batches):
-            loss = self.forward_loss(mb)
+            loss = micro_batch_loss(self.engine, mb)
             self.engine.backward(loss)
             total = total + loss.detach()
             if i == len(micro_batches) - 1:
@@ -218,27 +219,10 @@ class TrainingLoop:
             self.engine.step()
         return total / len(micro_batches)
 
-    def forward_loss(self, mb: dict) -> torch.Tensor:
-        per_token = self.engine(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
-        mask = mb["loss_mask"].float()
-        return (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
-
-    @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
-        """Mean loss on each validation set separately, averaged over data-parallel ranks."""
-        from megacpt.data.loader import BatchStream
-
-        self.engine.eval()
-        results = {}
-        for name, dataset in self.val_data.items():
-            mb_size = self.config.train.micro_batch_size
-            stream = BatchStream(dataset, len(dataset) - len(dataset) % (mb_size * self.world.data_size) or mb_size,
-                                 mb_size, self.world.data_rank, self.world.data_size, self.world.device)
-            batches = stream.next_step()[: self.config.train.eval_batches]
-            loss = torch.stack([self.forward_loss(mb) for mb in batches]).mean()
-            torch.distributed.all_reduce(loss, group=_dp_group())
-            results[name] = loss.item() / self.world.data_size
-        self.engine.train()
+        results = validation_losses(self.engine, self.val_data, self.config.train.eval_batches,
+                                    self.config.train.micro_batch_size, self.world.data_rank,
+                                    self.world.data_size, self.world.device, _dp_group())
         if results:
             self.metrics.write({"step": step, "stage": self.stages[-1]["index"], "tokens": self.total_tokens(), "eval": results})
             self.metrics.print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
