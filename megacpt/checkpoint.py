@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from megacpt.config import InitConfig, RunConfig
+from megacpt.config import InitConfig, ModelConfig, RunConfig, padded_vocab_size
 from megacpt.errors import ConfigError, UserError
 
 STATE_FILE = "megacpt_state.json"
@@ -61,19 +61,18 @@ def read_state(tag_dir: Path) -> dict:
     return state
 
 
-def model_signature(config: RunConfig) -> dict:
+def model_signature(m: ModelConfig, tensor_parallel: int) -> dict:
     """What must agree between a checkpoint and the model it is loaded into."""
-    m = config.model
     return {
         "num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_attention_heads": m.num_attention_heads,
-        "ffn_hidden_size": m.ffn_hidden_size, "padded_vocab_size": config.padded_vocab_size,
-        "rotary_pct": m.rotary_pct, "parallel_residual": m.parallel_residual, "tensor_parallel": config.parallel.tensor,
+        "ffn_hidden_size": m.ffn_hidden_size, "padded_vocab_size": padded_vocab_size(m.vocab_size, tensor_parallel),
+        "rotary_pct": m.rotary_pct, "parallel_residual": m.parallel_residual, "tensor_parallel": tensor_parallel,
     }
 
 
 def check_architecture(config: RunConfig, state: dict, tag_dir: Path) -> None:
     """A readable error when the checkpoint's model differs from the config's (instead of a tensor-copy trace)."""
-    saved, wanted = state["model"], model_signature(config)
+    saved, wanted = state["model"], model_signature(config.model, config.parallel.tensor)
     diffs = [f"{k}: checkpoint {saved.get(k)} vs config {v}" for k, v in wanted.items() if saved.get(k) != v]
     if diffs:
         hint = " (change the TP degree with `megacpt reshard`)" if saved.get("tensor_parallel") != wanted["tensor_parallel"] else ""
@@ -104,6 +103,8 @@ def plan_load(config: RunConfig) -> LoadPlan | None:
     tag_dir = resolve_tag(init.checkpoint)
     state = read_state(tag_dir)
     if init.mode == "resume":
+        if not state.get("has_optimizer") or not state.get("scheduler"):
+            raise ConfigError("init.mode", f"'resume' needs a training checkpoint; {tag_dir} holds weights only (imported or merged): use 'new_stage'")
         return LoadPlan(tag_dir, state, True, True, True, True)
     check_init_combination(init, state, config)
     return LoadPlan(tag_dir, state, False, init.load_optimizer, init.load_scheduler, init.load_data_position)
@@ -113,6 +114,10 @@ def check_init_combination(init: InitConfig, state: dict, config: RunConfig) -> 
     """Reject new-stage choices that cannot mean anything for this checkpoint."""
     if init.load_optimizer and not state.get("has_optimizer", False):
         raise ConfigError("init.load_optimizer", f"checkpoint {init.checkpoint} holds no optimizer state (converted weights?); set it to false")
+    if init.load_scheduler and not state.get("scheduler"):
+        raise ConfigError("init.load_scheduler", f"checkpoint {init.checkpoint} holds no schedule position (imported weights); set it to false")
+    if init.load_data_position and not state.get("data"):
+        raise ConfigError("init.load_data_position", f"checkpoint {init.checkpoint} holds no data position (imported weights); set it to false")
     if init.load_data_position:
         saved = state["config"]["data"]
         if (saved["sources"], saved["replay"], saved["seed"]) != (

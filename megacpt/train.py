@@ -255,7 +255,7 @@ class TrainingLoop:
             "step": step,
             "tokens": self.total_tokens(),
             "config": dump_config(self.config),
-            "model": checkpoint.model_signature(self.config),
+            "model": checkpoint.model_signature(self.config.model, self.config.parallel.tensor),
             "tokenizer": self.config.tokenizer.model_dump(mode="json") if self.config.tokenizer else None,
             "has_optimizer": True,
             "stages": stages,

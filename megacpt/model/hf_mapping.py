@@ -34,12 +34,12 @@ _GLOBAL_NAMES = {
 }
 # Older/newer transformers name the output layer differently; accept both on input.
 _HF_OUTPUT_ALIASES = ("embed_out.weight", "lm_head.weight")
-_VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
+VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 def tensor_parallel_dim(name: str) -> int | None:
     """The dimension megatron splits this parameter along under tensor parallelism (None: replicated)."""
-    if name in _VOCAB_ROWS or re.search(r"(linear_qkv|linear_fc1)\.(weight|bias)$", name):
+    if name in VOCAB_ROWS or re.search(r"(linear_qkv|linear_fc1)\.(weight|bias)$", name):
         return 0
     if re.search(r"(linear_proj|linear_fc2)\.weight$", name):
         return 1
@@ -65,7 +65,7 @@ def hf_to_megatron(hf_state: dict[str, torch.Tensor], num_layers: int, padded_vo
         if hname not in hf_state:
             raise KeyError(hname)
         tensor = hf_state[hname]
-        if mname in _VOCAB_ROWS:
+        if mname in VOCAB_ROWS:
             tensor = pad_vocab(tensor, padded_vocab_size)
         out[mname] = tensor
     return out
@@ -76,7 +76,7 @@ def megatron_to_hf(state: dict[str, torch.Tensor], num_layers: int, vocab_size: 
     out = {}
     for mname, hname in name_pairs(num_layers):
         tensor = state[mname]
-        if mname in _VOCAB_ROWS:
+        if mname in VOCAB_ROWS:
             tensor = tensor[:vocab_size]
         out[hname] = tensor.clone()
     return out

@@ -1,0 +1,236 @@
+"""`megacpt convert hf-to-megacpt | megacpt-to-hf`: Hugging Face GPT-NeoX <-> megacpt checkpoints, verified.
+
+Tensors go through model/hf_mapping.py (the one weight mapping), megacpt tags through checkpoint_io.py,
+and `transformers` reads and writes the Hugging Face side (safetensors or .bin, sharded or not). Each
+direction then runs the converted and the source model on the same random batch and fails with exit code 1
+when their logits differ by more than the threshold: a conversion that silently changes the model is worse
+than none. Training state (optimizer, schedule, data position) is never converted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from megacpt import checkpoint_io
+from megacpt.config import ModelConfig, padded_vocab_size
+from megacpt.errors import UserError
+from megacpt.model import hf_mapping
+
+DEFAULT_THRESHOLD = 1e-4
+VERIFY_BATCH = (2, 64)  # sequences x tokens (fewer tokens when the model's seq_length is shorter)
+
+
+class VerificationFailed(Exception):
+    """The converted model computes different logits from the source model."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    directions = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    to_megacpt = directions.add_parser("hf-to-megacpt", help="a Hugging Face GPT-NeoX folder -> a weights-only megacpt checkpoint")
+    to_megacpt.add_argument("--hf", required=True, metavar="DIR", help="local folder with config.json and the weights (safetensors or .bin, sharded or not)")
+    checkpoint_io.add_output_arguments(to_megacpt, "checkpoints folder (one tag and `latest`, as init.checkpoint takes it)")
+    to_megacpt.add_argument("--tp", type=checkpoint_io.positive_int, default=1, metavar="N", help="tensor-parallel degree to split for (default 1)")
+    to_hf = directions.add_parser("megacpt-to-hf", help="a megacpt checkpoint -> a folder GPTNeoXForCausalLM.from_pretrained loads")
+    to_hf.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoints folder (its `latest`) or one tag folder")
+    checkpoint_io.add_output_arguments(to_hf, "Hugging Face folder")
+    for command in (to_megacpt, to_hf):
+        command.add_argument("--no-verify", dest="verify", action="store_false", help="skip the logit comparison")
+        command.add_argument("--verify-device", choices=("cpu", "cuda"), default=None,
+                             help="where to run the comparison: the machine's device by default (cuda when present)")
+        command.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                             help=f"largest allowed max |logit difference| in float32 (default {DEFAULT_THRESHOLD})")
+
+
+def run(args: argparse.Namespace) -> int:
+    quiet_transformers()
+    device = verify_device(args.verify_device) if args.verify else None
+    try:
+        if args.direction == "hf-to-megacpt":
+            diff = hf_to_megacpt(Path(args.hf), Path(args.output), args.tp, args.overwrite, device, args.threshold)
+        else:
+            diff = megacpt_to_hf(Path(args.checkpoint), Path(args.output), args.overwrite, device, args.threshold)
+    except VerificationFailed as e:
+        print(f"megacpt convert: verification failed, nothing written: {e}", file=sys.stderr)
+        return 1
+    verdict = "not verified (--no-verify)" if diff is None else f"verified: max |logit difference| {diff:.3e} <= {args.threshold:g}"
+    print(f"wrote {args.output} ({verdict})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ the two directions
+
+
+def hf_to_megacpt(hf_dir: Path, output: Path, tp: int, overwrite: bool, device: torch.device | None,
+                  threshold: float) -> float | None:
+    """Write a weights-only megacpt checkpoint of an HF GPT-NeoX folder; returns the verified logit difference."""
+    model = model_config_from_hf(read_hf_config(hf_dir), hf_dir)
+    checkpoint_io.check_tensor_parallel(model, tp)
+    with checkpoint_io.staged_output(output, overwrite) as staging:
+        hf = load_hf(hf_dir, dtype="auto")
+        weights = hf_mapping.hf_to_megatron(hf.state_dict(), model.num_layers, padded_vocab_size(model.vocab_size, tp))
+        tag_dir = checkpoint_io.write(staging, weights, checkpoint_io.weights_only_state(import_state(hf_dir), model, tp), output)
+        if device is None:
+            return None
+        written = checkpoint_io.read_weights(tag_dir, tp)  # verify what is on disk, split and merged again
+        return check_logits(hf, written, model, device, threshold)
+
+
+def import_state(hf_dir: Path) -> dict:
+    """megacpt state of an imported model: untrained by megacpt (step 0), one stage naming the HF folder."""
+    hf_dir = hf_dir.resolve()
+    tokenizer = hf_dir / "tokenizer.json"
+    return {
+        "step": 0, "tokens": 0, "scheduler": None, "data": None,
+        "tokenizer": {"type": "hf", "path": str(tokenizer)} if tokenizer.is_file() else None,
+        "stages": [{"index": 0, "name": hf_dir.name, "source": "huggingface", "path": str(hf_dir),
+                    "steps": 0, "steps_done": 0, "samples": {}}],
+    }
+
+
+def megacpt_to_hf(path: Path, output: Path, overwrite: bool, device: torch.device | None,
+                  threshold: float) -> float | None:
+    """Write an HF GPT-NeoX folder (padding rows removed, tokenizer copied) from any megacpt checkpoint."""
+    from transformers import GPTNeoXForCausalLM
+
+    with checkpoint_io.staged_output(output, overwrite) as staging:
+        source = checkpoint_io.load(path)
+        model = source.model
+        tokenizer_section = source.state.get("tokenizer")
+        hf_state = hf_mapping.megatron_to_hf(source.weights, model.num_layers, model.vocab_size)
+        tokenizer = checkpoint_io.build_tokenizer(tokenizer_section)
+        save_hf(staging, hf_state, hf_config(model, tokenizer.eod_id if tokenizer else None))
+        if tokenizer_section is not None and tokenizer_section["type"] == "hf":
+            for name, file in checkpoint_io.tokenizer_files(tokenizer_section).items():
+                shutil.copyfile(file, staging / name)
+        elif tokenizer_section is not None:
+            print(f"note: the checkpoint's {tokenizer_section['type']} tokenizer has no Hugging Face form; no tokenizer written")
+        if device is None:
+            return None
+        converted = GPTNeoXForCausalLM.from_pretrained(staging, dtype=torch.float32)
+        return check_logits(converted, source.weights, model, device, threshold)
+
+
+# ------------------------------------------------------------------------------------ the Hugging Face side
+
+
+def quiet_transformers() -> None:
+    """No progress bars or load reports: megacpt reports problems itself."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    """config.json of a GPT-NeoX model, or a UserError saying what the folder is instead."""
+    file = hf_dir / "config.json"
+    if not hf_dir.is_dir():
+        raise UserError(f"--hf {hf_dir} is not a folder")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read the Hugging Face config {file}: {e}") from None
+    if config.get("model_type") != "gpt_neox":
+        raise UserError(f"{file} describes model_type '{config.get('model_type')}'; only GPT-NeoX ('gpt_neox', e.g. Pythia) converts to megacpt")
+    unsupported = {"hidden_act": "gelu", "attention_bias": True}
+    for key, wanted in unsupported.items():
+        if config.get(key, wanted) != wanted:
+            raise UserError(f"{file}: {key} {config[key]!r} is not supported; megacpt's GPT-NeoX has {key} {wanted!r}")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise UserError(f"{file}: rope_type '{rope['rope_type']}' is not supported; megacpt uses plain rotary embeddings")
+    return config
+
+
+def model_config_from_hf(hf_config: dict, hf_dir: Path) -> ModelConfig:
+    try:
+        return ModelConfig(**hf_mapping.model_fields_from_hf(hf_config))
+    except (KeyError, ValidationError) as e:
+        raise UserError(f"{hf_dir / 'config.json'} is not a usable GPT-NeoX config: {e}") from None
+
+
+def load_hf(hf_dir: Path, dtype):
+    """GPTNeoXForCausalLM with every weight from the folder (a missing tensor is an error, not a random init)."""
+    from transformers import GPTNeoXForCausalLM
+
+    try:
+        model, info = GPTNeoXForCausalLM.from_pretrained(hf_dir, dtype=dtype, output_loading_info=True)
+    except OSError as e:
+        raise UserError(f"cannot load the weights in {hf_dir}: {e}") from None
+    if info["missing_keys"] or info["mismatched_keys"]:
+        problems = sorted(info["missing_keys"]) + [str(k) for k in info["mismatched_keys"]]
+        raise UserError(f"the weights in {hf_dir} are incomplete: missing or mis-shaped {', '.join(problems[:5])}"
+                        f"{' ...' if len(problems) > 5 else ''}")
+    return model.eval()
+
+
+def hf_config(model: ModelConfig, eod: int | None):
+    """The GPTNeoXConfig of megacpt's model (rotary given by its legacy names, which transformers 4 and 5 read)."""
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(
+        vocab_size=model.vocab_size, hidden_size=model.hidden_size, num_hidden_layers=model.num_layers,
+        num_attention_heads=model.num_attention_heads, intermediate_size=model.ffn_hidden_size,
+        max_position_embeddings=model.seq_length, rotary_pct=model.rotary_pct, rotary_emb_base=model.rotary_base,
+        use_parallel_residual=model.parallel_residual, layer_norm_eps=model.layernorm_eps, hidden_act="gelu",
+        attention_bias=True, hidden_dropout=model.dropout, attention_dropout=model.dropout,
+        initializer_range=model.init_std, tie_word_embeddings=False, bos_token_id=eod, eos_token_id=eod,
+        architectures=["GPTNeoXForCausalLM"],
+    )
+
+
+def save_hf(folder: Path, hf_state: dict[str, torch.Tensor], config) -> None:
+    """save_pretrained of a model holding `hf_state` (built on the meta device: no random init to pay for)."""
+    from transformers import GPTNeoXForCausalLM
+
+    with torch.device("meta"):
+        model = GPTNeoXForCausalLM(config)
+    if "embed_out.weight" not in model.state_dict():  # transformers 5 names the output layer lm_head
+        hf_state["lm_head.weight"] = hf_state.pop("embed_out.weight")
+    model.load_state_dict(hf_state, strict=True, assign=True)
+    model.save_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------ verification
+
+
+def verify_device(name: str | None) -> torch.device:
+    """The device megatron's world runs on here; megatron-core cannot compute on the CPU when CUDA is present."""
+    has_cuda = torch.cuda.is_available()
+    if name == "cuda" and not has_cuda:
+        raise UserError("--verify-device cuda: this machine has no CUDA device")
+    if name == "cpu" and has_cuda:
+        raise UserError("--verify-device cpu: megatron-core places rotary embeddings on the GPU when CUDA is present; "
+                        "hide the GPUs (CUDA_VISIBLE_DEVICES=) to verify on the CPU")
+    return torch.device("cuda" if has_cuda else "cpu")
+
+
+def check_logits(hf_model, weights: dict[str, torch.Tensor], model: ModelConfig, device: torch.device,
+                 threshold: float) -> float:
+    """Max |logit difference| over the real vocabulary between the HF model and megacpt's model of `weights`."""
+    diff = max_logit_difference(hf_model, weights, model, device)
+    print(f"verification: max |logit difference| {diff:.3e} (threshold {threshold:g}, float32 on {device.type})")
+    if not diff <= threshold:  # also catches NaN
+        raise VerificationFailed(f"max |logit difference| {diff:.3e} is above the threshold {threshold:g}")
+    return diff
+
+
+@torch.no_grad()
+def max_logit_difference(hf_model, weights: dict[str, torch.Tensor], model: ModelConfig, device: torch.device) -> float:
+    from megacpt.distributed import setup_world
+
+    setup_world(1, seed=0)
+    megacpt_model = checkpoint_io.build_model(model, weights, 1, 0, device)
+    hf_model = hf_model.float().to(device).eval()
+    batch, length = VERIFY_BATCH[0], min(VERIFY_BATCH[1], model.seq_length)
+    ids = torch.randint(0, model.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
+    positions = torch.arange(length, device=device).unsqueeze(0).expand_as(ids)
+    ours = megacpt_model(ids, positions, None)[..., : model.vocab_size].float()
+    reference = hf_model(ids).logits.float()
+    return (ours - reference).abs().max().item()
