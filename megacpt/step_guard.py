@@ -1,11 +1,16 @@
-"""Skip optimizer updates whose loss or gradients are not finite.
+"""Skip optimizer updates whose loss or gradients are not finite, and agree on stopping.
 
 DeepSpeed skips steps only for fp16 overflow. megacpt wraps the innermost optimizer's `step` (the torch
 AdamW that every DeepSpeed wrapper, ZeRO or not, finally calls) so that a non-finite loss or gradient on
 any rank leaves the weights and Adam's moments untouched on every rank. A skipped step still counts as a
 step of the stage: the schedule and the data move on, the model does not.
+
+The same one-element-per-question all-reduce also tells every rank whether any rank received a stop
+signal, so the loop needs no second collective (and no second host sync) per step.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -13,9 +18,11 @@ import torch
 class StepGuard:
     """Decides, with one tiny all-reduce per step, whether the update about to happen is applied."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device):
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, stop_requested: Callable[[], bool]):
         self.optimizer = optimizer
         self.device = device
+        self.stop_requested = stop_requested
+        self.stop_agreed = False
         self.loss_is_finite = torch.ones((), dtype=torch.bool, device=device)
         self.skipped_in_a_row = 0
         self.skipped_total = 0
@@ -29,9 +36,13 @@ class StepGuard:
         return torch.isfinite(torch.stack(torch._foreach_norm(grads)).to(self.device)).all()
 
     def _guarded_step(self, *args, **kwargs):
-        flag = (self.loss_is_finite & self._gradients_finite()).float()
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        if flag.item() < 1:
+        ok = (self.loss_is_finite & self._gradients_finite()).float()
+        stop = torch.tensor(1.0 if self.stop_requested() else 0.0, device=self.device)
+        flags = torch.stack([ok, -stop])  # MIN over ranks: all finite?  -MAX: any stop?
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+        all_finite, minus_stop = flags.tolist()
+        self.stop_agreed = minus_stop < 0
+        if all_finite < 1:
             self.skipped_in_a_row += 1
             self.skipped_total += 1
             return None

@@ -58,11 +58,8 @@ class StopSignal:
     def _handle(self, signum, frame) -> None:
         self.received = signum
 
-    def agreed(self) -> bool:
-        """True on every rank if any rank got a signal (ranks must stop at the same step)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+    def requested(self) -> bool:
+        return self.received is not None
 
 
 def train(config: RunConfig) -> None:
@@ -115,7 +112,8 @@ def train(config: RunConfig) -> None:
     if plan is None or not plan.resume:
         metrics.write({"step": 0, "event": "stage_start", "stage": stage["index"], "stage_name": stage["name"],
                        "init": str(plan.tag_dir) if plan else None})
-    guard = StepGuard(engine.basic_optimizer, world.device)
+    signals = StopSignal()
+    guard = StepGuard(engine.basic_optimizer, world.device, signals.requested)
     loop = TrainingLoop(config, world, engine, scheduler, stream, val_data, metrics, stages, tokens_before, guard)
     try:
         loop.run()
@@ -161,7 +159,6 @@ class TrainingLoop:
         self.metrics, self.stages = metrics, stages
         self.tokens_per_step = config.train.global_batch_size * config.model.seq_length
         self.tokens_at_start, self.start_t = tokens_before, scheduler.t
-        self.signals = StopSignal()
 
     def total_tokens(self) -> int:
         """Tokens trained on by this model over all stages."""
@@ -197,13 +194,13 @@ class TrainingLoop:
                     f"or check the data")
             if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.steps:
                 self.evaluate(done)
-            stop = self.signals.agreed()
+            stop = self.guard.stop_agreed  # every rank agrees (decided in the step's one all-reduce)
             if done == cfg.steps or stop or (cfg.save_interval and done % cfg.save_interval == 0):
                 if done == cfg.steps and self.val_data:
                     self.evaluate(done)
                 self.save(done)
             if stop:
-                self.metrics.print(f"received signal {self.signals.received}: saved a checkpoint at step {done}, exiting")
+                self.metrics.print(f"stop signal received: saved a checkpoint at step {done}, exiting")
                 return
 
     def train_step(self) -> torch.Tensor:
