@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from megacpt.errors import UserError
 
@@ -18,7 +19,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("megacpt.data.preprocess", "tokenize jsonl/txt into Megatron indexed datasets (PREFIX.bin/.idx)"),
     "tokenizer": ("megacpt.data.tokenizer_command", "train a SentencePiece tokenizer"),
     "schedule": ("megacpt.schedule_command", "write the LR of every step of a config's stage as CSV (and a plot)"),
+    "plan": ("megacpt.plan_command", "parameter count, memory per GPU, step time and the best layout for a cluster"),
+    "convert": ("megacpt.convert", "convert checkpoints between Hugging Face GPT-NeoX and megacpt (verified by comparing logits)"),
+    "reshard": ("megacpt.reshard", "change a checkpoint's tensor-parallel degree (weights only)"),
+    "merge": ("megacpt.merge", "weighted average of checkpoints of the same architecture (model merging)"),
+    "generate": ("megacpt.generate", "greedy decoding from a checkpoint, for a quick look"),
+    "eval": ("megacpt.eval_command", "loss and perplexity of a checkpoint on each validation set (the training loop's numbers)"),
+    "plot": ("megacpt.plot", "LR and per-dataset validation loss against tokens for runs and their earlier stages (forgetting/adaptation)"),
+    "lm-eval": ("megacpt.lm_eval_command", "run lm-evaluation-harness tasks on a checkpoint (needs the 'eval' extra)"),
 }
+
+
+def _quiet_optional_kernel_warnings() -> None:
+    """megatron-core warns on import that optional fused kernels (Apex, Transformer Engine) are missing;
+    megacpt does not need them, so the console keeps only what matters."""
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
+    warnings.filterwarnings("ignore", message="full scope is deprecated")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv)  # prints usage / error and exits 2
         return 2
+    _quiet_optional_kernel_warnings()
     module = importlib.import_module(COMMANDS[argv[0]][0])
     command_parser = argparse.ArgumentParser(prog=f"megacpt {argv[0]}", description=COMMANDS[argv[0]][1])
     module.add_arguments(command_parser)

@@ -109,6 +109,11 @@ def train(config: RunConfig) -> None:
     scheduler.apply()  # the schedule, not a loaded optimizer, decides the LR of every group
 
     metrics = MetricsWriter(run_dir, world.is_main, config.logging.tensorboard)
+    params = sum(p.numel() for p in model.parameters()) * world.tensor_size
+    metrics.print(f"stage {stage['index']} ({stage['name']}): {config.train.steps} steps x {config.train.global_batch_size} "
+                  f"samples x {config.model.seq_length} tokens; {params / 1e6:.1f}M parameters; world {world.size} "
+                  f"(tensor {world.tensor_size} x data {world.data_size}); "
+                  f"{'resuming ' if plan and plan.resume else 'from '}{plan.tag_dir if plan else 'fresh weights'}")
     if plan is None or not plan.resume:
         metrics.write({"step": 0, "event": "stage_start", "stage": stage["index"], "stage_name": stage["name"],
                        "init": str(plan.tag_dir) if plan else None})
@@ -121,10 +126,10 @@ def train(config: RunConfig) -> None:
         metrics.close()
 
 
-def _eod(config: RunConfig) -> int:
-    """EOD id for the dataset (only used for masks megacpt does not build); -1 when no tokenizer is set."""
+def _eod(config: RunConfig) -> int | None:
+    """EOD id for the dataset (only used for masks megacpt does not build); None when no tokenizer is set."""
     if config.tokenizer is None:
-        return -1
+        return None
     from megacpt.data.tokenizers import build_tokenizer
 
     return build_tokenizer(config.tokenizer).eod_id

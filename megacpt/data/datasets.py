@@ -92,7 +92,7 @@ def check_data(data: DataConfig, vocab_size: int) -> None:
 class _DatasetTokenizer:
     """The two facts megatron's GPTDataset asks of a tokenizer (no padding token: samples are full length)."""
 
-    def __init__(self, vocab_size: int, eod: int):
+    def __init__(self, vocab_size: int, eod: int | None):
         self.vocab_size = vocab_size
         self.eod = eod
         self.unique_identifiers = {"vocab_size": vocab_size, "eod": eod}  # part of megatron's cache hash
@@ -120,7 +120,7 @@ class SourceTaggedDataset:
         return {name: int(n) for name, n in zip(self.names, counts)}
 
 
-def _gpt_config(blend, seq_length: int, seed: int, cache_dir: str, vocab_size: int, eod: int):
+def _gpt_config(blend, seq_length: int, seed: int, cache_dir: str, vocab_size: int, eod: int | None):
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     return GPTDatasetConfig(
@@ -146,7 +146,7 @@ def _build(config, num_samples: int) -> object:
 
 
 def build_train_dataset(data: DataConfig, num_samples: int, seq_length: int, cache_dir: str,
-                        vocab_size: int, eod: int, earlier_stages: list[dict] = ()) -> SourceTaggedDataset:
+                        vocab_size: int, eod: int | None, earlier_stages: list[dict] = ()) -> SourceTaggedDataset:
     """The blended training stream of at least `num_samples` samples. Call on every rank (rank 0 builds first).
 
     With `replay.seen_only`, each replay source yields only samples that an earlier stage (from the
@@ -177,7 +177,7 @@ class SeenSamples:
         return self.dataset[int(self.sample_ids[order[position]])]
 
 
-def seen_samples(source: WeightedSource, stages: list[dict], cache_dir: str, vocab_size: int, eod: int,
+def seen_samples(source: WeightedSource, stages: list[dict], cache_dir: str, vocab_size: int, eod: int | None,
                  seed: int) -> SeenSamples:
     """Rebuild the latest earlier stage that read `source.prefix` and keep the samples it consumed from it."""
     for stage in reversed(stages):
@@ -201,7 +201,7 @@ def seen_samples(source: WeightedSource, stages: list[dict], cache_dir: str, voc
 
 
 def build_validation_datasets(data: DataConfig, num_samples: int, seq_length: int, cache_dir: str,
-                              vocab_size: int, eod: int) -> dict[str, object]:
+                              vocab_size: int, eod: int | None) -> dict[str, object]:
     """One dataset per validation set, each of `num_samples` samples, evaluated separately."""
     os.makedirs(cache_dir, exist_ok=True)
     out = {}

@@ -9,6 +9,7 @@ attention. Nothing else in megacpt special-cases the CPU.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from megatron.core.tensor_parallel import random as mcore_random
@@ -45,6 +46,7 @@ def install_if_needed() -> bool:
     """Point megatron-core's CUDA-only spots at the CPU when CUDA is absent. Returns whether it did."""
     if torch.cuda.is_available():
         return False
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise warn while detecting it
     torch.cuda.current_device = lambda: torch.device("cpu")
     # Activation recompute saves and restores "the CUDA generator" next to the CPU one; there is none.
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
