@@ -137,7 +137,26 @@ def load_into_engine(engine, plan: LoadPlan, world_rank: int) -> None:
         raise UserError(f"DeepSpeed found no checkpoint files in {plan.tag_dir}")
     rng_file = plan.tag_dir / f"rng_rank{world_rank}.pt"
     if plan.resume and rng_file.is_file():
-        torch.set_rng_state(torch.load(rng_file, weights_only=True)["cpu"])
+        set_rng_states(torch.load(rng_file, weights_only=True))
+
+
+def rng_states() -> dict:
+    """Every generator dropout draws from: the default ones and megatron's tensor-parallel tracker."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    states = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(states["cpu"])
+    get_cuda_rng_tracker().set_states(states["tracker"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def save(engine, run_dir: str | Path, step: int, state: dict, world_rank: int, keep_last: int | None) -> Path:
@@ -146,7 +165,7 @@ def save(engine, run_dir: str | Path, step: int, state: dict, world_rank: int, k
     tag = tag_name(step)
     tag_dir = root / tag
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    torch.save({"cpu": torch.get_rng_state()}, tag_dir / f"rng_rank{world_rank}.pt")
+    torch.save(rng_states(), tag_dir / f"rng_rank{world_rank}.pt")
     if world_rank == 0:
         _write_atomic(tag_dir / STATE_FILE, json.dumps(state, indent=1))
     torch.distributed.barrier()

@@ -22,6 +22,7 @@ def _config(tmp_path, name, pattern_data, **sections) -> dict:
     sections.setdefault("train", {})
     sections["train"] = {"steps": 40, "global_batch_size": 8, "micro_batch_size": 2, "save_interval": 10,
                          "log_interval": 1, **sections["train"]}
+    sections.setdefault("model", {"preset": "tiny", "dropout": 0.1})  # resume must restore the dropout RNGs too
     return tiny_config(tmp_path / name, [{"name": "a", "prefix": pattern_data["a"], "weight": 3},
                                          {"name": "noise", "prefix": pattern_data["noise"]}], **sections)
 
