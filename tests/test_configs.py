@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from megacpt.config import load_config
+from megacpt.plan import Cluster, config_layout, recommend
 from megacpt.schedule import check_schedule, warmup_steps
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json"))
@@ -19,30 +20,53 @@ def test_config_validates_and_its_schedule_runs(path):
     check_schedule(config.schedule, config.train.steps)
 
 
-# name -> (preset, style, max_lr, min_lr, tokens per step, token budget)
+# name -> (preset, style, max_lr, min_lr, tokens per step, token budget, replay fraction, starts from a checkpoint)
+PYTHIA, NEOX = 1024 * 2048, 1104 * 2048
 RECIPES = {
-    "gupta_pythia410m_cpt_lr1.5e-4.json": ("pythia-410m", "cosine", 1.5e-4, 1.5e-5, 1024 * 2048, 297e9),
-    "gupta_pythia410m_cpt_lr3e-4.json": ("pythia-410m", "cosine", 3e-4, 3e-5, 1024 * 2048, 297e9),
-    "gupta_pythia410m_cpt_lr6e-4.json": ("pythia-410m", "cosine", 6e-4, 6e-5, 1024 * 2048, 297e9),
-    "ibrahim_405m_cpt_cosine.json": ("neox-405m", "cosine", 3e-4, 3e-5, 1104 * 2048, 300e9),
-    "ibrahim_405m_infinite_cosine.json": ("neox-405m", "infinite_cosine", 3e-4, 3e-5, 1104 * 2048, 300e9),
-    "ibrahim_405m_infinite_inv_sqrt.json": ("neox-405m", "infinite_inv_sqrt", 3e-4, 3e-5, 1104 * 2048, 300e9),
-    "ibrahim_10b_cpt_cosine.json": ("neox-10b", "cosine", 1.2e-4, 1.2e-5, 1104 * 2048, 300e9),
-    "wsd_405m.json": ("neox-405m", "wsd", 3e-4, 3e-5, 1104 * 2048, 300e9),
+    "gupta_pythia410m_cpt_lr1.5e-4.json": ("pythia-410m", "cosine", 1.5e-4, 1.5e-5, PYTHIA, 297e9, 0.0, True),
+    "gupta_pythia410m_cpt_lr3e-4.json": ("pythia-410m", "cosine", 3e-4, 3e-5, PYTHIA, 297e9, 0.0, True),
+    "gupta_pythia410m_cpt_lr6e-4.json": ("pythia-410m", "cosine", 6e-4, 6e-5, PYTHIA, 297e9, 0.0, True),
+    "ibrahim_405m_pretrain_cosine.json": ("neox-405m", "cosine", 3e-4, 3e-5, NEOX, 300e9, 0.0, False),
+    "ibrahim_405m_cpt_cosine.json": ("neox-405m", "cosine", 3e-4, 3e-5, NEOX, 300e9, 0.05, True),
+    "ibrahim_405m_cpt_german_cosine.json": ("neox-405m", "cosine", 3e-4, 3e-5, NEOX, 200e9, 0.25, True),
+    "ibrahim_405m_infinite_cosine.json": ("neox-405m", "infinite_cosine", 3e-4, 3e-5, NEOX, 300e9, 0.05, True),
+    "ibrahim_405m_infinite_inv_sqrt.json": ("neox-405m", "infinite_inv_sqrt", 3e-4, 3e-5, NEOX, 300e9, 0.05, True),
+    "ibrahim_10b_pretrain_cosine.json": ("neox-10b", "cosine", 1.2e-4, 1.2e-5, NEOX, 300e9, 0.0, False),
+    "ibrahim_10b_cpt_cosine.json": ("neox-10b", "cosine", 1.2e-4, 1.2e-5, NEOX, 300e9, 0.05, True),
+    "ibrahim_10b_cpt_german_cosine.json": ("neox-10b", "cosine", 1.2e-4, 1.2e-5, NEOX, 200e9, 0.25, True),
+    "wsd_405m.json": ("neox-405m", "wsd", 3e-4, 3e-5, NEOX, 300e9, 0.05, True),
 }
 
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_paper_recipe(name):
-    preset, style, max_lr, min_lr, tokens_per_step, budget = RECIPES[name]
+    preset, style, max_lr, min_lr, tokens_per_step, budget, replay, from_checkpoint = RECIPES[name]
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
     schedule = config.schedule
     assert (config.model.preset, schedule.style, schedule.max_lr, schedule.min_lr) == (preset, style, max_lr, min_lr)
     assert config.train.global_batch_size * config.model.seq_length == tokens_per_step
     assert config.train.steps == round(budget / tokens_per_step)
     assert warmup_steps(schedule, config.train.steps) == round(0.01 * config.train.steps)
-    assert (config.init.checkpoint is not None, config.init.mode) == (True, "new_stage")
+    assert config.data.replay.fraction == replay
+    assert (config.init.checkpoint is not None, config.init.mode) == (from_checkpoint, "new_stage")
     if style.startswith("infinite"):
         assert (schedule.const_lr, schedule.cooldown_end, schedule.constant_end, schedule.timescale) == (1.65e-4, 0.6, 0.85, 10.0)
     if style == "wsd":
         assert (schedule.decay_fraction, schedule.decay_shape) == (0.2, "1-sqrt")
+
+
+def test_every_shipped_config_is_a_checked_recipe():
+    assert sorted(RECIPES) == [p.name for p in CONFIGS]
+
+
+# Nodes of 8 x 80 GB GPUs each config is laid out for (configs/README.md): one for ~400M models, eight for the 10B.
+NODES = {"pythia-410m": 1, "neox-405m": 1, "neox-10b": 8}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_uses_the_layout_megacpt_plan_recommends(path):
+    config = load_config(path)
+    cluster = Cluster(nodes=NODES[config.model.preset], gpus_per_node=8, gpu_memory_gb=80)
+    best = recommend(config, cluster).layout
+    assert config_layout(config, cluster) == best
+    assert (config.deepspeed["bf16"], config.deepspeed["zero_optimization"]) == ({"enabled": True}, {"stage": 1})

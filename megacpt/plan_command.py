@@ -1,0 +1,153 @@
+"""`megacpt plan CONFIG [--nodes N --gpus-per-node G | --hostfile FILE] [--json FILE]`: will it fit, how long.
+
+Reads only the config (no torch): the parameter count, memory per GPU for the config's own layout, the
+largest micro batch that fits, the step time and days to the token budget at an assumed MFU, and the
+layout `megacpt.plan.recommend` picks for the cluster. The launch scripts run it as their preflight, so a
+bad hostfile or a world size the tensor-parallel degree does not divide stops a job before it starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from megacpt.config import RunConfig, load_config
+from megacpt.errors import ConfigError, UserError
+from megacpt.hostfile import read_hostfile, uniform_slots
+from megacpt.plan import (FIT_FRACTION, GB, Cluster, Estimate, config_layout, estimate, flops_per_token,
+                          largest_micro_batch, parameter_count, parameters_per_rank, recommend, training_precision)
+
+DEFAULT_NODES, DEFAULT_GPUS_PER_NODE = 1, 8
+_PARTS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer_states", "optimizer states"),
+          ("activations", "activations"), ("reserved", "reserved"))
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="JSON run config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="dotted.key=value",
+                        help="override a config key (repeatable)")
+    parser.add_argument("--nodes", type=_positive(int), help=f"nodes (default {DEFAULT_NODES})")
+    parser.add_argument("--gpus-per-node", type=_positive(int), help=f"GPUs per node (default {DEFAULT_GPUS_PER_NODE})")
+    parser.add_argument("--hostfile", metavar="FILE", help="take nodes and GPUs per node from a DeepSpeed hostfile")
+    parser.add_argument("--gpu-memory-gb", type=_positive(float), default=Cluster.gpu_memory_gb,
+                        help="memory of one GPU in GB (10^9 bytes); default %(default)g")
+    parser.add_argument("--gpu-tflops", type=_positive(float), default=Cluster.gpu_tflops,
+                        help="peak dense bf16 TFLOP/s of one GPU; default %(default)g (H100 SXM)")
+    parser.add_argument("--mfu", type=_fraction, default=Cluster.mfu,
+                        help="assumed model FLOPs utilisation; default %(default)g")
+    parser.add_argument("--json", metavar="FILE", help="also write the plan to FILE as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    cluster = Cluster(*_nodes_and_gpus(args), args.gpu_memory_gb, args.gpu_tflops, args.mfu)
+    best = recommend(config, cluster)
+    try:
+        layout = config_layout(config, cluster)
+    except ConfigError as e:
+        raise UserError(f"{e}. For this cluster megacpt plan recommends {best.layout.describe()}") from None
+    own = estimate(config, cluster, layout)
+    largest = largest_micro_batch(config, cluster, layout)
+    print(_report(args.config, config, cluster, own, largest, best))
+    if args.json:
+        _write_json(Path(args.json), _plan_json(args.config, config, cluster, own, largest, best))
+    return 0
+
+
+def _nodes_and_gpus(args: argparse.Namespace) -> tuple[int, int]:
+    if args.hostfile is None:
+        return args.nodes or DEFAULT_NODES, args.gpus_per_node or DEFAULT_GPUS_PER_NODE
+    if args.nodes or args.gpus_per_node:
+        raise UserError("give either --hostfile or --nodes/--gpus-per-node, not both")
+    hosts = read_hostfile(args.hostfile)
+    return len(hosts), uniform_slots(hosts, args.hostfile)
+
+
+def _report(path: str, config: RunConfig, cluster: Cluster, own: Estimate, largest: int, best: Estimate) -> str:
+    model, train = config.model, config.train
+    vocab = config.padded_vocab_size
+    precision = training_precision(config.deepspeed)
+    tokens = train.global_batch_size * model.seq_length
+    share = train.global_batch_size // own.layout.data
+    lines = [
+        f"megacpt plan: {path}",
+        f"model        {model.preset or 'custom'}: {model.num_layers} layers, hidden {model.hidden_size}, "
+        f"{model.num_attention_heads} heads, FFN {model.ffn_hidden_size}, seq {model.seq_length}, "
+        f"vocab {model.vocab_size} padded to {vocab} (TP {config.parallel.tensor})",
+        f"parameters   {parameter_count(model, vocab):,} "
+        f"({parameters_per_rank(model, vocab, own.layout.tensor):,} per tensor-parallel rank)",
+        f"cluster      {cluster.describe()} = {cluster.world_size}, "
+        f"{cluster.gpu_memory_gb:g} GB and {cluster.gpu_tflops:g} TFLOP/s each, assumed MFU {cluster.mfu:.0%}",
+        f"precision    {precision.weights} weights, {precision.gradients} gradient accumulation",
+        "",
+        f"config layout: {own.layout.describe()}, gradient accumulation {share // own.layout.micro_batch}",
+        *_memory_lines(own, cluster),
+        f"  largest micro batch that fits: {largest}"
+        f" (largest dividing the {share} samples per data-parallel rank: {_largest_divisor(share, largest)})",
+        f"  step time {own.step_seconds:.2f} s ({tokens:,} tokens x {flops_per_token(model, vocab):.3g} FLOP/token); "
+        f"{train.steps:,} steps = {train.steps * tokens / 1e9:.1f}B tokens in {own.days:.2f} days",
+        "",
+        f"recommended: {best.layout.describe()}" + (" (the config's own)" if best.layout == own.layout else ""),
+        f"  memory {best.total_bytes / GB:.1f} GB per GPU, step time {best.step_seconds:.2f} s, "
+        f"{best.days:.2f} days",
+    ]
+    return "\n".join(lines)
+
+
+def _memory_lines(e: Estimate, cluster: Cluster) -> list[str]:
+    verdict = "fits" if e.fits else "does NOT fit"
+    limit = f"limit {cluster.memory_limit_bytes / GB:g} = {FIT_FRACTION:.0%} of {cluster.gpu_memory_gb:g}"
+    return (["  memory per GPU (GB)"]
+            + [f"    {label:<18}{e.memory[key] / GB:8.2f}" for key, label in _PARTS]
+            + [f"    {'total':<18}{e.total_bytes / GB:8.2f} {verdict} ({limit})"])
+
+
+def _largest_divisor(share: int, limit: int) -> int:
+    return max((m for m in range(1, limit + 1) if share % m == 0), default=0)
+
+
+def _estimate_json(e: Estimate) -> dict:
+    return {
+        "layout": asdict(e.layout),
+        "memory_gb": {**{key: e.memory[key] / GB for key, _ in _PARTS}, "total": e.total_bytes / GB},
+        "fits": e.fits,
+        "step_seconds": e.step_seconds,
+        "days": e.days,
+    }
+
+
+def _plan_json(path: str, config: RunConfig, cluster: Cluster, own: Estimate, largest: int, best: Estimate) -> dict:
+    vocab = config.padded_vocab_size
+    return {
+        "config": path,
+        "parameters": parameter_count(config.model, vocab),
+        "padded_vocab_size": vocab,
+        "cluster": asdict(cluster),
+        "config_layout": {**_estimate_json(own), "largest_micro_batch": largest},
+        "recommended": _estimate_json(best),
+        "tokens": config.train.steps * config.train.global_batch_size * config.model.seq_length,
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    try:
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot write --json {path}: {e.strerror}") from None

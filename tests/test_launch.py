@@ -1,0 +1,232 @@
+"""The launch scripts in launch/: the SLURM scripts turn a (faked) allocation into a hostfile and the exact
+launch commands, refuse bad input with exit code 2, and every form trains for real on CPU processes with
+the losses of one node with two processes. A stop signal reaches the ranks, not the launchers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from datagen import read_metrics, tiny_config, write_config
+from launch import assert_ok, clean_env, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+TEN_B = "configs/ibrahim_10b_cpt_cosine.json"
+
+FAKE_SCONTROL = """#!/bin/sh
+# scontrol for tests: logs its arguments; `show hostnames LIST` prints $FAKE_HOSTS one a line.
+echo "$@" >> "$FAKE_SLURM_LOG"
+[ "$1 $2" = "show hostnames" ] || exit 1
+for host in $FAKE_HOSTS; do echo "$host"; done
+"""
+
+FAKE_SRUN = f"""#!{sys.executable}
+# srun for tests: the command as NODES x TASKS processes on this machine, with SLURM's task variables.
+import os, subprocess, sys
+args, nodes, per_node = sys.argv[1:], 1, 1
+while args[0].startswith("--"):
+    key, _, value = args.pop(0).partition("=")
+    if key == "--nodes":
+        nodes = int(value)
+    elif key in ("--ntasks-per-node", "--ntasks"):
+        per_node = int(value)
+    else:
+        sys.exit("fake srun: unexpected option " + key)
+tasks = [subprocess.Popen(args, env=dict(os.environ, SLURM_NODEID=str(n), SLURM_LOCALID=str(t),
+                                         SLURM_PROCID=str(n * per_node + t), SLURM_NTASKS=str(nodes * per_node)))
+         for n in range(nodes) for t in range(per_node)]
+sys.exit(max(task.wait() for task in tasks))
+"""
+
+# What the scripts read besides SLURM's own variables; none may leak in from the environment of the tests.
+SCRIPT_KNOBS = ("GPUS_PER_NODE", "HOSTFILE", "GPU_MEMORY_GB", "PYTHON", "DEEPSPEED", "NO_SSH", "MEGACPT_DRY_RUN",
+                "MEGACPT_LAUNCH_DIR")
+
+
+def script_env(**extra: str) -> dict:
+    env = {k: v for k, v in clean_env().items() if not k.startswith("SLURM_") and k not in SCRIPT_KNOBS}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the venv's deepspeed and python
+    return {**env, "PYTHON": sys.executable, **extra}
+
+
+def slurm_env(tmp_path: Path, hosts: list[str], gpus_per_node: int, **extra: str) -> dict:
+    """A job 4242 on `hosts` as sbatch would set it up, with scontrol and srun faked on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = script_env(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu-node-[01-02]", SLURM_SUBMIT_DIR=str(REPO),
+                     FAKE_HOSTS=" ".join(hosts), FAKE_SLURM_LOG=str(tmp_path / "scontrol.log"),
+                     GPUS_PER_NODE=str(gpus_per_node), HOSTFILE=str(tmp_path / "hostfile"), **extra)
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    return env
+
+
+def sbatch(script: str, args: list[str], env: dict, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a batch script the way sbatch does once the allocation exists: bash, from the submit directory."""
+    return subprocess.run(["bash", str(LAUNCH / script), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def dry_run_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stdout.splitlines() if line.startswith("would run:")]
+
+
+# ------------------------------------------------------------------------------ command assembly (fast)
+
+HOSTS = ["gpu-node-01", "gpu-node-02"]
+ARGS = [TEN_B, "--set", "train.steps=10"]
+FORMS = {
+    "one launcher over ssh": ("slurm_deepspeed.sbatch", {}, (
+        "srun --nodes=1 --ntasks=1 {launch}/deepspeed.sh --hostfile {hostfile} --master_addr gpu-node-01 "
+        "--master_port 24242 --module megacpt train configs/ibrahim_10b_cpt_cosine.json --set train.steps=10")),
+    "one launcher per node": ("slurm_deepspeed.sbatch", {"NO_SSH": "1"}, (
+        "srun --nodes=2 --ntasks-per-node=1 {launch}/deepspeed.sh --hostfile {hostfile} --master_addr gpu-node-01 "
+        "--master_port 24242 --no_ssh --module megacpt train configs/ibrahim_10b_cpt_cosine.json "
+        "--set train.steps=10")),
+    "one task per gpu": ("slurm_srun_tasks.sbatch", {}, (
+        "srun --nodes=2 --ntasks-per-node=8 {launch}/task.sh configs/ibrahim_10b_cpt_cosine.json "
+        "--set train.steps=10")),
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_slurm_script_writes_the_hostfile_and_assembles_the_exact_command(tmp_path, form):
+    script, extra, command = FORMS[form]
+    result = sbatch(script, ARGS, slurm_env(tmp_path, HOSTS, 8, MEGACPT_DRY_RUN="1", **extra))
+    assert_ok(result)
+    hostfile = tmp_path / "hostfile"
+    assert dry_run_lines(result) == ["would run: " + command.format(launch=LAUNCH, hostfile=hostfile)]
+    assert (tmp_path / "scontrol.log").read_text() == "show hostnames gpu-node-[01-02]\n"
+    assert ("megacpt launch: job 4242 on 2 node(s) x 8 GPUs (gpu-node-01 gpu-node-02), "
+            "master gpu-node-01:24242") in result.stdout
+    assert "2 nodes x 8 GPUs = 16" in result.stdout  # the preflight plan ran on this cluster
+    if script == "slurm_deepspeed.sbatch":
+        assert hostfile.read_text() == "gpu-node-01 slots=8\ngpu-node-02 slots=8\n"
+
+
+@pytest.mark.parametrize("script, gpus, words", [
+    ("slurm_deepspeed.sbatch", 0, ["gpu-node-01 slots=0", "at least one slot"]),
+    ("slurm_deepspeed.sbatch", 3, ["world size 6", "not divisible by tensor x pipeline = 4 x 1"]),
+    ("slurm_srun_tasks.sbatch", 3, ["world size 6", "not divisible by tensor x pipeline = 4 x 1"]),
+])
+def test_slurm_script_refuses_a_bad_allocation_before_launching(tmp_path, script, gpus, words):
+    result = sbatch(script, [TEN_B], slurm_env(tmp_path, HOSTS, gpus, MEGACPT_DRY_RUN="1"))
+    assert result.returncode == 2, result.stderr
+    assert not dry_run_lines(result) and "Traceback" not in result.stderr
+    for word in words:
+        assert word in result.stderr
+
+
+def test_slurm_script_outside_a_job_is_an_error(tmp_path):
+    result = sbatch("slurm_deepspeed.sbatch", [TEN_B], script_env())
+    assert result.returncode == 2 and "submit this script with sbatch" in result.stderr
+
+
+@pytest.mark.parametrize("args, words", [(["0", TEN_B], ["NPROCS must be a positive integer, got '0'"]),
+                                         (["2"], ["no CONFIG given"])])
+def test_local_launcher_refuses_bad_arguments(args, words):
+    result = subprocess.run([str(LAUNCH / "local.sh"), *args], env=script_env(), capture_output=True, text=True)
+    assert result.returncode == 2
+    for word in words:
+        assert word in result.stderr
+
+
+# ------------------------------------------------------------------ real runs (CPU processes, gloo)
+
+
+@pytest.fixture(scope="module")
+def make_config(pattern_data, tmp_path_factory):
+    """make_config(name, steps) -> path of a tiny-model config: global batch 4, micro 2, so 2 data-parallel ranks."""
+    def make(name: str, steps: int = 4) -> str:
+        folder = tmp_path_factory.mktemp(name)
+        config = tiny_config(folder / "run", [{"name": "a", "prefix": pattern_data["a"]}], train={"steps": steps})
+        return write_config(folder / "config.json", config)
+    return make
+
+
+def losses(config_path: str) -> list[float]:
+    run_dir = json.loads(Path(config_path).read_text())["run_dir"]
+    return [record["loss"] for record in read_metrics(run_dir) if "loss" in record]
+
+
+@pytest.fixture(scope="module")
+def one_node_losses(make_config) -> list[float]:
+    """The reference: launch/local.sh with 2 processes on this machine."""
+    config = make_config("one_node")
+    result = subprocess.run([str(LAUNCH / "local.sh"), "2", config], env=script_env(MASTER_PORT=str(free_port())),
+                            capture_output=True, text=True, timeout=600)
+    assert_ok(result)
+    return losses(config)
+
+
+@pytest.mark.launcher
+def test_local_launcher_trains_with_two_processes(one_node_losses):
+    assert len(one_node_losses) == 4 and one_node_losses[-1] < one_node_losses[0]
+
+
+@pytest.mark.launcher
+def test_two_nodes_with_a_launcher_each_train_like_one_node(tmp_path, make_config, one_node_losses):
+    """srun starts launch/deepspeed.sh once per node; each runs the deepspeed launcher with --no_ssh and its
+    node rank over a two-node hostfile, meeting at a loopback master address."""
+    config = make_config("two_nodes")
+    env = slurm_env(tmp_path, ["node-a", "node-b"], 1, NO_SSH="1", MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(free_port()))
+    result = sbatch("slurm_deepspeed.sbatch", [config], env, cwd=tmp_path)
+    assert_ok(result)
+    assert (tmp_path / "hostfile").read_text() == "node-a slots=1\nnode-b slots=1\n"
+    output = result.stdout + result.stderr
+    assert "--node_rank=0" in output and "--node_rank=1" in output
+    assert losses(config) == one_node_losses
+
+
+@pytest.mark.launcher
+def test_one_srun_task_per_gpu_trains_like_one_node(tmp_path, make_config, one_node_losses):
+    """srun starts launch/task.sh once per GPU; SLURM_PROCID/LOCALID/NTASKS become RANK/LOCAL_RANK/WORLD_SIZE."""
+    config = make_config("tasks")
+    env = slurm_env(tmp_path, ["node-a"], 2, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    result = sbatch("slurm_srun_tasks.sbatch", [config], env, cwd=tmp_path)
+    assert_ok(result)
+    assert losses(config) == one_node_losses
+
+
+@pytest.mark.launcher
+def test_usr1_to_the_launcher_group_checkpoints_and_exits_0(make_config):
+    """USR1 to the whole process group, as SLURM's --signal sends it to a job step: the launchers ignore it,
+    the ranks finish their step, save and exit 0 (resuming from that checkpoint is test_checkpoint.py's)."""
+    steps = 40
+    config = make_config("signal", steps=steps)
+    run_dir = Path(json.loads(Path(config).read_text())["run_dir"])
+    run = subprocess.Popen([str(LAUNCH / "local.sh"), "2", config], env=script_env(MASTER_PORT=str(free_port())),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for_step(run_dir, 2, run)
+        os.killpg(run.pid, signal.SIGUSR1)
+        output, _ = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 0, output[-4000:]
+    stopped_at = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step"))
+    assert 2 <= stopped_at < steps
+    assert max(r["step"] for r in read_metrics(run_dir) if "loss" in r) == stopped_at
+
+
+def _wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before it could be signalled"
+        metrics = run_dir / "metrics.jsonl"
+        complete_lines = metrics.read_text().split("\n")[:-1] if metrics.is_file() else []  # the last may be partial
+        if any("loss" in r and r["step"] >= step for r in map(json.loads, complete_lines)):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"no training record for step {step} in {run_dir} after {timeout} s")

@@ -1,0 +1,132 @@
+"""`megacpt plan`: the parameter formula equals the model megacpt builds, memory follows the ZeRO and
+activation formulas of docs/PLAN.md, the 10B fits on 8 nodes x 8 x 80 GB, and impossible requests exit 2."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from megacpt.cli import main
+from megacpt.config import ModelConfig, load_config, padded_vocab_size
+from megacpt.model.presets import PRESETS
+from megacpt.plan import (GB, OPTIMIZER_BYTES, RESERVED_BYTES, Cluster, Layout, Precision, activation_bytes,
+                          memory_per_gpu, parameter_count, recommend)
+
+REPO = Path(__file__).resolve().parents[1]
+TEN_B = str(REPO / "configs" / "ibrahim_10b_cpt_cosine.json")
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """megatron's parallel state for one process (what building a model needs); left as found afterwards."""
+    from megacpt.distributed import setup_world, teardown_world
+
+    existed = torch.distributed.is_initialized()
+    environ = dict(os.environ)
+    setup_world(1, 0)
+    yield
+    if not existed:
+        teardown_world()
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+# (preset, tensor-parallel degree the vocabulary is padded for); the model itself is built at TP 1.
+COUNTED = [(name, 1) for name in PRESETS] + [("neox-10b", 6)]
+
+
+@pytest.mark.parametrize("preset, tp", COUNTED, ids=[f"{p}-vocab-tp{t}" for p, t in COUNTED])
+def test_parameter_formula_equals_the_model_megacpt_builds(world_of_one, preset, tp):
+    from megacpt.model.neox import build_gpt_neox
+
+    model_config = ModelConfig(preset=preset)
+    vocab = padded_vocab_size(model_config.vocab_size, tp)
+    with torch.device("meta"):  # shapes only: the 10B allocates nothing
+        model = build_gpt_neox(model_config, vocab)
+    assert sum(p.numel() for p in model.parameters()) == parameter_count(model_config, vocab)
+
+
+def test_published_parameter_counts():
+    assert parameter_count(ModelConfig(preset="pythia-410m"), 50304) == 405_334_016
+    ten_b = ModelConfig(preset="neox-10b")
+    assert padded_vocab_size(ten_b.vocab_size, 6) == padded_vocab_size(ten_b.vocab_size, 4) == 50688
+    assert parameter_count(ten_b, padded_vocab_size(ten_b.vocab_size, 6)) == 9_642_249_216
+
+
+@pytest.mark.parametrize("stage, weights, grads, optimizer", [
+    (0, 1, 1, 1), (1, 1, 1, 16), (2, 1, 16, 16), (3, 16, 16, 16)])
+def test_each_zero_stage_partitions_what_it_should_over_data_parallel_ranks(stage, weights, grads, optimizer):
+    model = ModelConfig(preset="pythia-410m")
+    psi = parameter_count(model, 50304)
+    memory = memory_per_gpu(model, Layout(1, 1, 16, stage, 4, False), Precision("bf16", "bf16"))
+    assert memory["weights"] == 2 * psi / weights
+    assert memory["gradients"] == 2 * psi / grads
+    assert memory["optimizer_states"] == OPTIMIZER_BYTES * psi / optimizer
+    assert memory["reserved"] == RESERVED_BYTES
+    fp32_grads = memory_per_gpu(model, Layout(1, 1, 16, stage, 4, False), Precision("bf16", "fp32"))
+    assert fp32_grads["gradients"] == 2 * memory["gradients"]
+
+
+def test_activations_follow_korthikanti_without_the_attention_matrix():
+    model = ModelConfig(preset="neox-10b")  # s 2048, h 4608, 36 layers
+    s, h, layers, vocab, tp, b = 2048, 4608, 36, 50688, 4, 3
+    layer = s * b * h * (10 + 24 / tp)
+    output = s * b * (4 * h + 6 * vocab / tp)
+    assert activation_bytes(model, vocab, tp, b, recompute=False) == layers * layer + output
+    assert activation_bytes(model, vocab, tp, b, recompute=True) == layers * 2 * s * b * h + layer + output
+
+
+def test_10b_plan_fits_on_8_nodes_of_8_gpus_with_80_gb(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", TEN_B, "--nodes", "8", "--gpus-per-node", "8", "--gpu-memory-gb", "80",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "9,642,249,216" in printed and "fits (limit 72 = 90% of 80)" in printed
+    plan = json.loads(out.read_text())
+    assert plan["parameters"] == 9_642_249_216
+    own, best = plan["config_layout"], plan["recommended"]
+    assert own["fits"] and own["memory_gb"]["total"] <= 0.9 * 80
+    assert own["layout"] == best["layout"] == {"tensor": 4, "pipeline": 1, "data": 16, "zero_stage": 1,
+                                               "micro_batch": 3, "activation_checkpointing": False}
+    assert 1 <= own["largest_micro_batch"] and 5 < own["days"] < 15
+
+
+def test_smaller_gpus_get_a_layout_that_fits_them():
+    config = load_config(TEN_B)
+    roomy = recommend(config, Cluster(nodes=2, gpus_per_node=8, gpu_memory_gb=80))
+    tight = recommend(config, Cluster(nodes=2, gpus_per_node=8, gpu_memory_gb=40))
+    assert roomy.total_bytes > 0.9 * 40 * GB >= tight.total_bytes
+    assert tight.layout.tensor > roomy.layout.tensor
+
+
+def test_hostfile_gives_the_cluster(tmp_path, capsys):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\nnode-a slots=8\n\nnode-b slots=8\n")
+    assert main(["plan", TEN_B, "--hostfile", str(hostfile)]) == 0
+    assert "2 nodes x 8 GPUs = 16" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("hostfile_text, args, words", [
+    ("node-a slots=8\nnode-b slots=0\n", [], ["line 2", "node-b slots=0", "at least one slot"]),
+    ("node-a slots=8\nnode-b slots=4\n", [], ["different slot counts [4, 8]"]),
+    ("node-a slots=8\nnode-a slots=8\n", [], ["listed twice"]),
+    ("node-a 8\n", [], ["line 1", "expected 'HOSTNAME slots=N'"]),
+    (None, ["--nodes", "1", "--gpus-per-node", "6"], ["world size 6", "not divisible by tensor x pipeline = 4 x 1",
+                                                      "recommends TP"]),
+    (None, ["--nodes", "1", "--gpus-per-node", "1"], ["no layout fits in 80 GB per GPU on 1 node x 1 GPUs", "above the 72 GB limit"]),
+    (None, ["--nodes", "8", "--set", "train.global_batch_size=1103", "--set", "train.micro_batch_size=1"],
+     ["no layout of 8 nodes x 8 GPUs can run this config", "1103"]),
+    (None, ["--set", "parallel.pipeline=4"], ["parallel.pipeline > 1 is not supported", "parallel.tensor and ZeRO"]),
+    (None, ["--set", 'deepspeed.zero_optimization={"stage": 3, "offload_param": {"device": "cpu"}}'],
+     ["deepspeed.zero_optimization.offload_param", "offload"]),
+])
+def test_bad_input_is_a_clear_error_with_exit_code_2(tmp_path, capsys, hostfile_text, args, words):
+    if hostfile_text is not None:
+        (tmp_path / "hostfile").write_text(hostfile_text)
+        args = ["--hostfile", str(tmp_path / "hostfile")]
+    assert main(["plan", TEN_B, *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in err
