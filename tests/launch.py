@@ -50,3 +50,21 @@ def deepspeed_launch(num_procs: int, target: list[str], module: bool = True, tim
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}"
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> int:
+    """Poll RUN_DIR/metrics.jsonl until a training record reaches `step`; return the newest step seen."""
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (exit {process.returncode}) before step {step}")
+        metrics = Path(run_dir) / "metrics.jsonl"
+        complete_lines = metrics.read_text().split("\n")[:-1] if metrics.is_file() else []  # the last may be partial
+        steps = [r["step"] for r in map(json.loads, complete_lines) if "loss" in r]
+        if steps and steps[-1] >= step:
+            return steps[-1]
+        time.sleep(0.02)
+    raise TimeoutError(f"no training record for step {step} in {run_dir} after {timeout} s")

@@ -1,7 +1,5 @@
 """Compute-equivalent replay blending, per-source sample counts, validation sets and data checks."""
-import json
 
-import numpy as np
 import pytest
 
 from datagen import read_metrics, tiny_config, write_config, write_indexed

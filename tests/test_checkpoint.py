@@ -5,14 +5,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from datagen import read_metrics, tiny_config, write_config
-from launch import assert_ok, clean_env, deepspeed_launch, free_port, run_megacpt
+from launch import assert_ok, clean_env, deepspeed_launch, free_port, run_megacpt, wait_for_step
 from megacpt.cli import main
 
 BETA1, BETA2 = 0.9, 0.95
@@ -37,19 +36,6 @@ def _start(args: list[str]) -> subprocess.Popen:
                             text=True, start_new_session=True)
 
 
-def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> int:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (run_dir / "metrics.jsonl").exists():
-            steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
-            if steps and steps[-1] >= step:
-                return steps[-1]
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before step {step}:\n{proc.stdout.read()[-3000:]}")
-        time.sleep(0.02)
-    raise AssertionError("timed out")
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, pattern_data):
     tmp_path = tmp_path_factory.mktemp("straight")
@@ -60,7 +46,7 @@ def uninterrupted(tmp_path_factory, pattern_data):
 def test_kill_9_then_rerun_is_bit_exact(tmp_path, pattern_data, uninterrupted):
     cfg = write_config(tmp_path / "c.json", _config(tmp_path, "run", pattern_data))
     proc = _start([sys.executable, "-m", "megacpt", "train", cfg])
-    killed_at = _wait_for_step(tmp_path / "run", 13, proc)
+    killed_at = wait_for_step(tmp_path / "run", 13, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert killed_at < 40
@@ -76,7 +62,7 @@ def test_kill_9_then_rerun_is_bit_exact(tmp_path, pattern_data, uninterrupted):
 def test_sigterm_saves_the_current_step_and_exits_0_then_the_rerun_continues(tmp_path, pattern_data, uninterrupted):
     cfg = write_config(tmp_path / "c.json", _config(tmp_path, "run", pattern_data, train={"save_interval": 0}))
     proc = _start([sys.executable, "-m", "megacpt", "train", cfg])
-    _wait_for_step(tmp_path / "run", 5, proc)
+    wait_for_step(tmp_path / "run", 5, proc)
     os.kill(proc.pid, signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, output[-3000:]
@@ -94,7 +80,7 @@ def test_kill_9_then_rerun_is_bit_exact_under_the_launcher(tmp_path, pattern_dat
     assert_ok(deepspeed_launch(2, ["megacpt", "train", straight_cfg]))
     launcher = str(Path(sys.executable).with_name("deepspeed"))
     proc = _start([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "megacpt", "train", cfg])
-    _wait_for_step(tmp_path / "run", 8, proc)
+    wait_for_step(tmp_path / "run", 8, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert_ok(deepspeed_launch(2, ["megacpt", "train", cfg]))

@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from datagen import read_metrics, tiny_config, write_config
-from launch import assert_ok, clean_env, free_port
+from launch import assert_ok, clean_env, free_port, wait_for_step
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -208,7 +207,7 @@ def test_usr1_to_the_launcher_group_checkpoints_and_exits_0(make_config):
     run = subprocess.Popen([str(LAUNCH / "local.sh"), "2", config], env=script_env(MASTER_PORT=str(free_port())),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        _wait_for_step(run_dir, 2, run)
+        wait_for_step(run_dir, 2, run)
         os.killpg(run.pid, signal.SIGUSR1)
         output, _ = run.communicate(timeout=300)
     finally:
@@ -218,15 +217,3 @@ def test_usr1_to_the_launcher_group_checkpoints_and_exits_0(make_config):
     stopped_at = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step"))
     assert 2 <= stopped_at < steps
     assert max(r["step"] for r in read_metrics(run_dir) if "loss" in r) == stopped_at
-
-
-def _wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the run ended before it could be signalled"
-        metrics = run_dir / "metrics.jsonl"
-        complete_lines = metrics.read_text().split("\n")[:-1] if metrics.is_file() else []  # the last may be partial
-        if any("loss" in r and r["step"] >= step for r in map(json.loads, complete_lines)):
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"no training record for step {step} in {run_dir} after {timeout} s")
