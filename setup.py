@@ -20,12 +20,14 @@ setup(
         "deepspeed>=0.19,<0.20",
         "sentencepiece>=0.2",
         "numpy",
+        "scipy",
         "pydantic>=2",
     ],
     extras_require={
         "hf": ["transformers>=4.45", "tokenizers", "safetensors"],
         "viz": ["matplotlib"],
         "tb": ["tensorboard"],
+        "eval": ["lm-eval>=0.4.13,<0.5"],
         "dev": [
             "pytest",
             "transformers>=4.45",
@@ -34,6 +36,7 @@ setup(
             "matplotlib",
             "tensorboard",
             "zstandard",
+            "lm-eval>=0.4.13,<0.5", "accelerate",  # lm-eval's `hf` model (the adapter's reference) needs accelerate
         ],
     },
     entry_points={"console_scripts": ["megacpt=megacpt.cli:main"]},

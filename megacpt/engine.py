@@ -73,4 +73,17 @@ def initialize(model: torch.nn.Module, ds: dict, scheduler_factory, mpu):
     groups = parameter_groups(model, ds["optimizer"]["params"]["weight_decay"])
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=groups, config=ds, lr_scheduler=scheduler_factory, mpu=mpu)
+    _keep_fp32_grad_norm(engine)
     return engine, optimizer, scheduler
+
+
+def _keep_fp32_grad_norm(engine) -> None:
+    """DeepSpeed's fp32 ZeRO-0 path computes the global gradient norm while clipping, then drops it, so
+    `get_global_grad_norm()` would say None; keep it (the bf16/fp16/ZeRO paths record it themselves)."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record() -> None:
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_record

@@ -25,7 +25,9 @@ class MetricsWriter:
         self._file.flush()
         if self._tb is not None:
             step = record["step"]
-            for key, value in _flatten(record).items():
+            # evaluation records repeat stage/tokens of the training record at the same step
+            scalars = _flatten({"eval": record["eval"]}) if "eval" in record else _flatten(record)
+            for key, value in scalars.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
             if "event" in record:

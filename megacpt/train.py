@@ -64,6 +64,7 @@ class StopSignal:
 def train(config: RunConfig) -> None:
     from megacpt.data.datasets import build_train_dataset, build_validation_datasets
     from megacpt.data.loader import BatchStream
+    from megacpt.data.tokenizers import eod_id
     from megacpt.distributed import MegatronMPU, setup_world
     from megacpt.engine import deepspeed_config, initialize
     from megacpt.model.neox import build_gpt_neox
@@ -89,12 +90,12 @@ def train(config: RunConfig) -> None:
 
     train_data = build_train_dataset(config.data, config.train.steps * config.train.global_batch_size,
                                      config.model.seq_length, str(config.data_cache_dir), config.model.vocab_size,
-                                     _eod(config), stages[:-1])
+                                     eod_id(config.tokenizer), stages[:-1])
     stream = BatchStream(train_data, config.train.global_batch_size, config.train.micro_batch_size,
                          world.data_rank, world.data_size, world.device)
     eval_samples = config.train.eval_batches * config.train.micro_batch_size * world.data_size
     val_data = build_validation_datasets(config.data, eval_samples, config.model.seq_length,
-                                         str(config.data_cache_dir), config.model.vocab_size, _eod(config))
+                                         str(config.data_cache_dir), config.model.vocab_size, eod_id(config.tokenizer))
 
     tokens_before = 0
     if plan is not None:
@@ -123,15 +124,6 @@ def train(config: RunConfig) -> None:
         loop.run()
     finally:
         metrics.close()
-
-
-def _eod(config: RunConfig) -> int | None:
-    """EOD id for the dataset (only used for masks megacpt does not build); None when no tokenizer is set."""
-    if config.tokenizer is None:
-        return None
-    from megacpt.data.tokenizers import build_tokenizer
-
-    return build_tokenizer(config.tokenizer).eod_id
 
 
 def stage_history(config: RunConfig, plan: checkpoint.LoadPlan | None) -> list[dict]:

@@ -20,6 +20,7 @@ def test_training_on_a_repeated_pattern_brings_the_loss_down(tmp_path, pattern_d
     assert train[0]["loss"] > 3.0 and train[-1]["loss"] < 1.5, [r["loss"] for r in train]
     last = train[-1]
     assert set(last) >= {"step", "stage", "lr", "loss", "grad_norm", "tokens", "samples", "tokens_per_s"}
+    assert all(r["grad_norm"] > 0 for r in train)
     assert last["tokens"] == 30 * 4 * 64 and last["samples"] == {"a": 30 * 4}
     evals = [r for r in records if "eval" in r]
     assert evals and evals[-1]["step"] == 30 and evals[-1]["eval"]["a_val"] < 1.5

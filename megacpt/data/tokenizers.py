@@ -153,3 +153,8 @@ def _existing_file(path: str | Path, key: str) -> Path:
         problem = "is a directory" if file.is_dir() else "does not exist"
         raise ConfigError(key, f"tokenizer file {file} {problem}")
     return file
+
+
+def eod_id(config: TokenizerConfig | None) -> int | None:
+    """The end-of-document id of the configured tokenizer, or None for pre-tokenized data without one."""
+    return None if config is None else build_tokenizer(config).eod_id

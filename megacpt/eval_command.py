@@ -1,0 +1,134 @@
+"""`megacpt eval CONFIG --checkpoint DIR`: loss and perplexity of a checkpoint on each validation set.
+
+The numbers are the training loop's own: the same validation datasets (same sample counts for the same
+data-parallel size), the same `validation_losses` and the weights loaded through a DeepSpeed engine built
+from the run's derived DeepSpeed config, so precision (bf16 on GPU) matches too. Evaluating the checkpoint of
+step s gives exactly the `eval` record of step s in metrics.jsonl. One process or under the deepspeed
+launcher (tensor parallel as the config says, the rest data parallel). It trains nothing and writes no
+metrics; only the validation datasets' index cache is written (to the config's data cache, as training does).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from megacpt import checkpoint
+from megacpt.checkpoint_io import positive_int
+from megacpt.config import RunConfig, ValidationSet, load_config
+from megacpt.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="JSON run config (model, parallel, data.validation, train.micro_batch_size)")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoints folder (its `latest`) or one tag folder")
+    parser.add_argument("--batches", type=positive_int, metavar="N",
+                        help="micro-batches per validation set per data-parallel rank (default: train.eval_batches)")
+    parser.add_argument("--data", nargs="+", metavar="NAME[=PREFIX]",
+                        help="validation sets to evaluate instead of all of data.validation: NAME picks one of the "
+                             "config's, NAME=PREFIX adds an indexed dataset")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set)
+    config.data.validation = select_validation(config.data.validation, args.data)
+    if args.batches:
+        config.train.eval_batches = args.batches
+    tag_dir = checkpoint.resolve_tag(args.checkpoint, key="--checkpoint")
+    state = checkpoint.read_state(tag_dir)
+    checkpoint.check_architecture(config, state, tag_dir)
+    check_validation_data(config)
+    results = evaluate_checkpoint(config, tag_dir, state)
+    if results is not None:
+        report = {"checkpoint": str(tag_dir), "step": state.get("step"), "tokens": state.get("tokens"),
+                  "batches": config.train.eval_batches, "results": results}
+        print(format_table(report))
+        if args.json:
+            _write_json(Path(args.json), report)
+    return 0
+
+
+def select_validation(configured: list[ValidationSet], requested: list[str] | None) -> list[ValidationSet]:
+    """The validation sets to evaluate: all of the config's, or the ones `--data` names or adds."""
+    if requested is None:
+        if not configured:
+            raise UserError("the config has no data.validation sets; add some or give --data NAME=PREFIX")
+        return configured
+    known = {v.name: v for v in configured}
+    chosen: dict[str, ValidationSet] = {}
+    for item in requested:
+        name, sep, prefix = item.partition("=")
+        if not name or (sep and not prefix):
+            raise UserError(f"--data expects NAME or NAME=PREFIX, got '{item}'")
+        if not sep and name not in known:
+            listed = ", ".join(known) or "none"
+            raise UserError(f"--data: unknown validation set '{name}'; the config's are: {listed} "
+                            f"(give NAME=PREFIX to evaluate another dataset)")
+        if name in chosen:
+            raise UserError(f"--data names validation set '{name}' twice")
+        chosen[name] = ValidationSet(name=name, prefix=prefix) if sep else known[name]
+    return list(chosen.values())
+
+
+def check_validation_data(config: RunConfig) -> None:
+    """Every validation dataset exists and fits the vocabulary, before the world starts."""
+    from megacpt.data.datasets import check_indexed_dataset
+
+    for val in config.data.validation:
+        check_indexed_dataset(val.prefix, f"validation set '{val.name}'", config.model.vocab_size)
+
+
+def evaluate_checkpoint(config: RunConfig, tag_dir: Path, state: dict) -> dict[str, dict] | None:
+    """{name: {loss, perplexity}} on the main rank (None elsewhere): the loop's evaluation of these weights."""
+    import deepspeed
+    from megatron.core import parallel_state
+
+    from megacpt.data.datasets import build_validation_datasets
+    from megacpt.distributed import MegatronMPU, setup_world
+    from megacpt.engine import deepspeed_config
+    from megacpt.evaluate import validation_losses
+    from megacpt.model.neox import build_gpt_neox
+    from megacpt.data.tokenizers import eod_id
+
+    world = setup_world(config.parallel.tensor, config.train.seed)
+    model = build_gpt_neox(config.model, config.padded_vocab_size, world.tensor_size, cpu_init=world.device.type == "cpu")
+    engine, *_ = deepspeed.initialize(model=model, config=inference_deepspeed_config(deepspeed_config(config, world.data_size)),
+                                      mpu=MegatronMPU)
+    plan = checkpoint.LoadPlan(tag_dir, state, resume=False, load_optimizer=False, load_scheduler=False,
+                               load_data_position=False)
+    checkpoint.load_into_engine(engine, plan, world.rank)
+    train = config.train
+    datasets = build_validation_datasets(config.data, train.eval_batches * train.micro_batch_size * world.data_size,
+                                         config.model.seq_length, str(config.data_cache_dir), config.model.vocab_size,
+                                         eod_id(config.tokenizer))
+    losses = validation_losses(engine, datasets, train.eval_batches, train.micro_batch_size, world.data_rank,
+                               world.data_size, world.device, parallel_state.get_data_parallel_group())
+    if not world.is_main:
+        return None
+    return {name: {"loss": loss, "perplexity": math.exp(loss)} for name, loss in losses.items()}
+
+
+def inference_deepspeed_config(ds: dict) -> dict:
+    """The run's DeepSpeed config without what only training needs (an engine with no optimizer has no ZeRO)."""
+    return {key: value for key, value in ds.items() if key not in ("optimizer", "zero_optimization")}
+
+
+def format_table(report: dict) -> str:
+    rows = [(name, f"{r['loss']:.4f}", f"{r['perplexity']:.3f}") for name, r in report["results"].items()]
+    width = max(len("validation set"), *(len(name) for name, _, _ in rows))
+    title = (f"checkpoint {report['checkpoint']} (step {report['step']}, {report['tokens']} tokens), "
+             f"{report['batches']} micro-batches per rank")
+    lines = [title, f"{'validation set':<{width}}  {'loss':>8}  {'perplexity':>10}"]
+    lines += [f"{name:<{width}}  {loss:>8}  {ppl:>10}" for name, loss, ppl in rows]
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, report: dict) -> None:
+    try:
+        path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot write --json {path}: {e.strerror}") from None
+
