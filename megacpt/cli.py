@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("megacpt.eval_command", "loss and perplexity of a checkpoint on each validation set (the training loop's numbers)"),
     "plot": ("megacpt.plot", "LR and per-dataset validation loss against tokens for runs and their earlier stages (forgetting/adaptation)"),
     "lm-eval": ("megacpt.lm_eval_command", "run lm-evaluation-harness tasks on a checkpoint (needs the 'eval' extra)"),
+    "predict": ("megacpt.predict", "fit a loss law (tissue, multipower, cpt) on runs and predict the validation curves of planned stages"),
 }
 
 
