@@ -62,9 +62,6 @@ class StopSignal:
 
 
 def train(config: RunConfig) -> None:
-    from megacpt.data.datasets import build_train_dataset, build_validation_datasets
-    from megacpt.data.loader import BatchStream
-    from megacpt.data.tokenizers import eod_id
     from megacpt.distributed import MegatronMPU, setup_world
     from megacpt.engine import deepspeed_config, initialize
     from megacpt.model.neox import build_gpt_neox
@@ -84,29 +81,11 @@ def train(config: RunConfig) -> None:
     model = build_gpt_neox(config.model, config.padded_vocab_size, world.tensor_size,
                            activation_checkpointing=config.train.activation_checkpointing,
                            cpu_init=world.device.type == "cpu")
-    ds = deepspeed_config(config, world.data_size)
-    engine, optimizer, scheduler = initialize(
-        model, ds, lambda opt: StageScheduler(opt, config.schedule, config.train.steps, stage["index"]), MegatronMPU)
-
-    train_data = build_train_dataset(config.data, config.train.steps * config.train.global_batch_size,
-                                     config.model.seq_length, str(config.data_cache_dir), config.model.vocab_size,
-                                     eod_id(config.tokenizer), stages[:-1])
-    stream = BatchStream(train_data, config.train.global_batch_size, config.train.micro_batch_size,
-                         world.data_rank, world.data_size, world.device)
-    eval_samples = config.train.eval_batches * config.train.micro_batch_size * world.data_size
-    val_data = build_validation_datasets(config.data, eval_samples, config.model.seq_length,
-                                         str(config.data_cache_dir), config.model.vocab_size, eod_id(config.tokenizer))
-
-    tokens_before = 0
-    if plan is not None:
-        checkpoint.load_into_engine(engine, plan, world.rank)
-        saved = plan.state
-        if plan.load_scheduler:
-            scheduler.load_state_dict(saved["scheduler"])
-        if plan.load_data_position:
-            stream.load_state_dict(saved["data"])
-        tokens_before = saved["tokens"]
-    scheduler.apply()  # the schedule, not a loaded optimizer, decides the LR of every group
+    engine, _, scheduler = initialize(
+        model, deepspeed_config(config, world.data_size),
+        lambda opt: StageScheduler(opt, config.schedule, config.train.steps, stage["index"]), MegatronMPU)
+    stream, val_data = build_data(config, world, stages)
+    tokens_before = restore(plan, engine, scheduler, stream, world.rank)
 
     metrics = MetricsWriter(run_dir, world.is_main, config.logging.tensorboard)
     params = sum(p.numel() for p in model.parameters()) * world.tensor_size
@@ -124,6 +103,34 @@ def train(config: RunConfig) -> None:
         loop.run()
     finally:
         metrics.close()
+
+
+def build_data(config: RunConfig, world, stages: list[dict]):
+    """This rank's training batch stream (the blend with replay) and the validation datasets."""
+    from megacpt.data.datasets import build_train_dataset, build_validation_datasets
+    from megacpt.data.loader import BatchStream
+    from megacpt.data.tokenizers import eod_id
+
+    common = dict(seq_length=config.model.seq_length, cache_dir=str(config.data_cache_dir),
+                  vocab_size=config.model.vocab_size, eod=eod_id(config.tokenizer))
+    train_data = build_train_dataset(config.data, config.train.steps * config.train.global_batch_size,
+                                     earlier_stages=stages[:-1], **common)
+    stream = BatchStream(train_data, config.train.global_batch_size, config.train.micro_batch_size,
+                         world.data_rank, world.data_size, world.device)
+    eval_samples = config.train.eval_batches * config.train.micro_batch_size * world.data_size
+    return stream, build_validation_datasets(config.data, eval_samples, **common)
+
+
+def restore(plan: checkpoint.LoadPlan | None, engine, scheduler, stream, world_rank: int) -> int:
+    """Load what the plan says into the engine, scheduler and stream; returns the tokens the model has seen."""
+    if plan is not None:
+        checkpoint.load_into_engine(engine, plan, world_rank)
+        if plan.load_scheduler:
+            scheduler.load_state_dict(plan.state["scheduler"])
+        if plan.load_data_position:
+            stream.load_state_dict(plan.state["data"])
+    scheduler.apply()  # the schedule, not a loaded optimizer, decides the LR of every group
+    return plan.state["tokens"] if plan is not None else 0
 
 
 def stage_history(config: RunConfig, plan: checkpoint.LoadPlan | None) -> list[dict]:
