@@ -1,0 +1,138 @@
+"""The demo's sizes and the run configs it writes: stage 0 on prose, then three stage-1 arms on code.
+
+Plain dicts in the schema of megacpt/config.py, written to DIR/configs/ so that a user can rerun or edit
+them with `megacpt train`. Every arm has the same steps and batch (the same compute); they differ only in
+the schedule and in replay, which is compute-equivalent (it takes 25% of each batch, not extra steps).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from megacpt.demo.corpora import CORPORA, corpus_path
+
+ARMS = ("rewarm", "rewarm_replay", "constant")
+REPLAY_FRACTION = 0.25  # Ibrahim et al.'s choice for a strong shift (Pile -> German); prose -> code is one
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big the demo is: the model, the tokenizer, the steps and how often it evaluates."""
+
+    corpus_chars: int | None  # cap on each corpus, None for all of it
+    vocab_size: int
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    seq_length: int
+    global_batch_size: int
+    stage0_steps: int
+    stage1_steps: int
+    evals_per_stage: int
+    eval_batches: int
+    saves_per_stage: int  # checkpoints during a stage, so an interrupted stage resumes near where it stopped
+    max_lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to 10% of the peak, as in both papers
+    warmup: float = 0.05
+    constant_lr_ratio: float = 0.1  # Gupta et al.'s constant baseline: 3e-5 against a 3e-4 peak
+
+
+FULL = DemoSize(corpus_chars=None, vocab_size=2048, num_layers=4, hidden_size=192, num_attention_heads=6,
+                seq_length=128, global_batch_size=16, stage0_steps=300, stage1_steps=150, evals_per_stage=10,
+                eval_batches=4, saves_per_stage=3)
+QUICK = DemoSize(corpus_chars=1_000_000, vocab_size=2048, num_layers=4, hidden_size=192, num_attention_heads=6,
+                 seq_length=128, global_batch_size=8, stage0_steps=120, stage1_steps=60, evals_per_stage=5,
+                 eval_batches=2, saves_per_stage=1)
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where every file of a demo lives under its work directory."""
+
+    root: Path
+
+    @property
+    def corpora(self) -> Path:
+        return self.root / "corpora"
+
+    def corpus(self, name: str, split: str) -> Path:
+        return corpus_path(self.corpora, name, split)
+
+    @property
+    def tokenizer_prefix(self) -> Path:
+        return self.root / "tokenizer" / "demo"
+
+    def dataset(self, name: str, split: str) -> Path:
+        return self.root / "data" / f"{name}_{split}"
+
+    def config(self, run: str) -> Path:
+        return self.root / "configs" / f"{run}.json"
+
+    def run_dir(self, run: str) -> Path:
+        return self.root / "runs" / run
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+
+def stage1_run(arm: str) -> str:
+    return f"stage1_{arm}"
+
+
+def _interval(steps: int, count: int) -> int:
+    return max(steps // count, 1)
+
+
+def _base(paths: DemoPaths, size: DemoSize, run: str, steps: int, seed: int) -> dict:
+    """What every run shares: model, tokenizer, validation on both corpora, loop settings."""
+    return {
+        "run_dir": str(paths.run_dir(run)),
+        "model": {"num_layers": size.num_layers, "hidden_size": size.hidden_size,
+                  "num_attention_heads": size.num_attention_heads, "seq_length": size.seq_length,
+                  "vocab_size": size.vocab_size},
+        "tokenizer": {"type": "sentencepiece", "model": f"{paths.tokenizer_prefix}.model"},
+        "data": {
+            "sources": [],
+            "validation": [{"name": name, "prefix": str(paths.dataset(name, "val"))} for name in CORPORA],
+            "seed": seed,
+        },
+        "train": {"steps": steps, "global_batch_size": size.global_batch_size,
+                  "micro_batch_size": size.global_batch_size, "seed": seed, "log_interval": 1,
+                  "eval_interval": _interval(steps, size.evals_per_stage), "eval_batches": size.eval_batches,
+                  "save_interval": _interval(steps, size.saves_per_stage + 1) if size.saves_per_stage else 0},
+        "checkpoint": {"keep_last": 1},
+    }
+
+
+def _source(paths: DemoPaths, name: str) -> dict:
+    return {"name": name, "prefix": str(paths.dataset(name, "train"))}
+
+
+def _cosine(size: DemoSize) -> dict:
+    return {"style": "cosine", "max_lr": size.max_lr, "min_lr": size.max_lr * size.min_lr_ratio, "warmup": size.warmup}
+
+
+def stage0_config(paths: DemoPaths, size: DemoSize, seed: int) -> dict:
+    """Pretraining on prose from random weights: warmup, then cosine to 10% of the peak."""
+    config = _base(paths, size, "stage0", size.stage0_steps, seed)
+    config["data"]["sources"] = [_source(paths, "prose")]
+    config["schedule"] = _cosine(size)
+    return config
+
+
+def stage1_config(paths: DemoPaths, size: DemoSize, seed: int, arm: str) -> dict:
+    """One arm of stage 1 on code, from stage 0's final weights as a new stage, optimizer state dropped."""
+    config = _base(paths, size, stage1_run(arm), size.stage1_steps, seed)
+    config["data"]["sources"] = [_source(paths, "code")]
+    if arm == "rewarm_replay":
+        config["data"]["replay"] = {"fraction": REPLAY_FRACTION, "sources": [_source(paths, "prose")]}
+    if arm == "constant":
+        config["schedule"] = {"style": "constant", "max_lr": size.max_lr * size.constant_lr_ratio, "warmup": 0}
+    elif arm in ("rewarm", "rewarm_replay"):
+        config["schedule"] = _cosine(size)
+    else:
+        raise ValueError(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
+    config["init"] = {"checkpoint": str(paths.run_dir("stage0") / "checkpoints"), "mode": "new_stage",
+                      "load_optimizer": False, "load_scheduler": False, "load_data_position": False}
+    return config
