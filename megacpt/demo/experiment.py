@@ -12,6 +12,7 @@ directory is never silently reused for a different demo.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import signal
 import sys
@@ -35,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("matplotlib") is None:  # checked now, not after minutes of training
+        raise UserError("megacpt demo draws its figures with matplotlib: pip install 'megacpt[viz]'")
     signal.signal(signal.SIGTERM, _interrupt)  # stop the children cleanly on SIGTERM too, as on Ctrl-C
     size = QUICK if args.quick else FULL
     paths = DemoPaths(Path(args.workdir).resolve())

@@ -95,15 +95,6 @@ class Curve:
                      self.lr_steps, self.lrs)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _finish(fig, axes, boundary: int, out: Path) -> None:
     """The stage boundary, labels, legend; then save."""
     for ax in axes:
@@ -111,14 +102,15 @@ def _finish(fig, axes, boundary: int, out: Path) -> None:
         ax.set_xlabel("step (stage 0 on prose | stage 1 on code)")
         ax.grid(alpha=0.3)
     axes[-1].legend()
-    fig.tight_layout()
     fig.savefig(out, dpi=110)
 
 
 def plot_forgetting(curves: list[Curve], out: Path) -> None:
     """Prose (forgetting) and code (adaptation) validation loss against the global step, one line per arm."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), layout="tight")
+    axes = fig.subplots(1, 2, sharex=True)
     stage0, arms = curves[0], curves[1:]
     for curve in [stage0] + [arm.after(stage0) for arm in arms]:
         for ax, name in zip(axes, CORPORA):
@@ -128,16 +120,16 @@ def plot_forgetting(curves: list[Curve], out: Path) -> None:
         ax.set_title(f"{name} validation loss ({role})")
         ax.set_ylabel("loss (nats/token)")
     _finish(fig, axes, stage0.last_step, out)
-    plt.close(fig)
 
 
 def plot_lr(curves: list[Curve], out: Path) -> None:
     """The LR each run logged: stage 0, then re-warm + re-decay (with or without replay) or a constant LR."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3.8), layout="tight")
+    ax = fig.subplots()
     for curve in curves:
         ax.plot(curve.lr_steps, curve.lrs, color=curve.color, linestyle=curve.line, label=curve.label, linewidth=2)
     ax.set_ylabel("learning rate")
     ax.set_title("LR of each run")
     _finish(fig, [ax], curves[0].last_step, out)
-    plt.close(fig)
