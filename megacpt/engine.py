@@ -74,7 +74,15 @@ def initialize(model: torch.nn.Module, ds: dict, scheduler_factory, mpu):
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=groups, config=ds, lr_scheduler=scheduler_factory, mpu=mpu)
     _keep_fp32_grad_norm(engine)
+    _skip_reduction_without_data_parallelism(engine)
     return engine, optimizer, scheduler
+
+
+def _skip_reduction_without_data_parallelism(engine) -> None:
+    """With one data-parallel rank and no ZeRO, DeepSpeed would still flatten every gradient into a buffer,
+    all-reduce it over a group of one and copy it back after each backward: pure overhead, so turn it off."""
+    if engine.dp_world_size == 1 and engine.zero_optimization_stage() == 0:
+        engine.enable_backward_allreduce = False
 
 
 def _keep_fp32_grad_norm(engine) -> None:

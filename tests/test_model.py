@@ -1,30 +1,94 @@
-"""The model itself: megacpt's SDPA core attention computes what megatron-core's reference attention does."""
+"""The model itself: megacpt's layer spec computes what megatron-core's reference modules compute."""
 import torch
 
 from megacpt.config import ModelConfig
+from megacpt.model import neox
 from megacpt.model.neox import build_gpt_neox
+
+MODEL = ModelConfig(preset="tiny", num_layers=3)
+IDS = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
+POSITIONS = torch.arange(64).unsqueeze(0).expand(2, -1)
+CAUSAL = torch.triu(torch.ones(64, 64, dtype=torch.bool), diagonal=1)[None, None]  # True = masked
+
+
+def build_pair(monkeypatch, swap) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """megacpt's model, and the same weights with `swap(spec)` putting megatron's own modules back."""
+    torch.manual_seed(0)
+    ours = build_gpt_neox(MODEL, 256)
+    reference_spec = neox.neox_layer_spec()
+    swap(reference_spec.submodules)
+    monkeypatch.setattr(neox, "neox_layer_spec", lambda parallel_residual=True: reference_spec)
+    reference = build_gpt_neox(MODEL, 256)
+    reference.load_state_dict(ours.state_dict())
+    return ours, reference
 
 
 def test_sdpa_attention_matches_megatrons_reference_attention(world, monkeypatch):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from megacpt.model import neox
+    def swap(submodules):
+        submodules.self_attention.submodules.core_attention = DotProductAttention
 
-    model_cfg = ModelConfig(preset="tiny", num_layers=3)
-    torch.manual_seed(0)
-    sdpa = build_gpt_neox(model_cfg, 256).eval()
-
-    reference_spec = neox.neox_layer_spec()
-    reference_spec.submodules.self_attention.submodules.core_attention = DotProductAttention
-    monkeypatch.setattr(neox, "neox_layer_spec", lambda parallel_residual=True: reference_spec)
-    reference = build_gpt_neox(model_cfg, 256).eval()
+    sdpa, reference = build_pair(monkeypatch, swap)
     assert isinstance(reference.decoder.layers[0].self_attention.core_attention, DotProductAttention)
-    reference.load_state_dict(sdpa.state_dict())
-
-    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
-    positions = torch.arange(64).unsqueeze(0).expand(2, -1)
-    causal = torch.triu(torch.ones(64, 64, dtype=torch.bool), diagonal=1)[None, None]  # True = masked
     with torch.no_grad():
-        ours = sdpa(ids, positions, None)
-        theirs = reference(ids, positions, causal)
+        ours = sdpa.eval()(IDS, POSITIONS, None)
+        theirs = reference.eval()(IDS, POSITIONS, CAUSAL)
     assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_plain_linears_give_megatrons_logits_and_gradients(world, monkeypatch):
+    """At TP 1 the block's linears run as F.linear; logits and every parameter's gradient are megatron's."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    def swap(submodules):
+        attention, mlp = submodules.self_attention.submodules, submodules.mlp.submodules
+        attention.linear_qkv, attention.linear_proj = ColumnParallelLinear, RowParallelLinear
+        mlp.linear_fc1, mlp.linear_fc2 = ColumnParallelLinear, RowParallelLinear
+
+    ours, reference = build_pair(monkeypatch, swap)
+    assert type(reference.decoder.layers[0].mlp.linear_fc1) is ColumnParallelLinear
+    assert type(ours.decoder.layers[0].mlp.linear_fc1) is neox.NeoXColumnParallelLinear
+    labels = torch.roll(IDS, -1, dims=1)
+    losses = [model.train()(IDS, POSITIONS, None, labels=labels).mean() for model in (ours, reference)]
+    for loss in losses:
+        loss.backward()
+    assert abs(losses[0].item() - losses[1].item()) <= 1e-6
+    grads = dict(reference.named_parameters())
+    for name, param in ours.named_parameters():
+        assert torch.allclose(param.grad, grads[name].grad, atol=1e-6, rtol=1e-5), name
+
+
+def test_first_engine_step_is_clipped_adamw_by_the_formula(world):
+    """The CPU engine (fused torch AdamW, no data-parallel reduction) moves every weight by AdamW's first
+    step on the clipped gradient: p * (1 - lr * wd) - lr * g / (|g| + eps), with decay on matrices only."""
+    from megacpt.config import RunConfig, padded_vocab_size
+    from megacpt.distributed import MegatronMPU
+    from megacpt.engine import deepspeed_config, initialize
+    from megacpt.schedule import StageScheduler
+
+    lr = 1e-3
+    config = RunConfig.model_validate({
+        "run_dir": "/tmp/unused", "model": MODEL.model_dump(),
+        "data": {"sources": [{"name": "x", "prefix": "unused"}]},
+        "schedule": {"style": "constant", "max_lr": lr},
+        "train": {"steps": 10, "global_batch_size": 2, "micro_batch_size": 2},
+    })
+    torch.manual_seed(0)
+    model = build_gpt_neox(config.model, padded_vocab_size(MODEL.vocab_size, 1))
+    ds = deepspeed_config(config, 1)
+    weight_decay, eps, max_norm = ds["optimizer"]["params"]["weight_decay"], ds["optimizer"]["params"]["eps"], \
+        ds["gradient_clipping"]
+    engine, optimizer, _ = initialize(model, ds, lambda opt: StageScheduler(opt, config.schedule, 10), MegatronMPU)
+    assert optimizer.defaults["fused"] and not engine.enable_backward_allreduce
+    loss = engine(IDS, POSITIONS, None, labels=torch.roll(IDS, -1, dims=1)).mean()
+    engine.backward(loss)
+    before = {name: (p.detach().clone(), p.grad.clone()) for name, p in engine.module.named_parameters()}
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for _, g in before.values()))
+    clip = min(1.0, max_norm / (norm.item() + 1e-6))
+    engine.step()
+    for name, param in engine.module.named_parameters():
+        p0, g = before[name][0].double(), before[name][1].double() * clip
+        decay = weight_decay if p0.ndim >= 2 else 0.0
+        expected = p0 * (1 - lr * decay) - lr * g / (g.abs() + eps)
+        assert torch.allclose(param.detach().double(), expected, atol=1e-6, rtol=0), name
