@@ -16,12 +16,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from datagen import write_indexed  # noqa: E402
-from train_vs_hf import SIZES, megacpt_trainer  # noqa: E402
+from train_vs_hf import SIZES, megacpt_engine, megacpt_trainer, model_config  # noqa: E402
 
 REPS = 20
 
@@ -32,21 +33,22 @@ def main() -> None:
     from megacpt.data.loader import BatchStream
     from megacpt.metrics import MetricsWriter
 
-    size = SIZES["demo"]
-    step = megacpt_trainer(size)  # sets up the world of one
+    cpu = torch.device("cpu")
+    step = megacpt_trainer(megacpt_engine("demo", cpu), "demo", cpu)  # sets up the world of one
+    model, batch_size = model_config("demo"), SIZES["demo"][1]
     folder = Path(tempfile.mkdtemp())
     rng = np.random.default_rng(0)
-    prefixes = {n: write_indexed(folder / n, [rng.integers(0, size["vocab_size"], 2000).tolist() for _ in range(200)])
+    prefixes = {n: write_indexed(folder / n, [rng.integers(0, model.vocab_size, 2000).tolist() for _ in range(200)])
                 for n in ("new", "old1", "old2")}
     data = validate_config({
         "run_dir": str(folder / "run"), "model": {"preset": "cpu-small"},
         "data": {"sources": [{"name": "new", "prefix": prefixes["new"]}],
                  "replay": {"fraction": 0.25, "sources": [{"name": "old1", "prefix": prefixes["old1"]},
                                                           {"name": "old2", "prefix": prefixes["old2"]}]}},
-        "train": {"steps": 100, "global_batch_size": size["batch"]},
+        "train": {"steps": 100, "global_batch_size": batch_size},
     }).data
-    dataset = build_train_dataset(data, 100 * size["batch"], size["seq_length"], str(folder / "cache"), size["vocab_size"], -1)
-    stream = BatchStream(dataset, size["batch"], size["batch"], 0, 1, device=None)
+    dataset = build_train_dataset(data, 100 * batch_size, model.seq_length, str(folder / "cache"), model.vocab_size, -1)
+    stream = BatchStream(dataset, batch_size, batch_size, 0, 1, device=None)
 
     def timed(fn) -> float:
         start = time.perf_counter()

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One training rank per srun task: SLURM's task coordinates become the torch.distributed variables that
-# `megacpt train` reads (RANK, LOCAL_RANK, WORLD_SIZE; MASTER_ADDR and MASTER_PORT come from the batch
-# script's environment).
+# `megacpt train` reads (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE; MASTER_ADDR and MASTER_PORT come
+# from the batch script's environment).
 #
 #   srun launch/task.sh CONFIG [--set key=value ...]
 set -euo pipefail
 : "${MASTER_ADDR:?MASTER_ADDR is not set (launch/slurm_srun_tasks.sbatch exports it)}"
 : "${MASTER_PORT:?MASTER_PORT is not set (launch/slurm_srun_tasks.sbatch exports it)}"
 export RANK="$SLURM_PROCID" LOCAL_RANK="$SLURM_LOCALID" WORLD_SIZE="$SLURM_NTASKS"
+export LOCAL_WORLD_SIZE="${SLURM_NTASKS_PER_NODE:-1}"
 exec "${PYTHON:-python}" -m megacpt train "$@"

@@ -79,6 +79,7 @@ def setup_world(tensor_parallel: int, seed: int) -> World:
         device = torch.device("cuda", local_rank)
     else:
         cpu_fallback.install_if_needed()
+        cpu_fallback.share_cores()
         device = torch.device("cpu")
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)

@@ -91,7 +91,7 @@ def train(config: RunConfig) -> None:
     params = sum(p.numel() for p in model.parameters()) * world.tensor_size
     metrics.print(f"stage {stage['index']} ({stage['name']}): {config.train.steps} steps x {config.train.global_batch_size} "
                   f"samples x {config.model.seq_length} tokens; {params / 1e6:.1f}M parameters; world {world.size} "
-                  f"(tensor {world.tensor_size} x data {world.data_size}); "
+                  f"(tensor {world.tensor_size} x data {world.data_size}{cpu_threads(world)}); "
                   f"{'resuming ' if plan and plan.resume else 'from '}{plan.tag_dir if plan else 'fresh weights'}")
     if plan is None or not plan.resume:
         metrics.write({"step": 0, "event": "stage_start", "stage": stage["index"], "stage_name": stage["name"],
@@ -103,6 +103,11 @@ def train(config: RunConfig) -> None:
         loop.run()
     finally:
         metrics.close()
+
+
+def cpu_threads(world) -> str:
+    """', N CPU threads each' on CPU, where each process's share of the cores matters; nothing on GPU."""
+    return f", {torch.get_num_threads()} CPU threads each" if world.device.type == "cpu" else ""
 
 
 def build_data(config: RunConfig, world, stages: list[dict]):

@@ -39,7 +39,8 @@ while args[0].startswith("--"):
     else:
         sys.exit("fake srun: unexpected option " + key)
 tasks = [subprocess.Popen(args, env=dict(os.environ, SLURM_NODEID=str(n), SLURM_LOCALID=str(t),
-                                         SLURM_PROCID=str(n * per_node + t), SLURM_NTASKS=str(nodes * per_node)))
+                                         SLURM_PROCID=str(n * per_node + t), SLURM_NTASKS=str(nodes * per_node),
+                                         SLURM_NTASKS_PER_NODE=str(per_node)))
          for n in range(nodes) for t in range(per_node)]
 sys.exit(max(task.wait() for task in tasks))
 """
@@ -157,28 +158,43 @@ def losses(config_path: str) -> list[float]:
     return [record["loss"] for record in read_metrics(run_dir) if "loss" in record]
 
 
+def cpu_threads_each(output: str, processes_on_this_machine: int) -> None:
+    """Each process took its share of this machine's cores as torch threads, and said so."""
+    share = max(1, len(os.sched_getaffinity(0)) // processes_on_this_machine)
+    assert f"{share} CPU threads each" in output
+
+
 @pytest.fixture(scope="module")
-def one_node_losses(make_config) -> list[float]:
-    """The reference: launch/local.sh with 2 processes on this machine."""
+def one_node(make_config) -> tuple[list[float], str]:
+    """The reference: launch/local.sh with 2 processes on this machine; its losses and output."""
     config = make_config("one_node")
     result = subprocess.run([str(LAUNCH / "local.sh"), "2", config], env=script_env(MASTER_PORT=str(free_port())),
                             capture_output=True, text=True, timeout=600)
     assert_ok(result)
-    return losses(config)
+    return losses(config), result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def one_node_losses(one_node) -> list[float]:
+    return one_node[0]
 
 
 @pytest.mark.launcher
-def test_local_launcher_trains_with_two_processes(one_node_losses):
+def test_local_launcher_trains_with_two_processes(one_node):
+    one_node_losses, output = one_node
     assert len(one_node_losses) == 4 and one_node_losses[-1] < one_node_losses[0]
+    cpu_threads_each(output, 2)
 
 
 @pytest.mark.launcher
 def test_two_nodes_with_a_launcher_each_train_like_one_node(tmp_path, make_config, one_node_losses):
     """srun starts launch/deepspeed.sh once per node; each runs the deepspeed launcher with --no_ssh and its
-    node rank over a two-node hostfile, meeting at a loopback master address."""
+    node rank over a two-node hostfile, meeting at a loopback master address. Both "nodes" share this
+    machine's cores, so each is given half of them, as the one-node run's processes take."""
     config = make_config("two_nodes")
+    threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
     env = slurm_env(tmp_path, ["node-a", "node-b"], 1, NO_SSH="1", MASTER_ADDR="127.0.0.1",
-                    MASTER_PORT=str(free_port()))
+                    MASTER_PORT=str(free_port()), OMP_NUM_THREADS=threads)
     result = sbatch("slurm_deepspeed.sbatch", [config], env, cwd=tmp_path)
     assert_ok(result)
     assert (tmp_path / "hostfile").read_text() == "node-a slots=1\nnode-b slots=1\n"
@@ -195,6 +211,7 @@ def test_one_srun_task_per_gpu_trains_like_one_node(tmp_path, make_config, one_n
     result = sbatch("slurm_srun_tasks.sbatch", [config], env, cwd=tmp_path)
     assert_ok(result)
     assert losses(config) == one_node_losses
+    cpu_threads_each(result.stdout + result.stderr, 2)
 
 
 @pytest.mark.launcher

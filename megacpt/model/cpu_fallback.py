@@ -56,6 +56,22 @@ def install_if_needed() -> bool:
     return True
 
 
+def share_cores() -> int:
+    """Give this process its share of the node's cores as torch threads, and return the count.
+
+    torch gives every process as many threads as there are cores, so N launcher processes on one node would
+    run N times too many threads. An explicit OMP_NUM_THREADS (DeepSpeed's `--bind_cores_to_rank` sets it)
+    wins; a CPU set already narrowed for this process (srun's binding) is used as it is.
+    """
+    if "OMP_NUM_THREADS" not in os.environ:
+        usable = len(os.sched_getaffinity(0))
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+        if usable == os.cpu_count():
+            usable //= local_processes
+        torch.set_num_threads(max(1, usable))
+    return torch.get_num_threads()
+
+
 def seed_tensor_parallel_rng(seed: int, tensor_parallel_rank: int) -> None:
     """Seed the tracker's model-parallel state (distinct per TP rank, as megatron does on GPU)."""
     tracker = mcore_random.get_cuda_rng_tracker()
