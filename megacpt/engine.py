@@ -17,7 +17,12 @@ DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"betas": [0.9, 0.95], "eps": 1e
 
 
 def deepspeed_config(config: RunConfig, data_parallel: int) -> dict:
-    """The native DeepSpeed config for this run: the user's section plus what megacpt derives."""
+    """The native DeepSpeed config for this run on this machine (fp32 where there is no GPU)."""
+    return cpu_fallback.adapt_deepspeed_config(derived_deepspeed_config(config, data_parallel))
+
+
+def derived_deepspeed_config(config: RunConfig, data_parallel: int) -> dict:
+    """The user's `deepspeed` section plus what megacpt derives and defaults (docs/CONFIG.md lists them)."""
     ds = copy.deepcopy(config.deepspeed)
     train = config.train
     accumulation = batch_arithmetic(train, data_parallel)
@@ -39,13 +44,16 @@ def deepspeed_config(config: RunConfig, data_parallel: int) -> dict:
     for key, value in DEFAULT_OPTIMIZER["params"].items():
         params.setdefault(key, value)
     params["lr"] = config.schedule.max_lr  # overwritten by the schedule before the first step
+    # torch's fused AdamW: one kernel on CPU and GPU alike, and no DeepSpeed op to JIT-compile with nvcc.
+    params.setdefault("torch_adam", True)
+    params.setdefault("fused", True)
     if "fp16" not in ds:
         ds.setdefault("bf16", {"enabled": True})  # on GPU; the CPU fallback trains in fp32
     ds.setdefault("gradient_clipping", 1.0)
     ds.setdefault("zero_optimization", {"stage": 0})
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
-    return cpu_fallback.adapt_deepspeed_config(ds)
+    return ds
 
 
 def mixed_precision_dtype(ds: dict) -> torch.dtype:

@@ -5,12 +5,14 @@
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from megacpt.config import RunConfig, inner_model
+from megacpt.engine import derived_deepspeed_config
 
 OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md"
 
@@ -44,7 +46,23 @@ def render() -> str:
             if inner is not None:
                 sections.append((key + ("[]" if "list" in str(field.annotation) else ""), inner))
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + deepspeed_defaults())
+
+
+def deepspeed_defaults() -> list[str]:
+    """The `deepspeed` section megacpt derives for a config that sets none of it."""
+    config = RunConfig.model_validate({
+        "run_dir": "RUN", "model": {"preset": "pythia-410m"}, "data": {"sources": [{"name": "new", "prefix": "NEW"}]},
+        "schedule": {"style": "cosine", "max_lr": 3e-4}, "train": {"steps": 1000, "global_batch_size": 64, "micro_batch_size": 8},
+    })
+    derived = json.dumps(derived_deepspeed_config(config, data_parallel=2), indent=2)
+    return ["## `deepspeed` as megacpt fills it", "",
+            "The `deepspeed` section is DeepSpeed's own config. Keys you set are kept; megacpt adds the rest. For a",
+            "run with global batch 64, micro batch 8 and data parallel 2 that sets no `deepspeed` key, the engine gets",
+            "the JSON below. Batch sizes always come from `train` (a `deepspeed` value that disagrees is an error);",
+            "`optimizer.params.lr` is the schedule's `max_lr`, and the schedule sets the LR before every step. Without",
+            "a GPU, `bf16`/`fp16` are turned off and training runs in fp32.", "",
+            "```json", derived, "```", ""]
 
 
 def main(argv: list[str]) -> int:
