@@ -48,7 +48,7 @@ def test_plain_linears_give_megatrons_logits_and_gradients(world, monkeypatch):
 
     ours, reference = build_pair(monkeypatch, swap)
     assert type(reference.decoder.layers[0].mlp.linear_fc1) is ColumnParallelLinear
-    assert type(ours.decoder.layers[0].mlp.linear_fc1) is neox.NeoXColumnParallelLinear
+    assert isinstance(ours.decoder.layers[0].mlp.linear_fc1, neox.NeoXColumnParallelLinear)
     labels = torch.roll(IDS, -1, dims=1)
     losses = [model.train()(IDS, POSITIONS, None, labels=labels).mean() for model in (ours, reference)]
     for loss in losses:

@@ -75,6 +75,18 @@ class NeoXColumnParallelLinear(_LocalMatmulAsPlainLinear, tensor_parallel.Column
     """megatron's ColumnParallelLinear; at TP 1 its matmul is a plain `F.linear`."""
 
 
+class NeoXMLPInputLinear(NeoXColumnParallelLinear):
+    """The MLP's first linear, with its bias added inside the matmul.
+
+    megatron's MLP asks this linear to hand its bias back so that a fused bias-GELU kernel can add it; that
+    kernel is the tanh approximation, not NeoX's exact GELU, so megacpt runs the MLP unfused, where the MLP
+    would only add the bias itself as a separate pass over the [s, b, 4h] activations.
+    """
+
+    def __init__(self, *args, skip_bias_add: bool, **kwargs):
+        super().__init__(*args, skip_bias_add=False, **kwargs)
+
+
 class NeoXRowParallelLinear(_LocalMatmulAsPlainLinear, tensor_parallel.RowParallelLinear):
     """megatron's RowParallelLinear; its local matmul is a plain `F.linear`, the reduction stays megatron's."""
 
@@ -99,9 +111,9 @@ class NeoXTransformerLayer(TransformerLayer):
         )
         mlp_out, mlp_bias = self.mlp(self.pre_mlp_layernorm(hidden_states))
         branches = attn_out + mlp_out
-        for bias in (attn_bias, mlp_bias):
-            if bias is not None:
-                branches = branches + bias
+        biases = [bias for bias in (attn_bias, mlp_bias) if bias is not None]
+        if biases:  # the two [h] biases summed first: one pass over the activations instead of two
+            branches = branches + sum(biases)
         branches = F.dropout(branches, p=self.hidden_dropout, training=self.training)
         return hidden_states + branches, context
 
@@ -112,7 +124,7 @@ def neox_layer_spec(parallel_residual: bool = True) -> ModuleSpec:
     attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
     attention.core_attention = SDPAttention
     attention.linear_qkv, attention.linear_proj = NeoXColumnParallelLinear, NeoXRowParallelLinear
-    mlp.linear_fc1, mlp.linear_fc2 = NeoXColumnParallelLinear, NeoXRowParallelLinear
+    mlp.linear_fc1, mlp.linear_fc2 = NeoXMLPInputLinear, NeoXRowParallelLinear
     if parallel_residual:
         spec.module = NeoXTransformerLayer
     return spec
