@@ -44,9 +44,10 @@ def derived_deepspeed_config(config: RunConfig, data_parallel: int) -> dict:
     for key, value in DEFAULT_OPTIMIZER["params"].items():
         params.setdefault(key, value)
     params["lr"] = config.schedule.max_lr  # overwritten by the schedule before the first step
-    # torch's fused AdamW: one kernel on CPU and GPU alike, and no DeepSpeed op to JIT-compile with nvcc.
-    params.setdefault("torch_adam", True)
-    params.setdefault("fused", True)
+    if not _offloads_optimizer(ds):  # offloaded states keep DeepSpeed's own CPU Adam
+        # torch's fused AdamW: one kernel on CPU and GPU alike, and no DeepSpeed op to JIT-compile with nvcc.
+        params.setdefault("torch_adam", True)
+        params.setdefault("fused", True)
     if "fp16" not in ds:
         ds.setdefault("bf16", {"enabled": True})  # on GPU; the CPU fallback trains in fp32
     ds.setdefault("gradient_clipping", 1.0)
@@ -54,6 +55,11 @@ def derived_deepspeed_config(config: RunConfig, data_parallel: int) -> dict:
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def _offloads_optimizer(ds: dict) -> bool:
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") != "none"
 
 
 def mixed_precision_dtype(ds: dict) -> torch.dtype:

@@ -92,3 +92,22 @@ def test_first_engine_step_is_clipped_adamw_by_the_formula(world):
         decay = weight_decay if p0.ndim >= 2 else 0.0
         expected = p0 * (1 - lr * decay) - lr * g / (g.abs() + eps)
         assert torch.allclose(param.detach().double(), expected, atol=1e-6, rtol=0), name
+
+
+def test_optimizer_offload_keeps_deepspeeds_cpu_adam():
+    """torch's fused AdamW is the default, except where ZeRO offloads the optimizer to DeepSpeed's CPU Adam."""
+    from megacpt.config import RunConfig
+    from megacpt.engine import derived_deepspeed_config
+
+    def optimizer_params(deepspeed: dict) -> dict:
+        config = RunConfig.model_validate({
+            "run_dir": "/tmp/unused", "model": MODEL.model_dump(), "data": {"sources": [{"name": "x", "prefix": "x"}]},
+            "schedule": {"style": "constant", "max_lr": 1e-3}, "deepspeed": deepspeed,
+            "train": {"steps": 10, "global_batch_size": 2, "micro_batch_size": 2}})
+        return derived_deepspeed_config(config, 1)["optimizer"]["params"]
+
+    assert optimizer_params({})["torch_adam"] and optimizer_params({})["fused"]
+    offloaded = optimizer_params({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}})
+    assert "torch_adam" not in offloaded and "fused" not in offloaded
+    not_offloaded = optimizer_params({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}})
+    assert not_offloaded["torch_adam"]

@@ -61,7 +61,8 @@ def deepspeed_defaults() -> list[str]:
             "run with global batch 64, micro batch 8 and data parallel 2 that sets no `deepspeed` key, the engine gets",
             "the JSON below. Batch sizes always come from `train` (a `deepspeed` value that disagrees is an error);",
             "`optimizer.params.lr` is the schedule's `max_lr`, and the schedule sets the LR before every step. Without",
-            "a GPU, `bf16`/`fp16` are turned off and training runs in fp32.", "",
+            "a GPU, `bf16`/`fp16` are turned off and training runs in fp32. The optimizer is torch's fused AdamW",
+            "(`torch_adam`, `fused`) unless `zero_optimization.offload_optimizer` moves it to DeepSpeed's CPU Adam.", "",
             "```json", derived, "```", ""]
 
 
