@@ -30,6 +30,7 @@ setup(
         "eval": ["lm-eval>=0.4.13,<0.5"],
         "dev": [
             "pytest",
+            "pytest-timeout",  # a hung test fails with its stack instead of stalling the whole run
             "transformers>=4.45",
             "tokenizers",
             "safetensors",

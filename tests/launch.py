@@ -27,10 +27,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_megacpt(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+def run_megacpt(args: list[str], timeout: float = 300, extra_env: dict | None = None,
+                **kwargs) -> subprocess.CompletedProcess:
     """`python -m megacpt ARGS` as one plain process."""
-    return subprocess.run([sys.executable, "-m", "megacpt", *args], env=clean_env(), capture_output=True,
-                          text=True, timeout=timeout, **kwargs)
+    return subprocess.run([sys.executable, "-m", "megacpt", *args], env={**clean_env(), **(extra_env or {})},
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
 def run_python(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from datagen import read_metrics, tiny_config, write_config
+from launch import assert_ok, run_megacpt
 from megacpt.cli import main
 
 
@@ -104,3 +105,13 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, pattern_data):
         losses[recompute] = [r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r]
     assert len(losses[True]) == 5
     assert max(abs(a - b) for a, b in zip(losses[False], losses[True])) <= 1e-6, losses
+
+
+def test_a_run_compiles_nothing(tmp_path, pattern_data):
+    """DeepSpeed JIT-builds ops into TORCH_EXTENSIONS_DIR under a lock; a CPU run must start without any build."""
+    extensions = tmp_path / "torch_extensions"
+    config = tiny_config(tmp_path / "run", [{"name": "a", "prefix": pattern_data["a"]}], train={"steps": 3})
+    result = run_megacpt(["train", write_config(tmp_path / "c.json", config)],
+                         extra_env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert_ok(result)
+    assert not extensions.exists(), sorted(p.name for p in extensions.rglob("*"))

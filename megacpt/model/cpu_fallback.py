@@ -3,8 +3,9 @@
 megatron-core 0.16 assumes CUDA in a few spots (REFERENCE.md section 3): rotary embeddings and the global
 memory buffer place tensors on `torch.cuda.current_device()`, and the tensor-parallel RNG tracker saves and
 restores CUDA generator states. Without CUDA those calls can only fail, so this module points them at the
-CPU. Weight init on CPU is handled by `use_cpu_initialization`; the causal mask by megacpt's own SDPA core
-attention. Nothing else in megacpt special-cases the CPU.
+CPU. It also keeps DeepSpeed from building its CPU shared-memory all-reduce, which training does not use.
+Weight init on CPU is handled by `use_cpu_initialization`; the causal mask by megacpt's own SDPA core
+attention. Besides the thread share and precision below, nothing else in megacpt special-cases the CPU.
 """
 from __future__ import annotations
 
@@ -53,7 +54,22 @@ def install_if_needed() -> bool:
     mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
     mcore_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _skip_shared_memory_allreduce_build()
     return True
+
+
+def _skip_shared_memory_allreduce_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce when its comm backend starts.
+
+    Only DeepSpeed's inference all-reduce uses that op; training reduces through gloo. Built, it costs every
+    run a compile (about a minute) behind a lock under ~/.cache/torch_extensions that a build killed half-way
+    leaves for good, and every process a 69 MB file in /dev/shm that is never removed. DeepSpeed keeps its
+    compatible ops in one dict that it consults before building; marking the op incompatible there is enough.
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 def share_cores() -> int:
