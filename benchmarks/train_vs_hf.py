@@ -10,7 +10,9 @@ On CPU both train in fp32 (megacpt's CPU fallback). On a GPU megacpt trains as i
 with fp32 master weights, fused Adam) and Hugging Face under bf16 autocast with fp32 weights and fused AdamW;
 the JSON then also gives model FLOPs utilisation against the device's measured bf16 matmul peak.
 
-Prints one line per repetition and, on the last line, JSON with the median tokens/s of each and the ratio.
+Prints one line per repetition and, on the last line, JSON with the median tokens/s of each and their ratio,
+and the median of the per-repetition ratios (`paired_ratio`: each pair ran back to back, so it shares the
+machine's load of the moment, which moves single repetitions by 10-20% on a shared machine).
 """
 from __future__ import annotations
 
@@ -156,7 +158,9 @@ def main() -> None:
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "reps": args.reps,
               "megacpt_tokens_per_s": round(median["megacpt"]), "hf_tokens_per_s": round(median["hf"]),
-              "ratio": round(median["megacpt"] / median["hf"], 3), "all": results}
+              "ratio": round(median["megacpt"] / median["hf"], 3),
+              "paired_ratio": round(statistics.median(a / b for a, b in zip(results["megacpt"], results["hf"])), 3),
+              "all": results}
     if device.type == "cuda":
         from megacpt.plan import flops_per_token
 

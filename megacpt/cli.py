@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reshard": ("megacpt.reshard", "change a checkpoint's tensor-parallel degree (weights only)"),
     "merge": ("megacpt.merge", "weighted average of checkpoints of the same architecture (model merging)"),
     "generate": ("megacpt.generate", "greedy decoding from a checkpoint, for a quick look"),
-    "demo": ("megacpt.demo.experiment", "forgetting and replay end to end on CPU: prose -> code, three stage-1 arms (--quick: ~3 min)"),
+    "demo": ("megacpt.demo.experiment", "forgetting and replay end to end on CPU: prose -> code, three stage-1 arms (--quick: ~2 min)"),
     "eval": ("megacpt.eval_command", "loss and perplexity of a checkpoint on each validation set (the training loop's numbers)"),
     "plot": ("megacpt.plot", "LR and per-dataset validation loss against tokens for runs and their earlier stages (forgetting/adaptation)"),
     "lm-eval": ("megacpt.lm_eval_command", "run lm-evaluation-harness tasks on a checkpoint (needs the 'eval' extra)"),

@@ -31,7 +31,7 @@ from megacpt.errors import UserError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="megacpt-demo", metavar="DIR",
                         help="where corpora, tokenizer, data, configs, runs and the report go (default: ./megacpt-demo)")
-    parser.add_argument("--quick", action="store_true", help="a smaller demo (about 3 minutes on 2 cores) for a first look and the tests")
+    parser.add_argument("--quick", action="store_true", help="a smaller demo (about 2 minutes on 2 cores) for a first look and the tests")
     parser.add_argument("--seed", type=int, default=1234, help="train.seed and data.seed of every run (default: 1234)")
 
 
