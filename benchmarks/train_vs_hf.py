@@ -1,18 +1,19 @@
 """Training throughput: megacpt (megatron-core model in a DeepSpeed engine, one process) against Hugging Face
 `GPTNeoXForCausalLM` (SDPA attention) with a plain PyTorch AdamW loop. Same dims, batch, sequence, AdamW,
-same random tokens; the two alternate in one run so machine load hits both alike.
+same random tokens; the two alternate step by step in one run (the order flipping every pair), so the load
+of the moment hits both alike.
 
-    python benchmarks/train_vs_hf.py --size demo --reps 5        # CPU, fp32
-    python benchmarks/train_vs_hf.py --size 25m --reps 5
-    python benchmarks/train_vs_hf.py --size pythia-410m --reps 5  # GPU, bf16
+    python benchmarks/train_vs_hf.py --size demo --steps 30       # CPU, fp32
+    python benchmarks/train_vs_hf.py --size 25m --steps 20
+    python benchmarks/train_vs_hf.py --size pythia-410m --steps 20  # GPU, bf16
 
 On CPU both train in fp32 (megacpt's CPU fallback). On a GPU megacpt trains as it does there (DeepSpeed bf16
 with fp32 master weights, fused Adam) and Hugging Face under bf16 autocast with fp32 weights and fused AdamW;
 the JSON then also gives model FLOPs utilisation against the device's measured bf16 matmul peak.
 
-Prints one line per repetition and, on the last line, JSON with the median tokens/s of each and their ratio,
-and the median of the per-repetition ratios (`paired_ratio`: each pair ran back to back, so it shares the
-machine's load of the moment, which moves single repetitions by 10-20% on a shared machine).
+Prints one line per pair of steps and, on the last line, JSON with each side's tokens/s at its median step
+time and their ratio, and the median of the per-pair ratios (`paired_ratio`: the two steps of a pair ran
+back to back under the same machine load, which moves single steps by 10-20% on a shared machine).
 """
 from __future__ import annotations
 
@@ -111,17 +112,25 @@ def hf_trainer(size: str, device: torch.device):
     return step
 
 
-def tokens_per_s(step, size: str, steps: int, device: torch.device) -> float:
+def random_batch(size: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random tokens and next-token labels for both trainers."""
     model_cfg, batch = model_config(size), SIZES[size][1]
     gen = torch.Generator().manual_seed(0)
     sample = torch.randint(0, model_cfg.vocab_size, (batch, model_cfg.seq_length + 1), generator=gen).to(device)
-    tokens, labels = sample[:, :-1].contiguous(), sample[:, 1:].contiguous()
-    step(tokens, labels)  # warm-up
+    return sample[:, :-1].contiguous(), sample[:, 1:].contiguous()
+
+
+def step_seconds(step, tokens: torch.Tensor, labels: torch.Tensor) -> float:
     start = time.perf_counter()
-    for _ in range(steps):
-        loss = step(tokens, labels)
-    float(loss)  # waits for the device
-    return steps * batch * model_cfg.seq_length / (time.perf_counter() - start)
+    float(step(tokens, labels))  # waits for the device
+    return time.perf_counter() - start
+
+
+def tokens_per_s(step, size: str, steps: int, device: torch.device) -> float:
+    """One trainer's throughput over `steps` consecutive steps after one warm-up step."""
+    tokens, labels = random_batch(size, device)
+    step_seconds(step, tokens, labels)
+    return steps * tokens.numel() / sum(step_seconds(step, tokens, labels) for _ in range(steps))
 
 
 def measured_bf16_peak_flops(device: torch.device) -> float:
@@ -140,27 +149,32 @@ def measured_bf16_peak_flops(device: torch.device) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="demo")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per repetition")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of each trainer, alternating")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each trainer first")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    ours = megacpt_trainer(megacpt_engine(args.size, device), args.size, device)
-    theirs = hf_trainer(args.size, device)
-    results = {"megacpt": [], "hf": []}
-    for rep in range(args.reps):
-        results["megacpt"].append(tokens_per_s(ours, args.size, args.steps, device))
-        results["hf"].append(tokens_per_s(theirs, args.size, args.steps, device))
-        print(f"rep {rep}: megacpt {results['megacpt'][-1]:,.0f} tok/s  hf {results['hf'][-1]:,.0f} tok/s", file=sys.stderr)
-    median = {k: statistics.median(v) for k, v in results.items()}
+    trainers = {"megacpt": megacpt_trainer(megacpt_engine(args.size, device), args.size, device),
+                "hf": hf_trainer(args.size, device)}
+    tokens, labels = random_batch(args.size, device)
+    for step in trainers.values():
+        for _ in range(args.warmup):
+            step_seconds(step, tokens, labels)
+    seconds = {name: [] for name in trainers}
+    for pair in range(args.steps):
+        for name in (("megacpt", "hf") if pair % 2 == 0 else ("hf", "megacpt")):
+            seconds[name].append(step_seconds(trainers[name], tokens, labels))
+        print(f"pair {pair}: megacpt {seconds['megacpt'][-1] * 1e3:,.0f} ms  hf {seconds['hf'][-1] * 1e3:,.0f} ms",
+              file=sys.stderr)
+    median = {name: tokens.numel() / statistics.median(times) for name, times in seconds.items()}
     model_cfg = model_config(args.size)
     report = {"size": args.size, **model_cfg.model_dump(exclude={"preset"}), "batch": SIZES[args.size][1],
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "reps": args.reps,
+              "threads": torch.get_num_threads(), "steps": args.steps,
               "megacpt_tokens_per_s": round(median["megacpt"]), "hf_tokens_per_s": round(median["hf"]),
               "ratio": round(median["megacpt"] / median["hf"], 3),
-              "paired_ratio": round(statistics.median(a / b for a, b in zip(results["megacpt"], results["hf"])), 3),
-              "all": results}
+              "paired_ratio": round(statistics.median(h / m for m, h in zip(seconds["megacpt"], seconds["hf"])), 3),
+              "step_ms": {name: [round(t * 1e3) for t in times] for name, times in seconds.items()}}
     if device.type == "cuda":
         from megacpt.plan import flops_per_token
 
