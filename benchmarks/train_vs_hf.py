@@ -176,7 +176,7 @@ def main() -> None:
               "paired_ratio": round(statistics.median(h / m for m, h in zip(seconds["megacpt"], seconds["hf"])), 3),
               "step_ms": {name: [round(t * 1e3) for t in times] for name, times in seconds.items()}}
     if device.type == "cuda":
-        from megacpt.plan import flops_per_token
+        from megacpt.planning.capacity import flops_per_token
 
         flops = flops_per_token(model_cfg, padded_vocab(model_cfg))
         peak = measured_bf16_peak_flops(device)

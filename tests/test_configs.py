@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from megacpt.config import load_config
-from megacpt.plan import Cluster, config_layout, recommend
+from megacpt.planning.capacity import Cluster, config_layout, recommend
 from megacpt.schedule import check_schedule, warmup_steps
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json"))

@@ -11,7 +11,7 @@ import torch
 
 from datagen import pattern_documents, read_metrics, tiny_config, write_config, write_indexed
 from launch import assert_ok, deepspeed_launch
-from megacpt import checkpoint_io
+from megacpt.tools import checkpoint_io
 from megacpt.cli import main
 
 MODEL = dict(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,

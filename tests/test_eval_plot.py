@@ -119,7 +119,7 @@ def test_eval_under_the_launcher_equals_the_loops_evaluation(runs, tmp_path, lay
 
 
 def test_plot_draws_every_run_with_its_earlier_stages(runs):
-    from megacpt.plot import build_figure, stage_history
+    from megacpt.evaluation.plot import build_figure, stage_history
 
     histories = {name: stage_history(runs[name]) for name in ("stage0", "stage1")}
     assert [s.run_dir.resolve() for s in histories["stage1"]] == [runs["stage0"].resolve(), runs["stage1"].resolve()]
@@ -173,7 +173,7 @@ def _fake_stage(run_dir: Path, init: Path | None, steps: int, tokens_before: int
 
 
 def test_plot_follows_a_three_stage_history_to_the_steps_each_next_stage_started_from(tmp_path):
-    from megacpt.plot import build_figure, format_table, stage_history
+    from megacpt.evaluation.plot import build_figure, format_table, stage_history
 
     stage = {"global_batch_size": 10, "seq_length": 10}
     r0, r1 = {**stage, "run_dir": str(tmp_path / "r0"), "steps_done": 4}, {**stage, "run_dir": str(tmp_path / "r1"), "steps_done": 2}
@@ -193,7 +193,7 @@ def test_plot_follows_a_three_stage_history_to_the_steps_each_next_stage_started
 
 
 def test_plot_stops_following_the_history_where_the_earlier_run_is_gone(runs, tmp_path):
-    from megacpt.plot import build_figure, stage_history
+    from megacpt.evaluation.plot import build_figure, stage_history
 
     moved = tmp_path / "stage1"
     shutil.copytree(runs["stage1"], moved, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))

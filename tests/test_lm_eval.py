@@ -89,7 +89,7 @@ def test_adapter_gives_the_numbers_of_lm_evals_hf_model_on_the_converted_checkpo
 
 
 def test_lm_evals_own_command_line_runs_the_registered_model(trained):
-    result = run_python(["-m", "megacpt.lm_eval_adapter", "--model", "megacpt", "--model_args",
+    result = run_python(["-m", "megacpt.evaluation.lm_eval_adapter", "--model", "megacpt", "--model_args",
                          f"checkpoint={trained['checkpoint']}", "--tasks", "megacpt_words_mc", "--include_path",
                          str(trained["tasks"]), "--limit", "2"])
     assert_ok(result)

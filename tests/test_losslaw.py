@@ -8,8 +8,8 @@ import pytest
 from megacpt import checkpoint
 from megacpt.cli import main
 from megacpt.config import ScheduleConfig
-from megacpt.loss_curves import run_curve
-from megacpt.losslaw import Curve, annealing_area, area, effective_lrs, fit, predict
+from megacpt.prediction.loss_curves import run_curve
+from megacpt.prediction.losslaw import Curve, annealing_area, area, effective_lrs, fit, predict
 from megacpt.schedule import lr_at
 
 

@@ -10,7 +10,7 @@ import torch
 from megacpt.cli import main
 from megacpt.config import ModelConfig, load_config, padded_vocab_size
 from megacpt.model.presets import PRESETS
-from megacpt.plan import (GB, OPTIMIZER_BYTES, RESERVED_BYTES, Cluster, Layout, Precision, activation_bytes,
+from megacpt.planning.capacity import (GB, OPTIMIZER_BYTES, RESERVED_BYTES, Cluster, Layout, Precision, activation_bytes,
                           memory_per_gpu, parameter_count, recommend)
 
 REPO = Path(__file__).resolve().parents[1]

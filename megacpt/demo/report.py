@@ -12,7 +12,7 @@ from pathlib import Path
 
 from megacpt.demo.configs import ARMS, DemoPaths, stage1_run
 from megacpt.demo.corpora import CORPORA
-from megacpt.plot import Stage, final_and_change, format_table, stage_history
+from megacpt.evaluation.plot import Stage, final_and_change, format_table, stage_history
 
 STAGE0_COLOR = "0.5"
 ARM_COLORS = {"rewarm": "tab:red", "rewarm_replay": "tab:blue", "constant": "tab:green"}

@@ -1,7 +1,7 @@
 """An lm-evaluation-harness model for megacpt checkpoints: `--model megacpt --model_args checkpoint=DIR`.
 
 Importing this module registers the model under the name "megacpt" (lm-eval does not discover plugins on
-its own); `megacpt lm-eval` does that for you, and `python -m megacpt.lm_eval_adapter ARGS` is lm-eval's
+its own); `megacpt lm-eval` does that for you, and `python -m megacpt.evaluation.lm_eval_adapter ARGS` is lm-eval's
 own command line with the model registered. The checkpoint's weights (every tensor-parallel shard, merged)
 run in this process at TP 1 on the machine's device, with the tokenizer its state names. Requests are
 scored as lm-eval's `hf` model scores them (context and continuation encoded together and split, left
@@ -19,7 +19,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-from megacpt import checkpoint_io
+from megacpt.tools import checkpoint_io
 from megacpt.errors import UserError
 
 

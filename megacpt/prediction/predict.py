@@ -4,7 +4,7 @@
                     [--predict CONFIG [CONFIG ...] --csv FILE [--plot FILE.png]]
     megacpt predict --constants FIT.json --predict CONFIG [CONFIG ...] --csv FILE [--plot FILE.png]
 
-The laws and the fit are megacpt/losslaw.py, reading runs and configs is megacpt/loss_curves.py; this module
+The laws and the fit are megacpt/prediction/losslaw.py, reading runs and configs is megacpt/prediction/loss_curves.py; this module
 is the command: arguments, the printed report, the JSON of the constants, the CSV and the figure. It reads
 metrics, checkpoint states and configs only and builds no model. docs/PREDICT.md says how far it holds.
 """
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from megacpt import losslaw
+from megacpt.prediction import losslaw
 from megacpt.errors import UserError
-from megacpt.loss_curves import planned_curve, run_curve
+from megacpt.prediction.loss_curves import planned_curve, run_curve
 
 FIXED_WHY = {"kappa": "fixed: the runs have a single replay fraction"}
 

@@ -19,8 +19,8 @@ import numpy as np
 from megacpt import checkpoint
 from megacpt.config import load_config
 from megacpt.errors import ConfigError, UserError
-from megacpt.losslaw import Curve
-from megacpt.plot import read_metrics
+from megacpt.prediction.losslaw import Curve
+from megacpt.evaluation.plot import read_metrics
 from megacpt.schedule import check_schedule, lr_at
 
 

@@ -2,7 +2,7 @@
 
 Reads only the config (no torch): the parameter count, memory per GPU for the config's own layout, the
 largest micro batch that fits, the step time and days to the token budget at an assumed MFU, and the
-layout `megacpt.plan.recommend` picks for the cluster. The launch scripts run it as their preflight, so a
+layout `megacpt.planning.capacity.recommend` picks for the cluster. The launch scripts run it as their preflight, so a
 bad hostfile or a world size the tensor-parallel degree does not divide stops a job before it starts.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from megacpt.config import RunConfig, load_config
 from megacpt.errors import ConfigError, UserError
-from megacpt.hostfile import read_hostfile, uniform_slots
-from megacpt.plan import (FIT_FRACTION, GB, Cluster, Estimate, config_layout, estimate, flops_per_token,
+from megacpt.planning.hostfile import read_hostfile, uniform_slots
+from megacpt.planning.capacity import (FIT_FRACTION, GB, Cluster, Estimate, config_layout, estimate, flops_per_token,
                           largest_micro_batch, parameter_count, parameters_per_rank, recommend, training_precision)
 
 DEFAULT_NODES, DEFAULT_GPUS_PER_NODE = 1, 8

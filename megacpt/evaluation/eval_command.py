@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from megacpt import checkpoint
-from megacpt.checkpoint_io import positive_int
+from megacpt.tools.checkpoint_io import positive_int
 from megacpt.config import RunConfig, ValidationSet, load_config
 from megacpt.errors import UserError
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from megacpt import checkpoint, checkpoint_io
+from megacpt import checkpoint
+from megacpt.tools import checkpoint_io
 from megacpt.errors import UserError
 
 

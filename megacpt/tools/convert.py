@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from megacpt import checkpoint_io
+from megacpt.tools import checkpoint_io
 from megacpt.config import ModelConfig, padded_vocab_size
 from megacpt.errors import UserError
 from megacpt.model import hf_mapping

@@ -1,8 +1,8 @@
 """`megacpt lm-eval --checkpoint DIR --tasks T1,T2 [--include-path DIR] [--limit N]`: lm-evaluation-harness tasks.
 
-A thin wrapper: it registers the megacpt model (megacpt/lm_eval_adapter.py), checks the task names, and calls
+A thin wrapper: it registers the megacpt model (megacpt/evaluation/lm_eval_adapter.py), checks the task names, and calls
 lm-eval's `simple_evaluate`. For every other lm-eval option use lm-eval's own command line with the model
-registered: `python -m megacpt.lm_eval_adapter --model megacpt --model_args checkpoint=DIR ...`.
+registered: `python -m megacpt.evaluation.lm_eval_adapter --model megacpt --model_args checkpoint=DIR ...`.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from megacpt.checkpoint_io import positive_int
+from megacpt.tools.checkpoint_io import positive_int
 from megacpt.errors import UserError
 
 
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         from lm_eval.tasks import TaskManager
         from lm_eval.utils import handle_non_serializable, make_table
 
-        import megacpt.lm_eval_adapter  # noqa: F401  (registers the "megacpt" model)
+        import megacpt.evaluation.lm_eval_adapter  # noqa: F401  (registers the "megacpt" model)
     except ImportError as e:
         raise UserError(f"megacpt lm-eval needs lm-evaluation-harness ({e}): pip install 'megacpt[eval]'") from None
 

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from megacpt import checkpoint_io
+from megacpt.tools import checkpoint_io
 from megacpt.config import ModelConfig
 from megacpt.errors import UserError
 

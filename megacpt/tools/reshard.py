@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from megacpt import checkpoint_io
+from megacpt.tools import checkpoint_io
 from megacpt.config import padded_vocab_size
 
 

@@ -1,0 +1,1 @@
+"""Loss laws with LR annealing, the loss curves of runs, and the predict command."""
