@@ -127,14 +127,27 @@ def check_init_combination(init: InitConfig, state: dict, config: RunConfig) -> 
         raise ConfigError("init.load_scheduler", f"the checkpoint's stage has {state['scheduler']['steps']} steps, this config {config.train.steps}; a continued schedule needs the same train.steps")
 
 
+# Param-group entries that a loaded optimizer state may set: the parameters themselves, and ZeRO's step count.
+_LOADED_GROUP_KEYS = ("params", "step")
+
+
 def load_into_engine(engine, plan: LoadPlan, world_rank: int) -> None:
-    """Load the weights (and, per the plan, the optimizer) through DeepSpeed; restore this rank's RNG on resume."""
+    """Load the weights (and, per the plan, the optimizer) through DeepSpeed; restore this rank's RNG on resume.
+
+    A kept optimizer brings Adam's moments and step counts, never its hyperparameters: torch's (and ZeRO's)
+    `load_state_dict` replaces every param group with the saved one, betas, eps and weight decay included,
+    so the groups this stage's config built are put back afterwards (the LR is the schedule's anyway).
+    """
+    optimizer = engine.basic_optimizer
+    configured = [{k: v for k, v in group.items() if k not in _LOADED_GROUP_KEYS} for group in optimizer.param_groups]
     path, _ = engine.load_checkpoint(
         str(plan.tag_dir.parent), tag=plan.tag_dir.name, load_module_strict=True,
         load_optimizer_states=plan.load_optimizer, load_lr_scheduler_states=False,
         load_module_only=not plan.load_optimizer)
     if path is None:
         raise UserError(f"DeepSpeed found no checkpoint files in {plan.tag_dir}")
+    for group, hyperparameters in zip(optimizer.param_groups, configured, strict=True):
+        group.update(hyperparameters)
     rng_file = plan.tag_dir / f"rng_rank{world_rank}.pt"
     if plan.resume and rng_file.is_file():
         set_rng_states(torch.load(rng_file, weights_only=True))

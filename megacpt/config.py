@@ -210,7 +210,7 @@ class InitConfig(Section):
 
     checkpoint: str | None = Field(None, description="A checkpoints folder (its `latest`) or one tag folder in it.")
     mode: Literal["resume", "new_stage"] = Field("new_stage", description="'new_stage' starts a new schedule on the loaded weights; 'resume' continues that checkpoint's stage.")
-    load_optimizer: bool = Field(False, description="Keep Adam's moments and step count from the checkpoint.")
+    load_optimizer: bool = Field(False, description="Keep Adam's moments and step counts from the checkpoint; LR, betas, eps and weight decay still come from this config.")
     load_scheduler: bool = Field(False, description="Continue the checkpoint's schedule position instead of starting at t = 0.")
     load_data_position: bool = Field(False, description="Continue the checkpoint's data position instead of starting the data at its beginning.")
 

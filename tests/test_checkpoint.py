@@ -201,3 +201,52 @@ def test_diverging_run_skips_non_finite_steps_then_stops_keeping_the_last_good_c
     good = (tmp_path / "run" / "checkpoints" / "latest").read_text()
     state = json.loads((tmp_path / "run" / "checkpoints" / good / "megacpt_state.json").read_text())
     assert state["step"] < train[-1]["step"]
+
+
+def _optimizer_file_state(tag_dir: Path, zero: int) -> tuple[list[dict], list[tuple[torch.Tensor, ...]]]:
+    """(param groups, [(flat fp32 params, exp_avg, exp_avg_sq, step) per group]) of a one-rank checkpoint."""
+    if zero == 0:
+        saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
+        optimizer = saved["optimizer"]
+        params = [t for t in saved["module"].values() if torch.is_tensor(t)]  # in the order groups were built from
+        flat = []
+        for group in optimizer["param_groups"]:
+            states = [optimizer["state"][i] for i in group["params"]]
+            tensors = [t for t in params if (t.ndim >= 2) == (group["weight_decay"] > 0)]
+            assert [t.shape for t in tensors] == [s["exp_avg"].shape for s in states]
+            flat.append((torch.cat([t.flatten() for t in tensors]).float(),
+                         torch.cat([s["exp_avg"].flatten() for s in states]),
+                         torch.cat([s["exp_avg_sq"].flatten() for s in states]), float(states[0]["step"])))
+        return optimizer["param_groups"], flat
+    saved = torch.load(tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)["optimizer_state_dict"]
+    base = saved["base_optimizer_state"]
+    flat = []
+    for i, group in enumerate(base["param_groups"]):
+        state = base["state"][group["params"][0]]
+        p = saved["single_partition_of_fp32_groups"][i]
+        n = p.numel()
+        flat.append((p, state["exp_avg"][:n], state["exp_avg_sq"][:n], float(state["step"])))
+    return base["param_groups"], flat
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_kept_optimizer_takes_moments_from_the_checkpoint_and_hyperparameters_from_the_config(tmp_path, pattern_data, zero):
+    ds = {"zero_optimization": {"stage": zero}}
+    stage0 = _config(tmp_path, "stage0", pattern_data, train={"steps": 3, "save_interval": 0}, deepspeed=ds)
+    assert main(["train", write_config(tmp_path / "s0.json", stage0)]) == 0
+    betas, eps, decay, lr = (0.8, 0.99), 1e-6, 0.05, 1e-3
+    stage1 = _config(tmp_path, "stage1", pattern_data, train={"steps": 1}, schedule={"style": "constant", "max_lr": lr, "warmup": 0},
+                     init={"checkpoint": str(tmp_path / "stage0" / "checkpoints"), "load_optimizer": True},
+                     deepspeed={**ds, "optimizer": {"type": "AdamW", "params": {"betas": list(betas), "eps": eps, "weight_decay": decay}}})
+    assert main(["train", write_config(tmp_path / "s1.json", stage1)]) == 0
+    _, before = _optimizer_file_state(tmp_path / "stage0" / "checkpoints" / "step00000003", zero)
+    groups, after = _optimizer_file_state(tmp_path / "stage1" / "checkpoints" / "step00000001", zero)
+    assert [(tuple(g["betas"]), g["eps"], g["weight_decay"], g["lr"]) for g in groups] == \
+        [(betas, eps, decay, lr), (betas, eps, 0.0, lr)]
+    for (p0, m0, v0, step0), (p1, m1, v1, step1), wd in zip(before, after, (decay, 0.0)):
+        assert (step0, step1) == (3, 4)  # the step count continues
+        grad = (m1 - betas[0] * m0) / (1 - betas[0])  # this stage's one gradient, if beta1 is the new one
+        torch.testing.assert_close(v1, betas[1] * v0 + (1 - betas[1]) * grad**2, rtol=1e-4, atol=1e-12)
+        # AdamW with this stage's LR, weight decay and eps, bias-corrected for step 4
+        update = (m1 / (1 - betas[0] ** 4)) / ((v1 / (1 - betas[1] ** 4)).sqrt() + eps)
+        torch.testing.assert_close(p1, p0 * (1 - lr * wd) - lr * update, rtol=1e-5, atol=1e-7)
