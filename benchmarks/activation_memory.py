@@ -69,7 +69,8 @@ def main() -> None:
         print(f"activation checkpointing {setting}: {results[setting]}", file=sys.stderr)
     off, on = results["off"], results["on"]
     print(json.dumps({"size": args.size, "off": off, "on": on,
-                      "saved_for_backward_saving": round(1 - on["saved_for_backward_mib"] / off["saved_for_backward_mib"], 3),
+                      "saved_for_backward_saving":
+                          round(1 - on["saved_for_backward_mib"] / off["saved_for_backward_mib"], 3),
                       "peak_rss_saving_mib": off["peak_rss_mib"] - on["peak_rss_mib"]}))
 
 

@@ -21,8 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from datagen import write_indexed  # noqa: E402
 from train_vs_hf import SIZES, megacpt_engine, megacpt_trainer, model_config  # noqa: E402
+
+from datagen import write_indexed  # noqa: E402
 
 REPS = 20
 
@@ -60,7 +61,8 @@ def main() -> None:
     train = [timed(lambda: step(batch["tokens"], batch["labels"])) for _ in range(REPS)]
     (folder / "metrics").mkdir()
     writer = MetricsWriter(folder / "metrics", enabled=True)
-    log = [timed(lambda: writer.write({"step": 1, "loss": 1.0, "samples": dataset.samples_per_source(stream.consumed_samples)}))
+    log = [timed(lambda: writer.write({"step": 1, "loss": 1.0,
+                                       "samples": dataset.samples_per_source(stream.consumed_samples)}))
            for _ in range(REPS)]
     med = {k: statistics.median(v) for k, v in {"loader": load, "step": train, "log": log}.items()}
     print(json.dumps({

@@ -21,7 +21,8 @@ from pathlib import Path
 from megacpt.data.preprocess import preprocess, tokenizer_config
 from megacpt.data.tokenizer_command import train_sentencepiece
 
-DOC_MODULES = ("argparse", "collections", "json", "os", "pathlib", "re", "shutil", "subprocess", "threading", "logging", "unittest")
+DOC_MODULES = ("argparse", "collections", "json", "os", "pathlib", "re", "shutil", "subprocess", "threading", "logging",
+               "unittest")
 
 
 def stdlib_words() -> list[str]:
@@ -41,7 +42,8 @@ def write_corpus(path: Path, documents: int, seed: int) -> None:
     words = stdlib_words()
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(documents):
-            sentences = (" ".join(rng.choices(words, k=rng.randint(6, 20))).capitalize() + "." for _ in range(rng.randint(3, 12)))
+            sentences = (" ".join(rng.choices(words, k=rng.randint(6, 20))).capitalize() + "."
+                         for _ in range(rng.randint(3, 12)))
             f.write(json.dumps({"text": " ".join(sentences)}) + "\n")
 
 

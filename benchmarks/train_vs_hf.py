@@ -181,7 +181,8 @@ def main() -> None:
         flops = flops_per_token(model_cfg, padded_vocab(model_cfg))
         peak = measured_bf16_peak_flops(device)
         report |= {"bf16_peak_tflops": round(peak / 1e12, 1),
-                   "megacpt_mfu": round(median["megacpt"] * flops / peak, 3), "hf_mfu": round(median["hf"] * flops / peak, 3)}
+                   "megacpt_mfu": round(median["megacpt"] * flops / peak, 3),
+                   "hf_mfu": round(median["hf"] * flops / peak, 3)}
     print(json.dumps(report))
 
 

@@ -48,7 +48,8 @@ def resolve_tag(path: str | Path, key: str = "init.checkpoint") -> Path:
         raise UserError(f"{key}: {latest} names {tag}, which holds no {STATE_FILE} (incomplete checkpoint)")
     if not path.exists():
         raise UserError(f"{key}: checkpoint path {path} does not exist")
-    raise UserError(f"{key}: {path} is neither a megacpt checkpoint tag (no {STATE_FILE}) nor a checkpoints folder (no '{LATEST}')")
+    raise UserError(f"{key}: {path} is neither a megacpt checkpoint tag (no {STATE_FILE}) nor a checkpoints folder (no "
+                    f"'{LATEST}')")
 
 
 def read_state(tag_dir: Path) -> dict:
@@ -75,7 +76,8 @@ def check_architecture(config: RunConfig, state: dict, tag_dir: Path) -> None:
     saved, wanted = state["model"], model_signature(config.model, config.parallel.tensor)
     diffs = [f"{k}: checkpoint {saved.get(k)} vs config {v}" for k, v in wanted.items() if saved.get(k) != v]
     if diffs:
-        hint = " (change the TP degree with `megacpt reshard`)" if saved.get("tensor_parallel") != wanted["tensor_parallel"] else ""
+        tp_differs = saved.get("tensor_parallel") != wanted["tensor_parallel"]
+        hint = " (change the TP degree with `megacpt reshard`)" if tp_differs else ""
         raise UserError(f"checkpoint {tag_dir} does not match the config's model: {'; '.join(diffs)}{hint}")
 
 
@@ -104,7 +106,8 @@ def plan_load(config: RunConfig) -> LoadPlan | None:
     state = read_state(tag_dir)
     if init.mode == "resume":
         if not state.get("has_optimizer") or not state.get("scheduler"):
-            raise ConfigError("init.mode", f"'resume' needs a training checkpoint; {tag_dir} holds weights only (imported or merged): use 'new_stage'")
+            raise ConfigError("init.mode", f"'resume' needs a training checkpoint; {tag_dir} holds weights only "
+                                           "(imported or merged): use 'new_stage'")
         return LoadPlan(tag_dir, state, True, True, True, True)
     check_init_combination(init, state, config)
     return LoadPlan(tag_dir, state, False, init.load_optimizer, init.load_scheduler, init.load_data_position)
@@ -113,18 +116,27 @@ def plan_load(config: RunConfig) -> LoadPlan | None:
 def check_init_combination(init: InitConfig, state: dict, config: RunConfig) -> None:
     """Reject new-stage choices that cannot mean anything for this checkpoint."""
     if init.load_optimizer and not state.get("has_optimizer", False):
-        raise ConfigError("init.load_optimizer", f"checkpoint {init.checkpoint} holds no optimizer state (converted weights?); set it to false")
+        raise ConfigError("init.load_optimizer",
+                          f"checkpoint {init.checkpoint} holds no optimizer state (converted weights?); set it to "
+                          "false")
     if init.load_scheduler and not state.get("scheduler"):
-        raise ConfigError("init.load_scheduler", f"checkpoint {init.checkpoint} holds no schedule position (imported weights); set it to false")
+        raise ConfigError("init.load_scheduler",
+                          f"checkpoint {init.checkpoint} holds no schedule position (imported weights); set it to "
+                          "false")
     if init.load_data_position and not state.get("data"):
-        raise ConfigError("init.load_data_position", f"checkpoint {init.checkpoint} holds no data position (imported weights); set it to false")
+        raise ConfigError("init.load_data_position",
+                          f"checkpoint {init.checkpoint} holds no data position (imported weights); set it to false")
     if init.load_data_position:
         saved = state["config"]["data"]
         if (saved["sources"], saved["replay"], saved["seed"]) != (
                 [s.model_dump() for s in config.data.sources], config.data.replay.model_dump(), config.data.seed):
-            raise ConfigError("init.load_data_position", "the data position only means something for the same sources, replay and seed as the checkpoint's stage")
+            raise ConfigError("init.load_data_position",
+                              "the data position only means something for the same sources, replay and seed as the "
+                              "checkpoint's stage")
     if init.load_scheduler and state["scheduler"]["steps"] != config.train.steps:
-        raise ConfigError("init.load_scheduler", f"the checkpoint's stage has {state['scheduler']['steps']} steps, this config {config.train.steps}; a continued schedule needs the same train.steps")
+        raise ConfigError("init.load_scheduler",
+                          f"the checkpoint's stage has {state['scheduler']['steps']} steps, this config "
+                          f"{config.train.steps}; a continued schedule needs the same train.steps")
 
 
 # Param-group entries that a loaded optimizer state may set: the parameters themselves, and ZeRO's step count.

@@ -18,17 +18,25 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megacpt.train", "train one stage from a JSON config (resumes RUN_DIR if it holds a checkpoint)"),
     "preprocess": ("megacpt.data.preprocess", "tokenize jsonl/txt into Megatron indexed datasets (PREFIX.bin/.idx)"),
     "tokenizer": ("megacpt.data.tokenizer_command", "train a SentencePiece tokenizer"),
-    "schedule": ("megacpt.planning.schedule_command", "write the LR of every step of a config's stage as CSV (and a plot)"),
-    "plan": ("megacpt.planning.plan_command", "parameter count, memory per GPU, step time and the best layout for a cluster"),
-    "convert": ("megacpt.tools.convert", "convert checkpoints between Hugging Face GPT-NeoX and megacpt (verified by comparing logits)"),
+    "schedule": ("megacpt.planning.schedule_command",
+                 "write the LR of every step of a config's stage as CSV (and a plot)"),
+    "plan": ("megacpt.planning.plan_command", "parameter count, memory per GPU, step time and the best layout for a "
+                                              "cluster"),
+    "convert": ("megacpt.tools.convert", "convert checkpoints between Hugging Face GPT-NeoX and megacpt (verified by "
+                                         "comparing logits)"),
     "reshard": ("megacpt.tools.reshard", "change a checkpoint's tensor-parallel degree (weights only)"),
     "merge": ("megacpt.tools.merge", "weighted average of checkpoints of the same architecture (model merging)"),
     "generate": ("megacpt.tools.generate", "greedy decoding from a checkpoint, for a quick look"),
-    "demo": ("megacpt.demo.experiment", "forgetting and replay end to end on CPU: prose -> code, three stage-1 arms (--quick: ~2 min)"),
-    "eval": ("megacpt.evaluation.eval_command", "loss and perplexity of a checkpoint on each validation set (the training loop's numbers)"),
-    "plot": ("megacpt.evaluation.plot", "LR and per-dataset validation loss against tokens for runs and their earlier stages (forgetting/adaptation)"),
-    "lm-eval": ("megacpt.evaluation.lm_eval_command", "run lm-evaluation-harness tasks on a checkpoint (needs the 'eval' extra)"),
-    "predict": ("megacpt.prediction.predict", "fit a loss law (tissue, multipower, cpt) on runs and predict the validation curves of planned stages"),
+    "demo": ("megacpt.demo.experiment", "forgetting and replay end to end on CPU: prose -> code, three stage-1 arms "
+                                        "(--quick: ~2 min)"),
+    "eval": ("megacpt.evaluation.eval_command", "loss and perplexity of a checkpoint on each validation set (the "
+                                                "training loop's numbers)"),
+    "plot": ("megacpt.evaluation.plot", "LR and per-dataset validation loss against tokens for runs and their earlier "
+                                        "stages (forgetting/adaptation)"),
+    "lm-eval": ("megacpt.evaluation.lm_eval_command",
+                "run lm-evaluation-harness tasks on a checkpoint (needs the 'eval' extra)"),
+    "predict": ("megacpt.prediction.predict", "fit a loss law (tissue, multipower, cpt) on runs and predict the "
+                                              "validation curves of planned stages"),
 }
 
 

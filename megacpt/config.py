@@ -27,16 +27,23 @@ class Section(BaseModel):
 class ModelConfig(Section):
     """GPT-NeoX dimensions. `preset` fills every field not given explicitly."""
 
-    preset: str | None = Field(None, description="Size preset (see megacpt/model/presets.py), e.g. 'pythia-410m', 'neox-10b', 'tiny'.")
+    preset: str | None = Field(None,
+                               description="Size preset (see megacpt/model/presets.py), e.g. 'pythia-410m', "
+                                           "'neox-10b', 'tiny'.")
     num_layers: int | None = Field(None, gt=0, description="Transformer layers.")
     hidden_size: int | None = Field(None, gt=0, description="Hidden size.")
     num_attention_heads: int | None = Field(None, gt=0, description="Attention heads.")
     ffn_hidden_size: int | None = Field(None, gt=0, description="MLP inner size; default 4 x hidden_size.")
     seq_length: int | None = Field(None, gt=0, description="Tokens per training sample.")
-    vocab_size: int | None = Field(None, gt=0, description="Tokenizer vocabulary size (before padding to a multiple of 128 x tensor parallel).")
-    rotary_pct: float = Field(0.25, gt=0, le=1, description="Fraction of each head's dimensions that get rotary embeddings.")
+    vocab_size: int | None = Field(None, gt=0,
+                                   description="Tokenizer vocabulary size (before padding to a multiple of 128 x "
+                                               "tensor parallel).")
+    rotary_pct: float = Field(0.25, gt=0, le=1,
+                              description="Fraction of each head's dimensions that get rotary embeddings.")
     rotary_base: int = Field(10000, gt=0, description="Rotary base (theta).")
-    parallel_residual: bool = Field(True, description="NeoX parallel residual x + attn(ln1 x) + mlp(ln2 x); false gives the sequential block.")
+    parallel_residual: bool = Field(True,
+                                    description="NeoX parallel residual x + attn(ln1 x) + mlp(ln2 x); false gives the "
+                                                "sequential block.")
     layernorm_eps: float = Field(1e-5, gt=0, description="LayerNorm epsilon.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Hidden and attention dropout (Pythia: 0).")
     init_std: float = Field(0.02, gt=0, description="Standard deviation of the normal weight initialisation.")
@@ -45,17 +52,20 @@ class ModelConfig(Section):
     def _fill_from_preset(self) -> "ModelConfig":
         if self.preset is not None:
             if self.preset not in PRESETS:
-                raise ValueError(f"unknown preset '{self.preset}'{_did_you_mean(self.preset, PRESETS)}; known: {', '.join(PRESETS)}")
+                raise ValueError(f"unknown preset '{self.preset}'{_did_you_mean(self.preset, PRESETS)}; known: "
+                                 f"{', '.join(PRESETS)}")
             for key, value in PRESETS[self.preset].items():
                 if getattr(self, key) is None:
                     object.__setattr__(self, key, value)
-        missing = [k for k in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size") if getattr(self, k) is None]
+        required = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size")
+        missing = [k for k in required if getattr(self, k) is None]
         if missing:
             raise ValueError(f"missing {', '.join(missing)} (give them or a 'preset')")
         if self.ffn_hidden_size is None:
             object.__setattr__(self, "ffn_hidden_size", 4 * self.hidden_size)
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                             f"{self.num_attention_heads}")
         return self
 
     @property
@@ -67,13 +77,15 @@ class ParallelConfig(Section):
     """Model parallelism. Data parallelism is whatever is left of the world size."""
 
     tensor: int = Field(1, gt=0, description="Tensor-parallel degree.")
-    pipeline: int = Field(1, gt=0, description="Pipeline-parallel degree; only 1 is supported (use tensor parallel + ZeRO).")
+    pipeline: int = Field(1, gt=0, description="Pipeline-parallel degree; only 1 is supported (use tensor parallel + "
+                                               "ZeRO).")
 
 
 class TokenizerConfig(Section):
     """How text becomes tokens. Omit the section for data that is already tokenized."""
 
-    type: Literal["sentencepiece", "hf", "byte"] = Field(description="'sentencepiece' (a .model file), 'hf' (a tokenizer.json) or 'byte' (no file).")
+    type: Literal["sentencepiece", "hf", "byte"] = Field(
+        description="'sentencepiece' (a .model file), 'hf' (a tokenizer.json) or 'byte' (no file).")
     model: str | None = Field(None, description="Path of the SentencePiece .model file (type 'sentencepiece').")
     path: str | None = Field(None, description="Path of the Hugging Face tokenizer.json (type 'hf').")
 
@@ -97,9 +109,12 @@ class DataSource(Section):
 class ReplayConfig(Section):
     """Compute-equivalent replay of earlier data (Ibrahim et al. 2024)."""
 
-    fraction: float = Field(0.0, ge=0, lt=1, description="Share of every batch drawn from the replay sources; new sources get 1 - fraction.")
+    fraction: float = Field(0.0, ge=0, lt=1,
+                            description="Share of every batch drawn from the replay sources; new sources get 1 - "
+                                        "fraction.")
     sources: list[DataSource] = Field(default_factory=list, description="Earlier datasets to replay.")
-    seen_only: bool = Field(False, description="Replay only the samples an earlier megacpt stage trained on (from the checkpoint's stage history).")
+    seen_only: bool = Field(False, description="Replay only the samples an earlier megacpt stage trained on (from the "
+                                               "checkpoint's stage history).")
 
 
 class ValidationSet(Section):
@@ -114,7 +129,8 @@ class DataConfig(Section):
 
     sources: list[DataSource] = Field(description="New data for this stage.")
     replay: ReplayConfig = Field(default_factory=ReplayConfig, description="Replay of earlier data.")
-    validation: list[ValidationSet] = Field(default_factory=list, description="Validation sets, each evaluated separately.")
+    validation: list[ValidationSet] = Field(default_factory=list,
+                                            description="Validation sets, each evaluated separately.")
     seed: int = Field(1234, description="Seed of the sample order (shuffling and blending).")
     cache_dir: str | None = Field(None, description="Where dataset indices are cached; default RUN_DIR/data_cache.")
 
@@ -140,18 +156,30 @@ ScheduleStyle = Literal["constant", "cosine", "linear", "inverse_sqrt", "wsd", "
 class ScheduleConfig(Section):
     """The LR of every step of this stage; see megacpt/schedule.py for the exact formulas."""
 
-    style: ScheduleStyle = Field("cosine", description="constant | cosine | linear | inverse_sqrt | wsd | infinite_cosine | infinite_inv_sqrt.")
+    style: ScheduleStyle = Field("cosine",
+                                 description="constant | cosine | linear | inverse_sqrt | wsd | infinite_cosine | "
+                                             "infinite_inv_sqrt.")
     max_lr: float = Field(3e-4, gt=0, description="Peak LR (eta_max), reached at the end of warmup.")
     min_lr: float = Field(0.0, ge=0, description="Final LR (eta_min).")
-    warmup: int | float = Field(0, ge=0, description="Warmup: an int is steps, a float in [0, 1) a fraction of train.steps (rounded).")
-    decay_steps: int | None = Field(None, gt=0, description="cosine/linear: step where the decay reaches min_lr; default train.steps.")
+    warmup: int | float = Field(0, ge=0,
+                                description="Warmup: an int is steps, a float in [0, 1) a fraction of train.steps "
+                                            "(rounded).")
+    decay_steps: int | None = Field(None, gt=0,
+                                    description="cosine/linear: step where the decay reaches min_lr; default "
+                                                "train.steps.")
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: fraction of train.steps spent cooling down.")
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = Field("1-sqrt", description="wsd: shape of the cooldown.")
-    const_lr: float | None = Field(None, gt=0, validate_default=True, description="infinite_*: the constant LR (eta_const), between min_lr and max_lr; required for those styles.")
-    cooldown_end: float = Field(0.6, ge=0, le=1, description="infinite_*: end of the cooldown, as a fraction of train.steps.")
-    constant_end: float = Field(0.85, ge=0, le=1, description="infinite_*: end of the constant phase (start of the anneal); 1 never anneals.")
+    const_lr: float | None = Field(None, gt=0, validate_default=True,
+                                   description="infinite_*: the constant LR (eta_const), between min_lr and max_lr; "
+                                               "required for those styles.")
+    cooldown_end: float = Field(0.6, ge=0, le=1,
+                                description="infinite_*: end of the cooldown, as a fraction of train.steps.")
+    constant_end: float = Field(0.85, ge=0, le=1,
+                                description="infinite_*: end of the constant phase (start of the anneal); 1 never "
+                                            "anneals.")
     timescale: float = Field(10.0, gt=0, description="infinite_inv_sqrt: alpha of h(x) = 1/sqrt(1 + alpha x) - 1.")
-    meta: Literal["autoregressive_cosine", "autoregressive_rsqrt"] | None = Field(None, description="Lower each later stage's peak (FoMo-in-Flux meta schedules).")
+    meta: Literal["autoregressive_cosine", "autoregressive_rsqrt"] | None = Field(
+        None, description="Lower each later stage's peak (FoMo-in-Flux meta schedules).")
 
     # Checks that need no train.steps; megacpt.schedule.check_schedule does the ones that do. Field validators
     # (not a model validator) so that the error names the offending key, e.g. 'schedule.min_lr'.
@@ -168,7 +196,8 @@ class ScheduleConfig(Section):
     @classmethod
     def _fraction_below_one(cls, value: int | float) -> int | float:
         if isinstance(value, float) and value >= 1:
-            raise ValueError(f"a float is a fraction of train.steps and must be below 1, got {value}; give an int for a number of steps")
+            raise ValueError(f"a float is a fraction of train.steps and must be below 1, got {value}; give an int for "
+                             "a number of steps")
         return value
 
     @field_validator("const_lr")
@@ -186,7 +215,8 @@ class ScheduleConfig(Section):
     def _phases_in_order(cls, value: float, info: ValidationInfo) -> float:
         cooldown_end = info.data.get("cooldown_end")
         if cooldown_end is not None and value < cooldown_end:
-            raise ValueError(f"{value} is before schedule.cooldown_end {cooldown_end}; the phases end in order: cooldown_end <= constant_end <= 1")
+            raise ValueError(f"{value} is before schedule.cooldown_end {cooldown_end}; the phases end in order: "
+                             "cooldown_end <= constant_end <= 1")
         return value
 
 
@@ -198,33 +228,51 @@ class TrainConfig(Section):
     micro_batch_size: int = Field(1, gt=0, description="Samples per forward pass per rank.")
     seed: int = Field(1234, description="Seed of the weight initialisation and dropout.")
     log_interval: int = Field(10, gt=0, description="Steps between training records in metrics.jsonl and the console.")
-    eval_interval: int = Field(0, ge=0, description="Steps between evaluations on every validation set; 0 evaluates only at the end.")
+    eval_interval: int = Field(0, ge=0,
+                               description="Steps between evaluations on every validation set; 0 evaluates only at the "
+                                           "end.")
     eval_batches: int = Field(4, gt=0, description="Micro-batches per validation set per evaluation.")
     save_interval: int = Field(0, ge=0, description="Steps between checkpoints; 0 saves only at the end.")
-    activation_checkpointing: bool = Field(False, description="Recompute each layer in the backward pass (megatron-core full recompute).")
-    max_skipped_steps: int = Field(10, gt=0, description="Stop after this many consecutive steps with a non-finite loss or grad norm.")
+    activation_checkpointing: bool = Field(False,
+                                           description="Recompute each layer in the backward pass (megatron-core full "
+                                                       "recompute).")
+    max_skipped_steps: int = Field(10, gt=0,
+                                   description="Stop after this many consecutive steps with a non-finite loss or grad "
+                                               "norm.")
 
 
 class InitConfig(Section):
     """Where the weights come from: a fresh init, or a checkpoint as a new stage."""
 
     checkpoint: str | None = Field(None, description="A checkpoints folder (its `latest`) or one tag folder in it.")
-    mode: Literal["resume", "new_stage"] = Field("new_stage", description="'new_stage' starts a new schedule on the loaded weights; 'resume' continues that checkpoint's stage.")
-    load_optimizer: bool = Field(False, description="Keep Adam's moments and step counts from the checkpoint; LR, betas, eps and weight decay still come from this config.")
-    load_scheduler: bool = Field(False, description="Continue the checkpoint's schedule position instead of starting at t = 0.")
-    load_data_position: bool = Field(False, description="Continue the checkpoint's data position instead of starting the data at its beginning.")
+    mode: Literal["resume", "new_stage"] = Field(
+        "new_stage", description="'new_stage' starts a new schedule on the loaded weights; 'resume' continues that "
+                                 "checkpoint's stage.")
+    load_optimizer: bool = Field(False,
+                                 description="Keep Adam's moments and step counts from the checkpoint; LR, betas, eps "
+                                             "and weight decay still come from this config.")
+    load_scheduler: bool = Field(False,
+                                 description="Continue the checkpoint's schedule position instead of starting at t = "
+                                             "0.")
+    load_data_position: bool = Field(False,
+                                     description="Continue the checkpoint's data position instead of starting the data "
+                                                 "at its beginning.")
 
 
 class CheckpointConfig(Section):
     """Checkpoint retention."""
 
-    keep_last: int | None = Field(None, gt=0, description="Keep only the newest N tags (older ones are removed after a new one is complete).")
+    keep_last: int | None = Field(None, gt=0,
+                                  description="Keep only the newest N tags (older ones are removed after a new one is "
+                                              "complete).")
 
 
 class LoggingConfig(Section):
     """Where metrics go besides RUN_DIR/metrics.jsonl."""
 
-    tensorboard: bool = Field(False, description="Also write TensorBoard events to RUN_DIR/tensorboard (needs the 'tb' extra).")
+    tensorboard: bool = Field(False,
+                              description="Also write TensorBoard events to RUN_DIR/tensorboard (needs the 'tb' "
+                                          "extra).")
 
 
 class RunConfig(Section):
@@ -240,18 +288,24 @@ class RunConfig(Section):
     init: InitConfig = Field(default_factory=InitConfig, description="Initial weights and what else to load.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoint retention.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Extra metric sinks.")
-    deepspeed: dict[str, Any] = Field(default_factory=dict, description="Native DeepSpeed config; megacpt fills batch sizes, optimizer and defaults it derives.")
+    deepspeed: dict[str, Any] = Field(default_factory=dict,
+                                      description="Native DeepSpeed config; megacpt fills batch sizes, optimizer and "
+                                                  "defaults it derives.")
 
     @model_validator(mode="after")
     def _check_cross_section(self) -> "RunConfig":
         if self.parallel.pipeline != 1:
-            raise ValueError("parallel.pipeline > 1 is not supported; use parallel.tensor and ZeRO (deepspeed.zero_optimization.stage)")
+            raise ValueError("parallel.pipeline > 1 is not supported; use parallel.tensor and ZeRO "
+                             "(deepspeed.zero_optimization.stage)")
         if self.model.num_attention_heads % self.parallel.tensor:
-            raise ValueError(f"model.num_attention_heads {self.model.num_attention_heads} is not divisible by parallel.tensor {self.parallel.tensor}")
+            raise ValueError(f"model.num_attention_heads {self.model.num_attention_heads} is not divisible by "
+                             f"parallel.tensor {self.parallel.tensor}")
         if self.model.ffn_hidden_size % self.parallel.tensor:
-            raise ValueError(f"model.ffn_hidden_size {self.model.ffn_hidden_size} is not divisible by parallel.tensor {self.parallel.tensor}")
+            raise ValueError(f"model.ffn_hidden_size {self.model.ffn_hidden_size} is not divisible by parallel.tensor "
+                             f"{self.parallel.tensor}")
         if self.train.global_batch_size % self.train.micro_batch_size:
-            raise ValueError(f"train.global_batch_size {self.train.global_batch_size} is not a multiple of train.micro_batch_size {self.train.micro_batch_size}")
+            raise ValueError(f"train.global_batch_size {self.train.global_batch_size} is not a multiple of "
+                             f"train.micro_batch_size {self.train.micro_batch_size}")
         if self.init.mode == "resume" and self.init.checkpoint is None:
             raise ValueError("init.mode 'resume' needs init.checkpoint")
         return self

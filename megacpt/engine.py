@@ -33,10 +33,12 @@ def derived_deepspeed_config(config: RunConfig, data_parallel: int) -> dict:
     }
     for key, value in derived.items():
         if key in ds and ds[key] != value:
-            raise ConfigError(f"deepspeed.{key}", f"is {ds[key]} but train.* gives {value}; set batch sizes in 'train' only")
+            raise ConfigError(f"deepspeed.{key}",
+                              f"is {ds[key]} but train.* gives {value}; set batch sizes in 'train' only")
         ds[key] = value
     if "scheduler" in ds:
-        raise ConfigError("deepspeed.scheduler", "megacpt's 'schedule' section sets the LR; remove DeepSpeed's scheduler")
+        raise ConfigError("deepspeed.scheduler",
+                          "megacpt's 'schedule' section sets the LR; remove DeepSpeed's scheduler")
     optimizer = ds.setdefault("optimizer", copy.deepcopy(DEFAULT_OPTIMIZER))
     if str(optimizer.get("type", "")).lower() not in ("adamw", "adam"):
         raise ConfigError("deepspeed.optimizer.type", f"'{optimizer.get('type')}' is not supported; use AdamW")

@@ -61,7 +61,8 @@ def _tensorboard_writer(path: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise UserError("logging.tensorboard is true but tensorboard is not installed (pip install 'megacpt[tb]')") from None
+        raise UserError("logging.tensorboard is true but tensorboard is not installed "
+                        "(pip install 'megacpt[tb]')") from None
     return SummaryWriter(str(path))
 
 

@@ -63,7 +63,8 @@ def meta_peak(schedule: ScheduleConfig, steps: int, stage_index: int) -> float:
         decay = steps - warmup
         progress = (stage_index * decay + 1) / ((stage_index + 1) * decay)
         return _between(schedule.min_lr, schedule.max_lr, _cosine_shape(progress))
-    return _between(schedule.min_lr, schedule.max_lr, math.sqrt((stage_index + 1) * warmup / (stage_index * steps + warmup)))
+    return _between(schedule.min_lr, schedule.max_lr,
+                    math.sqrt((stage_index + 1) * warmup / (stage_index * steps + warmup)))
 
 
 def lr_at(schedule: ScheduleConfig, steps: int, t: int, stage_index: int = 0) -> float:
@@ -88,21 +89,28 @@ def check_schedule(schedule: ScheduleConfig, steps: int) -> None:
     if warmup >= steps:
         raise ConfigError("schedule.warmup", f"{warmup} warmup steps must be fewer than train.steps ({steps})")
     if warmup == 0 and (schedule.style == "inverse_sqrt" or schedule.meta == "autoregressive_rsqrt"):
-        raise ConfigError("schedule.warmup", "must be > 0 for inverse_sqrt and autoregressive_rsqrt: they scale the LR by sqrt(W / ...), which is 0 when W = 0")
+        raise ConfigError("schedule.warmup", "must be > 0 for inverse_sqrt and autoregressive_rsqrt: they scale the LR "
+                                             "by sqrt(W / ...), which is 0 when W = 0")
     if schedule.style in ("cosine", "linear") and decay_end(schedule, steps) <= warmup:
-        raise ConfigError("schedule.decay_steps", f"{decay_end(schedule, steps)} must be larger than the {warmup} warmup steps")
+        raise ConfigError("schedule.decay_steps",
+                          f"{decay_end(schedule, steps)} must be larger than the {warmup} warmup steps")
     if schedule.style == "wsd":
         start = cooldown_start(schedule, steps)
         if start == steps:
-            raise ConfigError("schedule.decay_fraction", f"{schedule.decay_fraction} x train.steps ({steps}) rounds to 0 cooldown steps")
+            raise ConfigError("schedule.decay_fraction",
+                              f"{schedule.decay_fraction} x train.steps ({steps}) rounds to 0 cooldown steps")
         if start < warmup:
-            raise ConfigError("schedule.decay_fraction", f"the cooldown would start at step {start}, before the {warmup} warmup steps end")
+            raise ConfigError("schedule.decay_fraction",
+                              f"the cooldown would start at step {start}, before the {warmup} warmup steps end")
     if schedule.style in INFINITE_STYLES:
         cooldown_end, constant_end = infinite_phase_ends(schedule, steps)
         if cooldown_end < warmup:
-            raise ConfigError("schedule.cooldown_end", f"the cooldown would end at step {cooldown_end}, before the {warmup} warmup steps end")
+            raise ConfigError("schedule.cooldown_end",
+                              f"the cooldown would end at step {cooldown_end}, before the {warmup} warmup steps end")
         if constant_end < steps and schedule.min_lr == 0:
-            raise ConfigError("schedule.min_lr", "must be > 0 when an infinite schedule anneals (constant_end < 1): the anneal is geometric, const_lr x (min_lr / const_lr) ** p")
+            raise ConfigError("schedule.min_lr",
+                              "must be > 0 when an infinite schedule anneals (constant_end < 1): the anneal is "
+                              "geometric, const_lr x (min_lr / const_lr) ** p")
 
 
 # ------------------------------------------------------------------------------ the phases after warmup
@@ -224,14 +232,16 @@ class StageScheduler:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able: t and the stage index, plus T and the schedule for the record."""
-        return {"t": self.t, "stage_index": self.stage_index, "steps": self.steps, "schedule": self.schedule.model_dump(mode="json")}
+        return {"t": self.t, "stage_index": self.stage_index, "steps": self.steps,
+                "schedule": self.schedule.model_dump(mode="json")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume the saved stage at its t. The current config's schedule and T stay in force: a resumed run
         may change them (e.g. more train.steps), and the saved ones are only a record."""
         t, stage_index = state.get("t"), state.get("stage_index")
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (t, stage_index)):
-            raise UserError(f"scheduler state in the checkpoint must hold integers t >= 0 and stage_index >= 0, got t={t!r}, stage_index={stage_index!r}")
+            raise UserError("scheduler state in the checkpoint must hold integers t >= 0 and stage_index >= 0, got "
+                            f"t={t!r}, stage_index={stage_index!r}")
         self.t = t
         self.stage_index = stage_index
         self.apply()

@@ -89,7 +89,8 @@ def train(config: RunConfig) -> None:
 
     metrics = MetricsWriter(run_dir, world.is_main, config.logging.tensorboard)
     params = sum(p.numel() for p in model.parameters()) * world.tensor_size
-    metrics.print(f"stage {stage['index']} ({stage['name']}): {config.train.steps} steps x {config.train.global_batch_size} "
+    metrics.print(f"stage {stage['index']} ({stage['name']}): {config.train.steps} steps x "
+                  f"{config.train.global_batch_size} "
                   f"samples x {config.model.seq_length} tokens; {params / 1e6:.1f}M parameters; world {world.size} "
                   f"(tensor {world.tensor_size} x data {world.data_size}{cpu_threads(world)}); "
                   f"{'resuming ' if plan and plan.resume else 'from '}{plan.tag_dir if plan else 'fresh weights'}")
@@ -198,7 +199,8 @@ class TrainingLoop:
                 raise UserError(
                     f"{self.guard.skipped_in_a_row} consecutive steps up to step {done} had a non-finite loss or "
                     f"gradient (train.max_skipped_steps = {cfg.max_skipped_steps}); stopping without saving. The last "
-                    f"good checkpoint in {checkpoint.checkpoint_dir(self.config.run_dir)} is kept; lower schedule.max_lr "
+                    f"good checkpoint in {checkpoint.checkpoint_dir(self.config.run_dir)} is kept; lower "
+                    "schedule.max_lr "
                     f"or check the data")
             if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.steps:
                 self.evaluate(done)
@@ -229,7 +231,8 @@ class TrainingLoop:
                                     self.config.train.micro_batch_size, self.world.data_rank,
                                     self.world.data_size, self.world.device, _dp_group())
         if results:
-            self.metrics.write({"step": step, "stage": self.stages[-1]["index"], "tokens": self.total_tokens(), "eval": results})
+            self.metrics.write({"step": step, "stage": self.stages[-1]["index"], "tokens": self.total_tokens(),
+                                "eval": results})
             self.metrics.print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
         return results
 

@@ -50,7 +50,8 @@ def deepspeed_launch(num_procs: int, target: list[str], module: bool = True, tim
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, (f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n"
+                                    f"--- stderr\n{result.stderr[-6000:]}")
 
 
 def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> int:

@@ -2,11 +2,12 @@
 
 import pytest
 
-from datagen import read_metrics, tiny_config, write_config, write_indexed
 from megacpt.cli import main
 from megacpt.config import validate_config
 from megacpt.data.datasets import blend_weights, build_train_dataset
 from megacpt.data.loader import BatchStream
+
+from datagen import read_metrics, tiny_config, write_config, write_indexed
 
 
 def _data(pattern_data, fraction, new_weight=1.0):
@@ -62,8 +63,8 @@ def test_no_replay_sample_appears_with_fraction_zero(tmp_path, world, pattern_da
     dataset = build_train_dataset(config.data, 200, 64, str(tmp_path / "cache"), 256, -1)
     assert dataset.samples_per_source(200) == {"new": 200}
     new_only = {tuple(dataset[i]["tokens"][:8].tolist()) for i in range(200)}
-    a_only = build_train_dataset(validate_config(tiny_config(tmp_path / "r2", [{"name": "new", "prefix": pattern_data["a"]}])).data,
-                                 200, 64, str(tmp_path / "cache"), 256, -1)
+    a_config = validate_config(tiny_config(tmp_path / "r2", [{"name": "new", "prefix": pattern_data["a"]}]))
+    a_only = build_train_dataset(a_config.data, 200, 64, str(tmp_path / "cache"), 256, -1)
     assert new_only == {tuple(a_only[i]["tokens"][:8].tolist()) for i in range(200)}
 
 
@@ -150,7 +151,8 @@ def test_seen_only_replays_only_samples_the_earlier_stage_trained_on(tmp_path, p
 
     config.data.replay.seen_only = False
     anything = build_train_dataset(config.data, 200, 64, cache, 256, -1, history)
-    assert not {tuple(anything[i]["tokens"].tolist()) for i in range(200) if anything.source_index[i] == 1} <= trained_on
+    replayed = {tuple(anything[i]["tokens"].tolist()) for i in range(200) if anything.source_index[i] == 1}
+    assert not replayed <= trained_on
 
 
 def test_seen_only_without_a_history_that_says_is_an_error(tmp_path, pattern_data, capsys):

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from megacpt.cli import main
+
 from datagen import read_metrics, tiny_config, write_config
 from launch import assert_ok, clean_env, deepspeed_launch, free_port, run_megacpt, wait_for_step
-from megacpt.cli import main
 
 BETA1, BETA2 = 0.9, 0.95
 
@@ -75,8 +76,10 @@ def test_sigterm_saves_the_current_step_and_exits_0_then_the_rerun_continues(tmp
 
 @pytest.mark.launcher
 def test_kill_9_then_rerun_is_bit_exact_under_the_launcher(tmp_path, pattern_data):
-    cfg = write_config(tmp_path / "c.json", _config(tmp_path, "run", pattern_data, train={"steps": 16, "save_interval": 6}))
-    straight_cfg = write_config(tmp_path / "s.json", _config(tmp_path, "straight", pattern_data, train={"steps": 16, "save_interval": 6}))
+    cfg = write_config(tmp_path / "c.json",
+                       _config(tmp_path, "run", pattern_data, train={"steps": 16, "save_interval": 6}))
+    straight_cfg = write_config(tmp_path / "s.json",
+                                _config(tmp_path, "straight", pattern_data, train={"steps": 16, "save_interval": 6}))
     assert_ok(deepspeed_launch(2, ["megacpt", "train", straight_cfg]))
     launcher = str(Path(sys.executable).with_name("deepspeed"))
     proc = _start([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "megacpt", "train", cfg])
@@ -106,7 +109,8 @@ def stage0(tmp_path_factory, pattern_data):
 
 @pytest.mark.parametrize("load_optimizer", [False, True])
 def test_new_stage_keeps_or_drops_adams_moments(tmp_path, pattern_data, stage0, load_optimizer):
-    config = _config(tmp_path, "stage1", pattern_data, train={"steps": 1}, schedule={"style": "constant", "max_lr": 1e-3, "warmup": 0},
+    config = _config(tmp_path, "stage1", pattern_data, train={"steps": 1},
+                     schedule={"style": "constant", "max_lr": 1e-3, "warmup": 0},
                      init={"checkpoint": str(stage0), "mode": "new_stage", "load_optimizer": load_optimizer})
     assert main(["train", write_config(tmp_path / "c.json", config)]) == 0
     before = _adam_state(stage0 / "step00000005")
@@ -120,7 +124,8 @@ def test_new_stage_keeps_or_drops_adams_moments(tmp_path, pattern_data, stage0, 
     if not load_optimizer:  # after one step from zero moments, exp_avg is exactly (1 - beta1) x grad
         first = after[0]
         assert not torch.equal(first["exp_avg"], before[0]["exp_avg"])
-    history = json.loads((tmp_path / "stage1" / "checkpoints" / "step00000001" / "megacpt_state.json").read_text())["stages"]
+    state_file = tmp_path / "stage1" / "checkpoints" / "step00000001" / "megacpt_state.json"
+    history = json.loads(state_file.read_text())["stages"]
     assert [s["index"] for s in history] == [0, 1] and history[0]["steps_done"] == 5
 
 
@@ -168,7 +173,8 @@ def test_keep_last_removes_older_tags_after_the_new_one_is_complete(tmp_path, pa
     ({"model": {"preset": "tiny", "hidden_size": 128}}, ["hidden_size: checkpoint 64 vs config 128"]),
     ({"parallel": {"tensor": 2}}, ["tensor_parallel: checkpoint 1 vs config 2", "reshard"]),
 ])
-def test_loading_a_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, pattern_data, stage0, capsys, change, words):
+def test_loading_a_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, pattern_data, stage0, capsys, change,
+                                                                       words):
     config = _config(tmp_path, "stage1", pattern_data, init={"checkpoint": str(stage0)}, **change)
     assert main(["train", write_config(tmp_path / "c.json", config)]) == 2
     err = capsys.readouterr().err
@@ -188,7 +194,8 @@ def test_load_optimizer_from_weights_without_optimizer_state_is_refused(tmp_path
     assert "init.load_optimizer" in capsys.readouterr().err
 
 
-def test_diverging_run_skips_non_finite_steps_then_stops_keeping_the_last_good_checkpoint(tmp_path, pattern_data, capsys):
+def test_diverging_run_skips_non_finite_steps_then_stops_keeping_the_last_good_checkpoint(tmp_path, pattern_data,
+                                                                                          capsys):
     config = _config(tmp_path, "run", pattern_data,
                      train={"steps": 30, "save_interval": 2, "max_skipped_steps": 3},
                      schedule={"style": "constant", "max_lr": 1e6, "warmup": 0},
@@ -218,7 +225,8 @@ def _optimizer_file_state(tag_dir: Path, zero: int) -> tuple[list[dict], list[tu
                          torch.cat([s["exp_avg"].flatten() for s in states]),
                          torch.cat([s["exp_avg_sq"].flatten() for s in states]), float(states[0]["step"])))
         return optimizer["param_groups"], flat
-    saved = torch.load(tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)["optimizer_state_dict"]
+    saved = torch.load(tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                       weights_only=False)["optimizer_state_dict"]
     base = saved["base_optimizer_state"]
     flat = []
     for i, group in enumerate(base["param_groups"]):
@@ -230,14 +238,18 @@ def _optimizer_file_state(tag_dir: Path, zero: int) -> tuple[list[dict], list[tu
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2])
-def test_kept_optimizer_takes_moments_from_the_checkpoint_and_hyperparameters_from_the_config(tmp_path, pattern_data, zero):
+def test_kept_optimizer_takes_moments_from_the_checkpoint_and_hyperparameters_from_the_config(tmp_path, pattern_data,
+                                                                                             zero):
     ds = {"zero_optimization": {"stage": zero}}
     stage0 = _config(tmp_path, "stage0", pattern_data, train={"steps": 3, "save_interval": 0}, deepspeed=ds)
     assert main(["train", write_config(tmp_path / "s0.json", stage0)]) == 0
     betas, eps, decay, lr = (0.8, 0.99), 1e-6, 0.05, 1e-3
-    stage1 = _config(tmp_path, "stage1", pattern_data, train={"steps": 1}, schedule={"style": "constant", "max_lr": lr, "warmup": 0},
+    stage1 = _config(tmp_path, "stage1", pattern_data, train={"steps": 1},
+                     schedule={"style": "constant", "max_lr": lr, "warmup": 0},
                      init={"checkpoint": str(tmp_path / "stage0" / "checkpoints"), "load_optimizer": True},
-                     deepspeed={**ds, "optimizer": {"type": "AdamW", "params": {"betas": list(betas), "eps": eps, "weight_decay": decay}}})
+                     deepspeed={**ds,
+                                "optimizer": {"type": "AdamW",
+                                              "params": {"betas": list(betas), "eps": eps, "weight_decay": decay}}})
     assert main(["train", write_config(tmp_path / "s1.json", stage1)]) == 0
     _, before = _optimizer_file_state(tmp_path / "stage0" / "checkpoints" / "step00000003", zero)
     groups, after = _optimizer_file_state(tmp_path / "stage1" / "checkpoints" / "step00000001", zero)

@@ -50,7 +50,8 @@ def test_paper_recipe(name):
     assert config.data.replay.fraction == replay
     assert (config.init.checkpoint is not None, config.init.mode) == (from_checkpoint, "new_stage")
     if style.startswith("infinite"):
-        assert (schedule.const_lr, schedule.cooldown_end, schedule.constant_end, schedule.timescale) == (1.65e-4, 0.6, 0.85, 10.0)
+        assert (schedule.const_lr, schedule.cooldown_end, schedule.constant_end,
+                schedule.timescale) == (1.65e-4, 0.6, 0.85, 10.0)
     if style == "wsd":
         assert (schedule.decay_fraction, schedule.decay_shape) == (0.2, "1-sqrt")
 

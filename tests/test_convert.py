@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from megacpt.cli import main
+from megacpt.tools import checkpoint_io
+
 from datagen import pattern_documents, read_metrics, tiny_config, write_config, write_indexed
 from launch import assert_ok, deepspeed_launch
-from megacpt.tools import checkpoint_io
-from megacpt.cli import main
 
 MODEL = dict(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
              max_position_embeddings=128, rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)
@@ -21,7 +22,8 @@ NEW_TOKENS = 32
 
 
 def save_hf(path: Path, seed: int, form: str = "safetensors", **overrides) -> Path:
-    """A random GPTNeoXForCausalLM saved as one safetensors file (float32 or bfloat16), sharded safetensors or a .bin."""
+    """A random GPTNeoXForCausalLM saved as one safetensors file (float32 or bfloat16), sharded safetensors or a
+    .bin."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
@@ -95,12 +97,14 @@ def test_hf_to_megacpt_to_hf_gives_back_every_tensor(tmp_path, capsys, form, tp)
     state = json.loads((tag / "megacpt_state.json").read_text())
     assert state["has_optimizer"] is False and len(state["stages"]) == 1
     assert state["model"] == {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "ffn_hidden_size": 256,
-                              "padded_vocab_size": 256, "rotary_pct": 0.25, "parallel_residual": True, "tensor_parallel": tp}
+                              "padded_vocab_size": 256, "rotary_pct": 0.25, "parallel_residual": True,
+                              "tensor_parallel": tp}
 
     assert cli("convert", "megacpt-to-hf", "--checkpoint", tmp_path / "ckpt", "--output", tmp_path / "back") == 0
     back = load_hf(tmp_path / "back")
     assert back.config.vocab_size == 200
-    assert json.loads((tmp_path / "back" / "config.json").read_text())["dtype"] == ("bfloat16" if form == "bf16" else "float32")
+    saved_dtype = json.loads((tmp_path / "back" / "config.json").read_text())["dtype"]
+    assert saved_dtype == ("bfloat16" if form == "bf16" else "float32")
     assert_same_tensors(back.state_dict(), load_hf(source).state_dict())
 
 
@@ -113,9 +117,11 @@ def test_tokenizer_files_travel_with_the_checkpoint(tmp_path, capsys, hf_dir, hf
     assert cli("convert", "hf-to-megacpt", "--hf", source, "--output", tmp_path / "ckpt", "--no-verify") == 0
     shutil.rmtree(source)  # the checkpoint keeps its own copy
     state = json.loads((tmp_path / "ckpt" / "step00000000" / "megacpt_state.json").read_text())
-    assert state["tokenizer"] == {"type": "hf", "path": str(tmp_path / "ckpt" / "step00000000" / "tokenizer" / "tokenizer.json")}
+    assert state["tokenizer"] == {"type": "hf",
+                                  "path": str(tmp_path / "ckpt" / "step00000000" / "tokenizer" / "tokenizer.json")}
 
-    assert cli("convert", "megacpt-to-hf", "--checkpoint", tmp_path / "ckpt", "--output", tmp_path / "back", "--no-verify") == 0
+    assert cli("convert", "megacpt-to-hf", "--checkpoint", tmp_path / "ckpt", "--output", tmp_path / "back",
+               "--no-verify") == 0
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "back")
     assert tokenizer.decode(tokenizer("model data")["input_ids"]) == "model data"
     eod = tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -291,7 +297,8 @@ def test_a_folder_without_megacpt_state_is_refused(tmp_path, capsys, hf_dir):
     for command in (["convert", "megacpt-to-hf", "--checkpoint", hf_dir],
                     ["reshard", "--checkpoint", hf_dir, "--tp", 2],
                     ["generate", "--checkpoint", hf_dir, "--prompt-ids", "1", "--max-new-tokens", 1]):
-        err = fails_cleanly(capsys, tmp_path, *command, *(["--output", tmp_path / "out"] if command[0] != "generate" else []))
+        err = fails_cleanly(capsys, tmp_path, *command,
+                            *(["--output", tmp_path / "out"] if command[0] != "generate" else []))
         assert "megacpt_state.json" in err
 
 
@@ -304,9 +311,11 @@ def test_merging_different_architectures_is_refused(tmp_path, capsys, converted)
 
 
 def test_merge_weights_must_be_one_per_checkpoint_and_sum_to_one(tmp_path, capsys, converted):
-    err = fails_cleanly(capsys, tmp_path, "merge", "--checkpoints", converted, converted, "--weights", 0.5, 0.6, "--output", tmp_path / "m")
+    err = fails_cleanly(capsys, tmp_path, "merge", "--checkpoints", converted, converted, "--weights", 0.5, 0.6,
+                        "--output", tmp_path / "m")
     assert "sum to 1.1" in err
-    err = fails_cleanly(capsys, tmp_path, "merge", "--checkpoints", converted, converted, "--weights", 1, "--output", tmp_path / "m")
+    err = fails_cleanly(capsys, tmp_path, "merge", "--checkpoints", converted, converted, "--weights", 1, "--output",
+                        tmp_path / "m")
     assert "1 weights for 2 checkpoints" in err
 
 
@@ -321,7 +330,9 @@ def test_an_existing_output_is_kept_unless_overwrite(tmp_path, capsys, converted
 
 
 def test_generate_refuses_text_without_a_tokenizer_and_ids_outside_the_vocabulary(tmp_path, capsys, converted):
-    err = fails_cleanly(capsys, tmp_path, "generate", "--checkpoint", converted, "--prompt", "hi", "--max-new-tokens", 4)
+    err = fails_cleanly(capsys, tmp_path, "generate", "--checkpoint", converted, "--prompt", "hi", "--max-new-tokens",
+                        4)
     assert "--prompt-ids" in err
-    err = fails_cleanly(capsys, tmp_path, "generate", "--checkpoint", converted, "--prompt-ids", "1,200", "--max-new-tokens", 4)
+    err = fails_cleanly(capsys, tmp_path, "generate", "--checkpoint", converted, "--prompt-ids", "1,200",
+                        "--max-new-tokens", 4)
     assert "[200]" in err

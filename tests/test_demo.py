@@ -5,10 +5,11 @@ import time
 
 import pytest
 
-from launch import assert_ok, run_megacpt
 from megacpt.config import load_config
 from megacpt.demo.configs import ARMS
 from megacpt.demo.corpora import chunk, docstrings_text, is_validation, strip_code
+
+from launch import assert_ok, run_megacpt
 
 SOURCE = '''"""Module docstring."""
 import os  # a comment

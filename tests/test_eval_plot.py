@@ -8,15 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from megacpt.cli import main
+
 from datagen import read_metrics, tiny_config, write_config
 from launch import assert_ok, deepspeed_launch
-from megacpt.cli import main
 
 
 def _config(tmp_path: Path, name: str, pattern_data: dict, **sections) -> dict:
     """A tiny stage on dataset 'a' (or 'b') with two validation sets and TensorBoard on."""
     source = sections.pop("source", "a")
-    sections["train"] = {"steps": 6, "eval_interval": 3, "save_interval": 3, "log_interval": 1, **sections.get("train", {})}
+    sections["train"] = {"steps": 6, "eval_interval": 3, "save_interval": 3, "log_interval": 1,
+                         **sections.get("train", {})}
     return tiny_config(tmp_path / name, [{"name": source, "prefix": pattern_data[source]}],
                        data={"validation": [{"name": "a_val", "prefix": pattern_data["a"]},
                                             {"name": "b_val", "prefix": pattern_data["b"]}]},
@@ -66,12 +68,14 @@ def test_eval_equals_the_training_loops_evaluation_at_the_same_step(runs, capsys
 
 def test_eval_data_picks_or_adds_validation_sets_and_batches_changes_the_sample_count(runs, capsys, pattern_data):
     checkpoint = runs["stage0"] / "checkpoints" / "step00000006"
-    report = _eval_json(capsys, runs["config0"], "--checkpoint", checkpoint, "--data", "b_val", f"noise={pattern_data['noise']}")
+    report = _eval_json(capsys, runs["config0"], "--checkpoint", checkpoint, "--data", "b_val",
+                        f"noise={pattern_data['noise']}")
     assert list(report["results"]) == ["b_val", "noise"]
     assert report["results"]["b_val"]["loss"] == pytest.approx(_evals(runs["stage0"])[6]["b_val"], rel=1e-6, abs=0)
     assert report["results"]["noise"]["loss"] > math.log(256) - 1  # random tokens stay near uniform
     fewer = _eval_json(capsys, runs["config0"], "--checkpoint", checkpoint, "--data", "a_val", "--batches", "1")
-    assert fewer["batches"] == 1 and fewer["results"]["a_val"]["loss"] != pytest.approx(_evals(runs["stage0"])[6]["a_val"])
+    assert fewer["batches"] == 1
+    assert fewer["results"]["a_val"]["loss"] != pytest.approx(_evals(runs["stage0"])[6]["a_val"])
 
 
 def _fails(capsys, *args) -> str:
@@ -95,7 +99,8 @@ def test_eval_refuses_a_checkpoint_of_another_architecture(runs, capsys):
 def test_eval_refuses_a_missing_checkpoint_and_a_config_without_validation_sets(runs, capsys, tmp_path, pattern_data):
     err = _fails(capsys, "eval", runs["config0"], "--checkpoint", tmp_path / "nowhere")
     assert "--checkpoint" in err and str(tmp_path / "nowhere") in err
-    bare = write_config(tmp_path / "bare.json", tiny_config(tmp_path / "run", [{"name": "a", "prefix": pattern_data["a"]}]))
+    bare = write_config(tmp_path / "bare.json",
+                        tiny_config(tmp_path / "run", [{"name": "a", "prefix": pattern_data["a"]}]))
     err = _fails(capsys, "eval", bare, "--checkpoint", runs["stage0"] / "checkpoints")
     assert "data.validation" in err and "--data" in err
 
@@ -106,7 +111,8 @@ def test_eval_under_the_launcher_equals_the_loops_evaluation(runs, tmp_path, lay
     """TP 2: the resharded step-6 weights. DP 2: two ranks of 2 micro-batches read the one process's 4."""
     out = tmp_path / "eval.json"
     if layout == "tp2":
-        assert main(["reshard", "--checkpoint", str(runs["stage0"] / "checkpoints"), "--tp", "2", "--output", str(tmp_path / "tp2")]) == 0
+        assert main(["reshard", "--checkpoint", str(runs["stage0"] / "checkpoints"), "--tp", "2", "--output",
+                     str(tmp_path / "tp2")]) == 0
         args, step = ["--checkpoint", str(tmp_path / "tp2"), "--set", "parallel.tensor=2"], 6
     else:
         args, step = ["--checkpoint", str(runs["stage0"] / "checkpoints" / "step00000003"), "--batches", "2"], 3
@@ -136,7 +142,8 @@ def test_plot_draws_every_run_with_its_earlier_stages(runs):
     assert list(stage1_lr.get_xdata()[:6]) == list(stage0_lr.get_xdata())
     _, stage1_b = (line for line in loss_axes[1].get_lines() if line.get_gid() == "run")
     evals0, evals1 = _evals(runs["stage0"]), _evals(runs["stage1"])
-    assert list(stage1_b.get_ydata()) == [evals0[3]["b_val"], evals0[6]["b_val"], evals1[2]["b_val"], evals1[4]["b_val"]]
+    assert list(stage1_b.get_ydata()) == [evals0[3]["b_val"], evals0[6]["b_val"], evals1[2]["b_val"],
+                                          evals1[4]["b_val"]]
 
 
 def test_plot_command_writes_a_png_and_the_table_of_final_losses(runs, tmp_path, capsys):
@@ -160,7 +167,8 @@ def _fake_stage(run_dir: Path, init: Path | None, steps: int, tokens_before: int
     for step in range(1, steps + 1):
         records.append({"step": step, "lr": 0.1 * step, "loss": 1.0, "tokens": tokens_before + 100 * step})
         if step % 2 == 0:
-            records.append({"step": step, "tokens": tokens_before + 100 * step, "eval": {"x": float(len(history) * 10 + step)}})
+            records.append({"step": step, "tokens": tokens_before + 100 * step,
+                            "eval": {"x": float(len(history) * 10 + step)}})
     records.insert(2, {**records[2], "lr": -1.0})  # a first log of step 2, replaced by the later one
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -168,7 +176,8 @@ def _fake_stage(run_dir: Path, init: Path | None, steps: int, tokens_before: int
         tag = run_dir / "checkpoints" / f"step{step:08d}"
         tag.mkdir(parents=True)
         entry = {"run_dir": str(run_dir), "steps_done": step, "global_batch_size": 10, "seq_length": 10}
-        (tag / "megacpt_state.json").write_text(json.dumps({"format": 1, "step": step, "tokens": tokens_before + 100 * step,
+        (tag / "megacpt_state.json").write_text(json.dumps({"format": 1, "step": step,
+                                                            "tokens": tokens_before + 100 * step,
                                                             "stages": history + [entry]}))
 
 
@@ -176,7 +185,8 @@ def test_plot_follows_a_three_stage_history_to_the_steps_each_next_stage_started
     from megacpt.evaluation.plot import build_figure, format_table, stage_history
 
     stage = {"global_batch_size": 10, "seq_length": 10}
-    r0, r1 = {**stage, "run_dir": str(tmp_path / "r0"), "steps_done": 4}, {**stage, "run_dir": str(tmp_path / "r1"), "steps_done": 2}
+    r0 = {**stage, "run_dir": str(tmp_path / "r0"), "steps_done": 4}
+    r1 = {**stage, "run_dir": str(tmp_path / "r1"), "steps_done": 2}
     _fake_stage(tmp_path / "r0", None, 4, 0, [])
     _fake_stage(tmp_path / "r1", tmp_path / "r0" / "checkpoints" / "step00000004", 4, 400, [r0])
     _fake_stage(tmp_path / "r2", tmp_path / "r1" / "checkpoints" / "step00000002", 2, 600, [r0, r1])
@@ -234,7 +244,8 @@ def test_tensorboard_gets_the_metrics_scalars_and_a_text_event_at_each_stage_sta
             assert [s.value for s in scalars] == pytest.approx([train[s.step][tag] for s in scalars], rel=1e-6)
         for val in ("a_val", "b_val"):
             assert [s.step for s in events.Scalars(f"eval/{val}")] == eval_steps
-        assert [s.value for s in events.Scalars("eval/b_val")] == pytest.approx([_evals(runs[name])[s]["b_val"] for s in eval_steps])
+        logged = [_evals(runs[name])[s]["b_val"] for s in eval_steps]
+        assert [s.value for s in events.Scalars("eval/b_val")] == pytest.approx(logged)
         (text,) = events.Tensors("events/text_summary")
         start = json.loads(text.tensor_proto.string_val[0].decode())
         assert text.step == 0 and start["event"] == "stage_start" and start["stage"] == int(name[-1])

@@ -12,9 +12,10 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # read when `datasets` is imported: nothing is downloaded
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from megacpt.cli import main
+
 from datagen import tiny_config, write_config
 from launch import assert_ok, run_python
-from megacpt.cli import main
 
 TASKS = ("megacpt_words_mc", "megacpt_words_gen", "megacpt_words_ppl")
 WORDS = "model data token train loss step batch layer rotary replay stage warmup cosine decay".split()
@@ -31,10 +32,12 @@ def write_tasks(folder: Path) -> Path:
     specs = {
         "megacpt_words_mc": 'output_type: multiple_choice\ndoc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\n'
                             'doc_to_target: "{{label}}"\nmetric_list:\n  - metric: acc\n',
-        "megacpt_words_gen": 'output_type: generate_until\ndoc_to_text: "{{context}}"\ndoc_to_target: "{{choices[label]}}"\n'
+        "megacpt_words_gen": 'output_type: generate_until\ndoc_to_text: "{{context}}"\ndoc_to_target: '
+                             '"{{choices[label]}}"\n'
                              'generation_kwargs:\n  until: [".", "ve na"]\n  max_gen_toks: 8\n  do_sample: false\n'
                              'metric_list:\n  - metric: exact_match\n',
-        "megacpt_words_ppl": 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{context}}{{choices[label]}}"\n'
+        "megacpt_words_ppl": 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: '
+                             '"{{context}}{{choices[label]}}"\n'
                              'metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n',
     }
     for task, spec in specs.items():
@@ -73,19 +76,22 @@ def _hf_reference(trained) -> dict:
 def test_adapter_gives_the_numbers_of_lm_evals_hf_model_on_the_converted_checkpoint(trained, capsys):
     out = trained["folder"] / "ours.json"
     assert main(["lm-eval", "--checkpoint", str(trained["checkpoint"]), "--tasks", ",".join(TASKS), "--include-path",
-                 str(trained["tasks"]), "--only-include-path", "--batch-size", "3", "--log-samples", "--output", str(out)]) == 0
+                 str(trained["tasks"]), "--only-include-path", "--batch-size", "3", "--log-samples", "--output",
+                 str(out)]) == 0
     assert "megacpt_words_mc" in capsys.readouterr().out
     ours, hf = json.loads(out.read_text()), _hf_reference(trained)
 
     assert ours["results"]["megacpt_words_mc"]["acc,none"] == hf["results"]["megacpt_words_mc"]["acc,none"]
     for mine, theirs in zip(ours["samples"]["megacpt_words_mc"], hf["samples"]["megacpt_words_mc"], strict=True):
-        for (score, greedy), (hf_score, hf_greedy) in zip((r[0] for r in mine["resps"]), (r[0] for r in theirs["resps"])):
+        for (score, greedy), (hf_score, hf_greedy) in zip((r[0] for r in mine["resps"]),
+                                                          (r[0] for r in theirs["resps"])):
             assert score == pytest.approx(hf_score, abs=1e-4) and greedy == hf_greedy
     generated = [s["resps"][0][0] for s in ours["samples"]["megacpt_words_gen"]]
     assert generated == [s["resps"][0][0] for s in hf["samples"]["megacpt_words_gen"]]
     assert any(generated) and all(len(text) < 60 for text in generated)  # some text, cut by the stop sequences
     for metric in ("word_perplexity,none", "bits_per_byte,none"):
-        assert ours["results"]["megacpt_words_ppl"][metric] == pytest.approx(hf["results"]["megacpt_words_ppl"][metric], rel=1e-5)
+        assert ours["results"]["megacpt_words_ppl"][metric] == pytest.approx(hf["results"]["megacpt_words_ppl"][metric],
+                                                                             rel=1e-5)
 
 
 def test_lm_evals_own_command_line_runs_the_registered_model(trained):
@@ -98,7 +104,8 @@ def test_lm_evals_own_command_line_runs_the_registered_model(trained):
 
 def test_unknown_tasks_and_checkpoints_without_a_tokenizer_are_refused(trained, tmp_path, capsys):
     local = ["--include-path", str(trained["tasks"]), "--only-include-path"]
-    assert main(["lm-eval", "--checkpoint", str(trained["checkpoint"]), *local, "--tasks", "megacpt_words_mc,no_such_task"]) == 2
+    assert main(["lm-eval", "--checkpoint", str(trained["checkpoint"]), *local, "--tasks",
+                 "megacpt_words_mc,no_such_task"]) == 2
     err = capsys.readouterr().err
     assert "unknown lm-eval task(s) no_such_task" in err and "Traceback" not in err
 

@@ -13,14 +13,16 @@ from megacpt.prediction.losslaw import Curve, annealing_area, area, effective_lr
 from megacpt.schedule import lr_at
 
 
-def schedule_lrs(style: str, steps: int, max_lr: float = 1e-3, min_lr: float = 1e-4, warmup: int = 20, **keys) -> np.ndarray:
+def schedule_lrs(style: str, steps: int, max_lr: float = 1e-3, min_lr: float = 1e-4, warmup: int = 20,
+                 **keys) -> np.ndarray:
     schedule = ScheduleConfig(style=style, max_lr=max_lr, min_lr=min_lr, warmup=warmup, **keys)
     return np.array([lr_at(schedule, steps, t) for t in range(steps)])
 
 
 def noisy(law: str, truth: dict, curve: Curve, noise: float, rng: np.random.Generator) -> Curve:
     clean = predict(law, truth, curve)
-    return Curve(curve.lrs, curve.steps, clean * (1 + noise * rng.standard_normal(len(clean))), curve.shift_start, curve.replay)
+    return Curve(curve.lrs, curve.steps, clean * (1 + noise * rng.standard_normal(len(clean))), curve.shift_start,
+                 curve.replay)
 
 
 def assert_within(found: dict, truth: dict, tolerance: float) -> None:
@@ -110,7 +112,8 @@ def write_run(run_dir: Path, lrs: np.ndarray, evals: dict[int, dict], stage: int
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def run_config(run_dir: Path, schedule: dict, steps: int, source: str, init: str | None = None, replay: float = 0.0) -> dict:
+def run_config(run_dir: Path, schedule: dict, steps: int, source: str, init: str | None = None,
+               replay: float = 0.0) -> dict:
     data = {"sources": [{"name": source, "prefix": f"/data/{source}"}]}
     if replay:
         data["replay"] = {"fraction": replay, "sources": [{"name": "old", "prefix": "/data/old"}]}
@@ -125,7 +128,8 @@ def save_state(run_dir: Path, step: int, stages: list[dict]) -> Path:
     """A checkpoint tag holding only megacpt_state.json: all the loss laws read of a checkpoint."""
     tag = checkpoint.checkpoint_dir(run_dir) / checkpoint.tag_name(step)
     tag.mkdir(parents=True)
-    (tag / checkpoint.STATE_FILE).write_text(json.dumps({"format": checkpoint.STATE_FORMAT, "step": step, "stages": stages}))
+    (tag / checkpoint.STATE_FILE).write_text(json.dumps({"format": checkpoint.STATE_FORMAT, "step": step,
+                                                         "stages": stages}))
     (tag.parent / checkpoint.LATEST).write_text(tag.name)
     return tag
 
@@ -169,13 +173,15 @@ def test_predict_writes_each_planned_stage_and_its_final_loss(tmp_path, capsys):
         path.write_text(json.dumps(run_config(tmp_path / name, schedule, 100, "old", init=tag)))
         configs.append(str(path))
     csv, png = tmp_path / "pred.csv", tmp_path / "pred.png"
-    assert main(["predict", "--constants", str(fit_file), "--predict", *configs, "--csv", str(csv), "--plot", str(png)]) == 0
+    assert main(["predict", "--constants", str(fit_file), "--predict", *configs, "--csv", str(csv), "--plot",
+                 str(png)]) == 0
     rows = csv.read_text().splitlines()
     assert rows[0] == "config,step,lr,loss" and len(rows) == 1 + 2 * 100
     assert png.stat().st_size > 0
     out = capsys.readouterr().out
     assert f"{configs[0]}: predicted final val loss" in out and f"{configs[1]}: predicted final val loss" in out
-    expected = predict("tissue", TRUTH, Curve(np.concatenate([schedule_lrs("cosine", 300), schedule_lrs("cosine", 100)]),
+    expected = predict("tissue", TRUTH,
+                       Curve(np.concatenate([schedule_lrs("cosine", 300), schedule_lrs("cosine", 100)]),
                                               np.array([400])))
     assert float(rows[100].split(",")[-1]) == pytest.approx(expected[0], abs=0.005)
 
@@ -186,7 +192,8 @@ def test_a_new_stage_continues_the_lr_history_of_the_run_it_started_from(tmp_pat
     stage = tmp_path / "stage1"
     lrs = schedule_lrs("cosine", 100, max_lr=5e-4)
     write_run(stage, lrs, {50: {"val": 2.5}, 100: {"val": 2.4}}, stage=1, init=str(tag), log_interval=10)
-    (stage / "config.json").write_text(json.dumps(run_config(stage, {**COSINE, "max_lr": 5e-4}, 100, "new", replay=0.25)))
+    (stage / "config.json").write_text(json.dumps(run_config(stage, {**COSINE, "max_lr": 5e-4}, 100, "new",
+                                                             replay=0.25)))
     curve = run_curve(stage, "val")
     assert np.allclose(curve.lrs, np.concatenate([schedule_lrs("cosine", 300), lrs]))  # every step, from config.json
     assert list(curve.steps) == [350, 400] and curve.shift_start == 300 and curve.replay == 0.25

@@ -10,8 +10,18 @@ import torch
 from megacpt.cli import main
 from megacpt.config import ModelConfig, load_config, padded_vocab_size
 from megacpt.model.presets import PRESETS
-from megacpt.planning.capacity import (GB, OPTIMIZER_BYTES, RESERVED_BYTES, Cluster, Layout, Precision, activation_bytes,
-                          memory_per_gpu, parameter_count, recommend)
+from megacpt.planning.capacity import (
+    GB,
+    OPTIMIZER_BYTES,
+    RESERVED_BYTES,
+    Cluster,
+    Layout,
+    Precision,
+    activation_bytes,
+    memory_per_gpu,
+    parameter_count,
+    recommend,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TEN_B = str(REPO / "configs" / "ibrahim_10b_cpt_cosine.json")
@@ -114,7 +124,8 @@ def test_hostfile_gives_the_cluster(tmp_path, capsys):
     ("node-a 8\n", [], ["line 1", "expected 'HOSTNAME slots=N'"]),
     (None, ["--nodes", "1", "--gpus-per-node", "6"], ["world size 6", "not divisible by tensor x pipeline = 4 x 1",
                                                       "recommends TP"]),
-    (None, ["--nodes", "1", "--gpus-per-node", "1"], ["no layout fits in 80 GB per GPU on 1 node x 1 GPUs", "above the 72 GB limit"]),
+    (None, ["--nodes", "1", "--gpus-per-node", "1"],
+     ["no layout fits in 80 GB per GPU on 1 node x 1 GPUs", "above the 72 GB limit"]),
     (None, ["--nodes", "8", "--set", "train.global_batch_size=1103", "--set", "train.micro_batch_size=1"],
      ["no layout of 8 nodes x 8 GPUs can run this config", "1103"]),
     (None, ["--set", "parallel.pipeline=4"], ["parallel.pipeline > 1 is not supported", "parallel.tensor and ZeRO"]),

@@ -31,14 +31,16 @@ def tokenizer_flags(sp_model, hf_tokenizer_json):
 
     def flags(kind: str):
         model = models[kind]
-        return ["--tokenizer-type", kind] + (["--tokenizer-model", model] if model else []), tokenizer_config(kind, model)
+        flags = ["--tokenizer-type", kind] + (["--tokenizer-model", model] if model else [])
+        return flags, tokenizer_config(kind, model)
 
     return flags
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("kind", ["sentencepiece", "hf", "byte"])
-def test_indexed_dataset_holds_each_documents_tokens_then_eod_in_input_order(kind, workers, tokenizer_flags, corpus, write_jsonl, tmp_path, capsys):
+def test_indexed_dataset_holds_each_documents_tokens_then_eod_in_input_order(kind, workers, tokenizer_flags, corpus,
+                                                                             write_jsonl, tmp_path, capsys):
     documents = corpus[:150] + ["a document\nover two lines ☃ 中文"]  # more than two chunks: the order is tested
     flags, config = tokenizer_flags(kind)
     prefix = str(tmp_path / "out")
@@ -65,14 +67,16 @@ def test_txt_gz_and_zst_inputs_are_read_in_the_order_given(tmp_path, corpus):
     (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl(corpus[10:20])))
     prefix = str(tmp_path / "out")
     inputs = [str(tmp_path / name) for name in ("a.txt", "b.jsonl.gz", "c.jsonl.zst")]
-    assert cli_main(["preprocess", "--input", *inputs, "--tokenizer-type", "byte", "--json-key", "body", "--output-prefix", prefix]) == 0
+    assert cli_main(["preprocess", "--input", *inputs, "--tokenizer-type", "byte", "--json-key", "body",
+                     "--output-prefix", prefix]) == 0
     expected = ["a text file\n\nis one document\n"] + corpus[:20]
     assert read_back(prefix)[0] == [list(text.encode()) for text in expected]  # no --append-eod: no EOD
 
 
 def test_documents_without_tokens_are_skipped_and_counted(tmp_path, write_jsonl, capsys):
     prefix = str(tmp_path / "out")
-    args = ["preprocess", "--input", write_jsonl(tmp_path / "in.jsonl", ["ab", "", "c"]), "--tokenizer-type", "byte", "--output-prefix", prefix, "--append-eod"]
+    args = ["preprocess", "--input", write_jsonl(tmp_path / "in.jsonl", ["ab", "", "c"]), "--tokenizer-type", "byte",
+            "--output-prefix", prefix, "--append-eod"]
     assert cli_main(args) == 0
     assert read_back(prefix)[0] == [[97, 98, 256], [99, 256]]
     assert "skipped 1 empty documents" in capsys.readouterr().out
@@ -86,8 +90,9 @@ def test_vocabulary_of_65500_or_more_is_written_as_int32(tmp_path, write_jsonl):
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.save(str(tmp_path / "tokenizer.json"))
     prefix = str(tmp_path / "out")
-    args = ["preprocess", "--input", write_jsonl(tmp_path / "in.jsonl", ["w65599 w0", "w70000"]), "--tokenizer-type", "hf",
-            "--tokenizer-model", str(tmp_path / "tokenizer.json"), "--output-prefix", prefix, "--append-eod"]
+    args = ["preprocess", "--input", write_jsonl(tmp_path / "in.jsonl", ["w65599 w0", "w70000"]),
+            "--tokenizer-type", "hf", "--tokenizer-model", str(tmp_path / "tokenizer.json"), "--output-prefix", prefix,
+            "--append-eod"]
     assert cli_main(args) == 0
     assert read_back(prefix) == ([[65_601, 2, 0], [1, 0]], np.int32)
 
@@ -95,7 +100,8 @@ def test_vocabulary_of_65500_or_more_is_written_as_int32(tmp_path, write_jsonl):
 def test_progress_reports_documents_tokens_and_rate(tmp_path, write_jsonl, monkeypatch):
     monkeypatch.setattr(preprocess_module, "PROGRESS_SECONDS", 0.0)
     log = io.StringIO()
-    result = preprocess([write_jsonl(tmp_path / "in.jsonl", ["abc", "de"])], tokenizer_config("byte", None), str(tmp_path / "out"), log=log)
+    result = preprocess([write_jsonl(tmp_path / "in.jsonl", ["abc", "de"])], tokenizer_config("byte", None),
+                        str(tmp_path / "out"), log=log)
     assert (result.documents, result.tokens) == (2, 5)
     lines = log.getvalue().splitlines()
     assert "byte: vocab 257, EOD 256" in lines[0]
@@ -103,14 +109,17 @@ def test_progress_reports_documents_tokens_and_rate(tmp_path, write_jsonl, monke
 
 
 BAD_INPUTS = {
-    "invalid_json": ("in.jsonl", b'{"text": "fine"}\n' * 200 + b'{"text": "cut\n', "in.jsonl, line 201: not valid JSON"),
-    "missing_key": ("in.jsonl", b'{"text": "a"}\n{"content": "b"}\n', "in.jsonl, line 2: no key 'text' (its keys: 'content')"),
+    "invalid_json": ("in.jsonl", b'{"text": "fine"}\n' * 200 + b'{"text": "cut\n',
+                     "in.jsonl, line 201: not valid JSON"),
+    "missing_key": ("in.jsonl", b'{"text": "a"}\n{"content": '
+                                b'"b"}\n', "in.jsonl, line 2: no key 'text' (its keys: 'content')"),
     "not_a_string": ("in.jsonl", b'{"text": ["a"]}\n', "in.jsonl, line 1: 'text' holds [\"a\"], expected a string"),
     "bad_utf8_jsonl": ("in.jsonl", b'{"text": "a"}\n{"text": "\xff"}\n', "in.jsonl, line 2: not valid UTF-8"),
     "bad_utf8_txt": ("in.txt", b"fine\n\xc3(\n", "in.txt, line 2: not valid UTF-8"),
     "empty": ("in.jsonl", b"\n\n", "no documents in"),
     "not_gzip": ("in.jsonl.gz", b"not gzip at all", "cannot read input file"),
-    "corrupt_gzip": ("in.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 100)[:10] + b"\xff" * 40, "cannot read input file"),
+    "corrupt_gzip": ("in.jsonl.gz", gzip.compress(b'{"text": "a"}\n' * 100)[:10] + b"\xff" * 40,
+                     "cannot read input file"),
     "corrupt_zst": ("in.jsonl.zst", b"\x28\xb5\x2f\xfd" + b"\xff" * 40, "cannot read input file"),
     "unknown_suffix": ("in.csv", b"text\n", "unsupported name"),
 }
@@ -121,7 +130,8 @@ BAD_INPUTS = {
 def test_bad_input_exits_2_naming_file_and_line_and_leaves_no_output(case, workers, tmp_path, capsys):
     name, content, message = BAD_INPUTS[case]
     (tmp_path / name).write_bytes(content)
-    args = ["preprocess", "--input", str(tmp_path / name), "--tokenizer-type", "byte", "--output-prefix", str(tmp_path / "out"), "--workers", str(workers)]
+    args = ["preprocess", "--input", str(tmp_path / name), "--tokenizer-type", "byte", "--output-prefix",
+            str(tmp_path / "out"), "--workers", str(workers)]
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert message in err and str(tmp_path / name) in err
@@ -130,10 +140,14 @@ def test_bad_input_exits_2_naming_file_and_line_and_leaves_no_output(case, worke
 
 @pytest.mark.parametrize("flags, message", [
     (["--input", "{tmp}/missing.jsonl", "--tokenizer-type", "byte"], "input file {tmp}/missing.jsonl does not exist"),
-    (["--input", "{tmp}/in.jsonl", "--tokenizer-type", "sentencepiece"], "--tokenizer-type sentencepiece needs --tokenizer-model"),
-    (["--input", "{tmp}/in.jsonl", "--tokenizer-type", "byte", "--tokenizer-model", "x"], "byte needs no --tokenizer-model"),
-    (["--input", "{tmp}/in.jsonl", "--tokenizer-type", "sentencepiece", "--tokenizer-model", "{tmp}/nope.model"], "'tokenizer.model': tokenizer file {tmp}/nope.model does not exist"),
-    (["--input", "{tmp}/in.jsonl", "--tokenizer-type", "hf", "--tokenizer-model", "{tmp}/in.jsonl"], "'tokenizer.path': cannot load Hugging Face tokenizer {tmp}/in.jsonl"),
+    (["--input", "{tmp}/in.jsonl", "--tokenizer-type", "sentencepiece"],
+     "--tokenizer-type sentencepiece needs --tokenizer-model"),
+    (["--input", "{tmp}/in.jsonl", "--tokenizer-type", "byte", "--tokenizer-model", "x"],
+     "byte needs no --tokenizer-model"),
+    (["--input", "{tmp}/in.jsonl", "--tokenizer-type", "sentencepiece", "--tokenizer-model", "{tmp}/nope.model"],
+     "'tokenizer.model': tokenizer file {tmp}/nope.model does not exist"),
+    (["--input", "{tmp}/in.jsonl", "--tokenizer-type", "hf", "--tokenizer-model", "{tmp}/in.jsonl"],
+     "'tokenizer.path': cannot load Hugging Face tokenizer {tmp}/in.jsonl"),
 ])
 def test_bad_arguments_exit_2_before_any_output(flags, message, tmp_path, write_jsonl, capsys):
     write_jsonl(tmp_path / "in.jsonl", ["a"])
@@ -147,7 +161,8 @@ def test_bad_arguments_exit_2_before_any_output(flags, message, tmp_path, write_
 def test_existing_output_is_kept_unless_overwrite(suffix, tmp_path, write_jsonl, capsys):
     existing = tmp_path / f"out{suffix}"
     existing.write_text("precious")
-    args = ["preprocess", "--input", write_jsonl(tmp_path / "in.jsonl", ["a"]), "--tokenizer-type", "byte", "--output-prefix", str(tmp_path / "out")]
+    args = ["preprocess", "--input", write_jsonl(tmp_path / "in.jsonl", ["a"]), "--tokenizer-type", "byte",
+            "--output-prefix", str(tmp_path / "out")]
     assert cli_main(args) == 2
     assert f"output {existing} already exists; pass --overwrite" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", existing.name]

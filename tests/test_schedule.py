@@ -94,7 +94,8 @@ WSD_CASES = [(100, 0, 0, 0.2, 80), (100, 10, 10, 0.2, 80), (37, 0.1, 4, 0.25, 28
 @pytest.mark.parametrize("shape", ["linear", "cosine", "1-sqrt"])
 @pytest.mark.parametrize("T,warmup,W,fraction,S", WSD_CASES)
 def test_wsd_matches_formula(shape, T, warmup, W, fraction, S):
-    schedule = ScheduleConfig(style="wsd", max_lr=ETA_MAX, min_lr=ETA_MIN, warmup=warmup, decay_fraction=fraction, decay_shape=shape)
+    schedule = ScheduleConfig(style="wsd", max_lr=ETA_MAX, min_lr=ETA_MIN, warmup=warmup, decay_fraction=fraction,
+                              decay_shape=shape)
     assert_matches(schedule, T, lambda t: expected_lr("wsd", t, T, W, S=S, shape=shape))
 
 
@@ -111,7 +112,8 @@ INFINITE_CASES = [
 @pytest.mark.parametrize("style", ["infinite_cosine", "infinite_inv_sqrt"])
 @pytest.mark.parametrize("T,warmup,W,c,a,C,A", INFINITE_CASES)
 def test_infinite_schedules_match_formulas(style, T, warmup, W, c, a, C, A):
-    schedule = ScheduleConfig(style=style, max_lr=ETA_MAX, min_lr=ETA_MIN, const_lr=ETA_CONST, warmup=warmup, cooldown_end=c, constant_end=a, timescale=7.0)
+    schedule = ScheduleConfig(style=style, max_lr=ETA_MAX, min_lr=ETA_MIN, const_lr=ETA_CONST, warmup=warmup,
+                              cooldown_end=c, constant_end=a, timescale=7.0)
     assert_matches(schedule, T, lambda t: expected_lr(style, t, T, W, C=C, A=A, alpha=7.0))
 
 
@@ -123,14 +125,16 @@ def test_step_zero_never_trains_at_lr_zero():
 
 @pytest.mark.parametrize("style", ["cosine", "linear", "wsd", "infinite_cosine"])
 def test_lr_never_climbs_back_past_the_end(style):
-    schedule = ScheduleConfig(style=style, max_lr=ETA_MAX, min_lr=ETA_MIN, const_lr=ETA_CONST, warmup=5, decay_steps=50 if style in ("cosine", "linear") else None)
+    schedule = ScheduleConfig(style=style, max_lr=ETA_MAX, min_lr=ETA_MIN, const_lr=ETA_CONST, warmup=5,
+                              decay_steps=50 if style in ("cosine", "linear") else None)
     lrs = [lr_at(schedule, 100, t) for t in range(5, 400)]
     assert all(later <= earlier + 1e-18 for earlier, later in zip(lrs, lrs[1:]))
     assert lrs[-1] == pytest.approx(ETA_MIN, abs=1e-15)
 
 
 def test_infinite_without_anneal_holds_const_lr_forever():
-    schedule = ScheduleConfig(style="infinite_cosine", max_lr=ETA_MAX, min_lr=ETA_MIN, const_lr=ETA_CONST, constant_end=1.0)
+    schedule = ScheduleConfig(style="infinite_cosine", max_lr=ETA_MAX, min_lr=ETA_MIN, const_lr=ETA_CONST,
+                              constant_end=1.0)
     assert lr_at(schedule, 100, 99) == lr_at(schedule, 100, 500) == ETA_CONST
 
 
@@ -149,7 +153,8 @@ def test_autoregressive_cosine_peak_matches_fomo_formula(tau):
 @pytest.mark.parametrize("tau", [0, 1, 3])
 def test_autoregressive_rsqrt_peak_matches_fomo_formula(tau):
     T, W = 100, 10
-    schedule = ScheduleConfig(style="wsd", max_lr=ETA_MAX, min_lr=ETA_MIN, warmup=W, meta="autoregressive_rsqrt", decay_shape="linear")
+    schedule = ScheduleConfig(style="wsd", max_lr=ETA_MAX, min_lr=ETA_MIN, warmup=W, meta="autoregressive_rsqrt",
+                              decay_shape="linear")
     peak = ETA_MIN + math.sqrt((tau + 1) * W / (tau * T + W)) * (ETA_MAX - ETA_MIN)
     assert abs(meta_peak(schedule, T, tau) - peak) <= 1e-12
     assert_matches(schedule, T, lambda t: expected_lr("wsd", t, T, W, S=80, shape="linear", peak=peak), stage_index=tau)
@@ -263,7 +268,8 @@ def test_new_stage_starts_at_t_zero_and_rewarms():
     assert scheduler.current_lr() == COSINE.max_lr / 3
 
 
-@pytest.mark.parametrize("state", [{}, {"t": -1, "stage_index": 0}, {"t": 3, "stage_index": "1"}, {"t": 2.5, "stage_index": 0}])
+@pytest.mark.parametrize("state",
+                         [{}, {"t": -1, "stage_index": 0}, {"t": 3, "stage_index": "1"}, {"t": 2.5, "stage_index": 0}])
 def test_malformed_scheduler_state_is_a_user_error(state):
     _, optimizer = make_optimizer()
     with pytest.raises(UserError, match="scheduler state"):
@@ -345,7 +351,8 @@ def read_csv(path):
 
 def test_cli_writes_every_step_of_the_stage(tmp_path):
     config = write_config(tmp_path, style="wsd", warmup=5, max_lr=ETA_MAX, min_lr=ETA_MIN)
-    assert cli_main(["schedule", str(config), "--csv", str(tmp_path / "lr.csv"), "--plot", str(tmp_path / "lr.png")]) == 0
+    assert cli_main(["schedule", str(config), "--csv", str(tmp_path / "lr.csv"), "--plot",
+                     str(tmp_path / "lr.png")]) == 0
     schedule = validate_config(json.loads(config.read_text())).schedule
     assert read_csv(tmp_path / "lr.csv") == [(t, 0, lr_at(schedule, 50, t)) for t in range(50)]
     assert (tmp_path / "lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -353,7 +360,8 @@ def test_cli_writes_every_step_of_the_stage(tmp_path):
 
 def test_cli_applies_overrides_and_stage_index(tmp_path):
     config = write_config(tmp_path, style="cosine", warmup=5, meta="autoregressive_rsqrt")
-    argv = ["schedule", str(config), "--csv", str(tmp_path / "lr.csv"), "--set", "train.steps=30", "--set", "schedule.max_lr=1e-3", "--stage-index", "2"]
+    argv = ["schedule", str(config), "--csv", str(tmp_path / "lr.csv"), "--set", "train.steps=30", "--set",
+            "schedule.max_lr=1e-3", "--stage-index", "2"]
     assert cli_main(argv) == 0
     rows = read_csv(tmp_path / "lr.csv")
     schedule = ScheduleConfig(style="cosine", warmup=5, meta="autoregressive_rsqrt", max_lr=1e-3)

@@ -42,7 +42,8 @@ def test_hf_eod_is_endoftext_and_vocab_counts_added_tokens(hf_tokenizer_json, tm
     raw.save(str(tmp_path / "tokenizer.json"))
     tokenizer = build_tokenizer(TokenizerConfig(type="hf", path=str(tmp_path / "tokenizer.json")))
     assert tokenizer.eod_id == raw.token_to_id("<|endoftext|>")
-    assert tokenizer.vocab_size == raw.get_vocab_size(with_added_tokens=True) == raw.get_vocab_size(with_added_tokens=False) + 1
+    assert tokenizer.vocab_size == raw.get_vocab_size(with_added_tokens=True)
+    assert tokenizer.vocab_size == raw.get_vocab_size(with_added_tokens=False) + 1
     assert tokenizer.decode(tokenizer.encode(TEXT)) == TEXT
 
 
@@ -79,7 +80,8 @@ def test_bad_tokenizer_file_names_the_path_and_the_key(kind, key, problem, tmp_p
 def test_tokenizer_train_is_reproducible_and_writes_model_and_vocab(tmp_path, corpus, write_jsonl, capsys):
     corpus_file = write_jsonl(tmp_path / "c.jsonl", corpus)
     for name in ("a", "b"):
-        assert cli_main(["tokenizer", "train", "--input", corpus_file, "--vocab-size", "290", "--output", str(tmp_path / name)]) == 0
+        assert cli_main(["tokenizer", "train", "--input", corpus_file, "--vocab-size", "290", "--output",
+                         str(tmp_path / name)]) == 0
     assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes()
     assert (tmp_path / "a.vocab").read_text().splitlines()[:2] == ["<unk>\t0", "</s>\t0"]
     assert "a.model" in capsys.readouterr().out
@@ -101,9 +103,11 @@ def test_tokenizer_train_keeps_existing_output_unless_overwrite(tmp_path, corpus
     (290, [], "no text to train a tokenizer on"),
     (290, ["   ", ""], "no text to train a tokenizer on"),
 ])
-def test_tokenizer_train_bad_input_exits_2_and_writes_nothing(vocab_size, texts, message, tmp_path, corpus, write_jsonl, capsys):
+def test_tokenizer_train_bad_input_exits_2_and_writes_nothing(vocab_size, texts, message, tmp_path, corpus, write_jsonl,
+                                                              capsys):
     corpus_file = write_jsonl(tmp_path / "c.jsonl", corpus if texts is None else texts)
-    assert cli_main(["tokenizer", "train", "--input", corpus_file, "--vocab-size", str(vocab_size), "--output", str(tmp_path / "tok")]) == 2
+    assert cli_main(["tokenizer", "train", "--input", corpus_file, "--vocab-size", str(vocab_size), "--output",
+                     str(tmp_path / "tok")]) == 2
     err = capsys.readouterr().err
     assert message in err and "c.jsonl" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
@@ -118,6 +122,7 @@ def test_tokenizer_train_reports_a_bad_input_line_not_a_sentencepiece_error(tmp_
     corpus_file = write_jsonl(tmp_path / "c.jsonl", corpus)
     with open(corpus_file, "a") as f:
         f.write('{"text": oops}\n')
-    assert cli_main(["tokenizer", "train", "--input", corpus_file, "--vocab-size", "290", "--output", str(tmp_path / "tok")]) == 2
+    assert cli_main(["tokenizer", "train", "--input", corpus_file, "--vocab-size", "290", "--output",
+                     str(tmp_path / "tok")]) == 2
     assert f"c.jsonl, line {len(corpus) + 1}: not valid JSON" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]

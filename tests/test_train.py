@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from megacpt.cli import main
+
 from datagen import read_metrics, tiny_config, write_config
 from launch import assert_ok, run_megacpt
-from megacpt.cli import main
 
 
 def test_training_on_a_repeated_pattern_brings_the_loss_down(tmp_path, pattern_data):
@@ -78,7 +79,8 @@ def test_missing_dataset_prefix_names_the_file(tmp_path, capsys, pattern_data):
 
 @pytest.mark.parametrize("model, parallel, words", [
     ({"preset": "tiny", "hidden_size": 66}, {}, ["hidden_size 66", "num_attention_heads 4"]),
-    ({"preset": "tiny", "num_attention_heads": 3, "hidden_size": 63}, {"tensor": 2}, ["num_attention_heads 3", "parallel.tensor 2"]),
+    ({"preset": "tiny", "num_attention_heads": 3, "hidden_size": 63}, {"tensor": 2},
+     ["num_attention_heads 3", "parallel.tensor 2"]),
 ])
 def test_dimensions_that_do_not_divide(tmp_path, capsys, pattern_data, model, parallel, words):
     config = _good(tmp_path, pattern_data)

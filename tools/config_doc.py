@@ -26,7 +26,9 @@ def _default(field) -> str:
     if field.is_required():
         return "required"
     if field.default_factory is not None:
-        return "(section defaults)" if inner_model(field.annotation) else "`[]`" if "list" in str(field.annotation) else "`{}`"
+        if inner_model(field.annotation):
+            return "(section defaults)"
+        return "`[]`" if "list" in str(field.annotation) else "`{}`"
     return f"`{field.default!r}`".replace("None", "null").replace("True", "true").replace("False", "false")
 
 
@@ -41,7 +43,8 @@ def render() -> str:
                   "| key | type | default | description |", "|---|---|---|---|"]
         for name, field in model.model_fields.items():
             key = f"{prefix}.{name}" if prefix else name
-            lines.append(f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | {field.description or ''} |")
+            lines.append(f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | {field.description or ''} "
+                         "|")
             inner = inner_model(field.annotation)
             if inner is not None:
                 sections.append((key + ("[]" if "list" in str(field.annotation) else ""), inner))
@@ -53,7 +56,8 @@ def deepspeed_defaults() -> list[str]:
     """The `deepspeed` section megacpt derives for a config that sets none of it."""
     config = RunConfig.model_validate({
         "run_dir": "RUN", "model": {"preset": "pythia-410m"}, "data": {"sources": [{"name": "new", "prefix": "NEW"}]},
-        "schedule": {"style": "cosine", "max_lr": 3e-4}, "train": {"steps": 1000, "global_batch_size": 64, "micro_batch_size": 8},
+        "schedule": {"style": "cosine", "max_lr": 3e-4},
+                                       "train": {"steps": 1000, "global_batch_size": 64, "micro_batch_size": 8},
     })
     derived = json.dumps(derived_deepspeed_config(config, data_parallel=2), indent=2)
     return ["## `deepspeed` as megacpt fills it", "",
@@ -62,7 +66,8 @@ def deepspeed_defaults() -> list[str]:
             "the JSON below. Batch sizes always come from `train` (a `deepspeed` value that disagrees is an error);",
             "`optimizer.params.lr` is the schedule's `max_lr`, and the schedule sets the LR before every step. Without",
             "a GPU, `bf16`/`fp16` are turned off and training runs in fp32. The optimizer is torch's fused AdamW",
-            "(`torch_adam`, `fused`) unless `zero_optimization.offload_optimizer` moves it to DeepSpeed's CPU Adam.", "",
+            "(`torch_adam`, `fused`) unless `zero_optimization.offload_optimizer` moves it to DeepSpeed's CPU Adam.",
+            "",
             "```json", derived, "```", ""]
 
 

@@ -49,7 +49,8 @@ def check_indexed_dataset(prefix: str, key: str, vocab_size: int) -> None:
     idx_path, bin_path = prefix + ".idx", prefix + ".bin"
     for path in (idx_path, bin_path):
         if not os.path.isfile(path):
-            raise UserError(f"{key}: dataset file {path} does not exist (prefix '{prefix}' needs {prefix}.bin and {prefix}.idx)")
+            raise UserError(f"{key}: dataset file {path} does not exist (prefix '{prefix}' needs {prefix}.bin and "
+                            f"{prefix}.idx)")
     try:
         dataset = IndexedDataset(prefix, mmap=True)
     except (AssertionError, ValueError, OSError) as e:
@@ -78,7 +79,8 @@ def _check_token_range(bin_path: str, dtype, num_tokens: int, vocab_size: int, k
         top = int(chunk.max())
         if top >= vocab_size:
             position = start + int(np.argmax(chunk >= vocab_size))
-            raise UserError(f"{key}: {bin_path} holds token id {top} at token {position}, but model.vocab_size is {vocab_size}")
+            raise UserError(f"{key}: {bin_path} holds token id {top} at token {position}, but model.vocab_size is "
+                            f"{vocab_size}")
 
 
 def check_data(data: DataConfig, vocab_size: int) -> None:

@@ -50,9 +50,11 @@ def _check_input(path: str | Path) -> Path:
     if not file.is_file():
         raise UserError(f"input {file} is not a file")
     if not file.name.endswith(JSONL_SUFFIXES + TEXT_SUFFIXES):
-        raise UserError(f"input file {file} has an unsupported name; expected one ending in {', '.join(JSONL_SUFFIXES + TEXT_SUFFIXES)}")
+        raise UserError(f"input file {file} has an unsupported name; expected one ending in "
+                        f"{', '.join(JSONL_SUFFIXES + TEXT_SUFFIXES)}")
     if file.name.endswith(".zst") and zstandard is None:
-        raise UserError(f"input file {file} is zstd-compressed, which needs the 'zstandard' package (pip install zstandard)")
+        raise UserError(f"input file {file} is zstd-compressed, which needs the 'zstandard' package (pip install "
+                        "zstandard)")
     return file
 
 

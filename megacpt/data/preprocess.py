@@ -53,13 +53,16 @@ class PreprocessResult:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                        help="documents: .jsonl, .jsonl.gz, .jsonl.zst (one JSON object per line) or .txt (one document per file)")
+                        help="documents: .jsonl, .jsonl.gz, .jsonl.zst (one JSON object per line) or .txt (one "
+                             "document per file)")
     parser.add_argument("--tokenizer-type", required=True, choices=["sentencepiece", "hf", "byte"])
     parser.add_argument("--tokenizer-model", metavar="PATH",
                         help="the .model file (sentencepiece) or tokenizer.json (hf); not used by byte")
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
-    parser.add_argument("--workers", type=_positive_int, default=1, metavar="N", help="tokenizer processes; 1 tokenizes in this process (default)")
-    parser.add_argument("--json-key", default="text", metavar="KEY", help="key of the document text in each jsonl line (default: text)")
+    parser.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                        help="tokenizer processes; 1 tokenizes in this process (default)")
+    parser.add_argument("--json-key", default="text", metavar="KEY",
+                        help="key of the document text in each jsonl line (default: text)")
     parser.add_argument("--append-eod", action="store_true", help="end every document with the tokenizer's EOD token")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
 
@@ -101,20 +104,24 @@ def preprocess(
     overwrite: bool = False,
     log: TextIO = sys.stderr,
 ) -> PreprocessResult:
-    """Tokenize the documents of `inputs` into OUTPUT_PREFIX.bin/.idx; inputs, tokenizer and outputs are checked first."""
+    """Tokenize the documents of `inputs` into OUTPUT_PREFIX.bin/.idx.
+
+    Inputs, tokenizer and outputs are checked first."""
     texts = iter_documents(inputs, json_key)
     tokenizer = build_tokenizer(tokenizer_config)
     with atomic_outputs(output_prefix, (".bin", ".idx"), overwrite) as temp_prefix:
         optimal_dtype, builder_class = _megatron_builder()
         encoder = _DocumentEncoder(tokenizer, append_eod, optimal_dtype(tokenizer.vocab_size))
-        print(f"preprocess: {tokenizer.describe()}; {np.dtype(encoder.dtype).name} tokens; {workers} worker(s)", file=log, flush=True)
+        print(f"preprocess: {tokenizer.describe()}; {np.dtype(encoder.dtype).name} tokens; {workers} worker(s)",
+              file=log, flush=True)
         start = time.monotonic()
         builder = builder_class(temp_prefix + ".bin", dtype=encoder.dtype)
         with _encoded(texts, encoder, tokenizer_config, workers) as arrays:
             documents, empty, tokens = _add_documents(builder, arrays, start, log)
         if documents == 0:
             inputs_text = ", ".join(map(str, inputs))
-            raise UserError(f"no documents to write: all {empty} documents of {inputs_text} are empty after tokenization"
+            raise UserError(f"no documents to write: all {empty} documents of {inputs_text} are empty after "
+                            "tokenization"
                             if empty else f"no documents in {inputs_text}")
         builder.finalize(temp_prefix + ".idx")
     seconds = time.monotonic() - start
@@ -135,7 +142,8 @@ def _add_documents(builder, arrays: Iterable[np.ndarray], start: float, log: Tex
         now = time.monotonic()
         if now >= next_report:
             next_report = now + PROGRESS_SECONDS
-            print(f"preprocess: {documents:,} documents, {tokens:,} tokens, {tokens / (now - start):,.0f} tokens/s", file=log, flush=True)
+            print(f"preprocess: {documents:,} documents, {tokens:,} tokens, {tokens / (now - start):,.0f} tokens/s",
+                  file=log, flush=True)
     return documents, empty, tokens
 
 
@@ -155,7 +163,8 @@ class _DocumentEncoder:
 
 
 @contextmanager
-def _encoded(texts: Iterable[str], encoder: _DocumentEncoder, config: TokenizerConfig, workers: int) -> Iterator[Iterator[np.ndarray]]:
+def _encoded(texts: Iterable[str], encoder: _DocumentEncoder, config: TokenizerConfig,
+             workers: int) -> Iterator[Iterator[np.ndarray]]:
     """Token arrays of `texts` in input order: in this process, or from a pool of `workers` processes.
 
     Workers are spawned, not forked: the parent has torch and its threads loaded by now, and a spawned worker

@@ -25,20 +25,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train = actions.add_parser("train", help="train a SentencePiece BPE model (PREFIX.model, PREFIX.vocab)",
                                description="Train a SentencePiece BPE model from jsonl/txt documents.")
     train.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                       help="documents: .jsonl, .jsonl.gz, .jsonl.zst (one JSON object per line) or .txt (one document per file)")
-    train.add_argument("--vocab-size", type=int, required=True, metavar="N", help="pieces in the model, including 256 byte pieces, unk and eos")
+                       help="documents: .jsonl, .jsonl.gz, .jsonl.zst (one JSON object per line) or .txt (one document "
+                            "per file)")
+    train.add_argument("--vocab-size", type=int, required=True, metavar="N",
+                       help="pieces in the model, including 256 byte pieces, unk and eos")
     train.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.model and PREFIX.vocab")
-    train.add_argument("--json-key", default="text", metavar="KEY", help="key of the document text in each jsonl line (default: text)")
+    train.add_argument("--json-key", default="text", metavar="KEY",
+                       help="key of the document text in each jsonl line (default: text)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.model/.vocab")
 
 
 def run(args: argparse.Namespace) -> int:
-    model = train_sentencepiece(args.input, args.vocab_size, args.output, json_key=args.json_key, overwrite=args.overwrite)
+    model = train_sentencepiece(args.input, args.vocab_size, args.output, json_key=args.json_key,
+                                overwrite=args.overwrite)
     print(f"tokenizer: wrote {model} and {args.output}.vocab ({args.vocab_size} pieces, EOD id 1)")
     return 0
 
 
-def train_sentencepiece(inputs: Sequence[str], vocab_size: int, output_prefix: str, *, json_key: str = "text", overwrite: bool = False) -> str:
+def train_sentencepiece(inputs: Sequence[str], vocab_size: int, output_prefix: str, *, json_key: str = "text",
+                        overwrite: bool = False) -> str:
     """Train OUTPUT_PREFIX.model/.vocab on the lines of the documents in `inputs`; returns the .model path."""
     lines = _TrainingLines(iter_documents(inputs, json_key))
     with atomic_outputs(output_prefix, (".vocab", ".model"), overwrite) as temp_prefix:

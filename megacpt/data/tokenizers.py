@@ -55,7 +55,9 @@ class SentencePieceTokenizer(Tokenizer):
         self.vocab_size = self._sp.get_piece_size()
         self.eod_id = self._sp.eos_id()
         if self.eod_id < 0:
-            raise ConfigError("tokenizer.model", f"SentencePiece model {self.path} has no eos piece, which is the end-of-document token; train it with eos_id set")
+            raise ConfigError("tokenizer.model",
+                              f"SentencePiece model {self.path} has no eos piece, which is the end-of-document token; "
+                              "train it with eos_id set")
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -64,7 +66,8 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.decode(list(ids))
 
     def describe(self) -> str:
-        return f"sentencepiece {self.path}: vocab {self.vocab_size}, EOD {self.eod_id} ({self._sp.id_to_piece(self.eod_id)})"
+        eod_piece = self._sp.id_to_piece(self.eod_id)
+        return f"sentencepiece {self.path}: vocab {self.vocab_size}, EOD {self.eod_id} ({eod_piece})"
 
 
 class HFTokenizer(Tokenizer):
@@ -80,7 +83,8 @@ class HFTokenizer(Tokenizer):
         try:
             import tokenizers
         except ImportError:
-            raise ConfigError("tokenizer.type", "'hf' needs the 'tokenizers' package (pip install megacpt[hf])") from None
+            raise ConfigError("tokenizer.type",
+                              "'hf' needs the 'tokenizers' package (pip install megacpt[hf])") from None
 
         file = Path(path)
         self.path = _existing_file(file / "tokenizer.json" if file.is_dir() else file, "tokenizer.path")

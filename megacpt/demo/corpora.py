@@ -68,7 +68,8 @@ def _documented(tree: ast.Module) -> Iterator[ast.AST]:
 
 def _docstring_node(node: ast.AST) -> ast.Expr | None:
     body = getattr(node, "body", [])
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+    if (body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)):
         return body[0]
     return None
 

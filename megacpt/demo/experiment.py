@@ -30,8 +30,10 @@ from megacpt.errors import UserError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="megacpt-demo", metavar="DIR",
-                        help="where corpora, tokenizer, data, configs, runs and the report go (default: ./megacpt-demo)")
-    parser.add_argument("--quick", action="store_true", help="a smaller demo (about 2 minutes on 2 cores) for a first look and the tests")
+                        help="where corpora, tokenizer, data, configs, runs and the report go (default: "
+                             "./megacpt-demo)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smaller demo (about 2 minutes on 2 cores) for a first look and the tests")
     parser.add_argument("--seed", type=int, default=1234, help="train.seed and data.seed of every run (default: 1234)")
 
 
@@ -41,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # stop the children cleanly on SIGTERM too, as on Ctrl-C
     size = QUICK if args.quick else FULL
     paths = DemoPaths(Path(args.workdir).resolve())
-    pin_settings(paths, {"quick": args.quick, "seed": args.seed, "python": sys.version.split()[0], "size": asdict(size)})
+    settings = {"quick": args.quick, "seed": args.seed, "python": sys.version.split()[0], "size": asdict(size)}
+    pin_settings(paths, settings)
     start = time.monotonic()
     _timed("corpora", corpora_phase, paths, size)
     _timed("tokenizer", tokenizer_phase, paths, size)

@@ -61,7 +61,8 @@ def write_report(paths: DemoPaths) -> dict:
     plot_forgetting(curves, paths.root / "forgetting.png")
     plot_lr(curves, paths.root / "lr.png")
     print(format_table(history), flush=True)
-    print("\n".join(f"{'yes' if ok else 'NO ':>4}  {claim.replace('_', ' ')}" for claim, ok in summary["checks"].items()),
+    print("\n".join(f"{'yes' if ok else 'NO ':>4}  "
+                    f"{claim.replace('_', ' ')}" for claim, ok in summary["checks"].items()),
           flush=True)
     return summary
 

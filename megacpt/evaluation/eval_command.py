@@ -15,21 +15,23 @@ import math
 from pathlib import Path
 
 from megacpt import checkpoint
-from megacpt.tools.checkpoint_io import positive_int
 from megacpt.config import RunConfig, ValidationSet, load_config
 from megacpt.errors import UserError
+from megacpt.tools.checkpoint_io import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="JSON run config (model, parallel, data.validation, train.micro_batch_size)")
-    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoints folder (its `latest`) or one tag folder")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="a checkpoints folder (its `latest`) or one tag folder")
     parser.add_argument("--batches", type=positive_int, metavar="N",
                         help="micro-batches per validation set per data-parallel rank (default: train.eval_batches)")
     parser.add_argument("--data", nargs="+", metavar="NAME[=PREFIX]",
                         help="validation sets to evaluate instead of all of data.validation: NAME picks one of the "
                              "config's, NAME=PREFIX adds an indexed dataset")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,15 +89,17 @@ def evaluate_checkpoint(config: RunConfig, tag_dir: Path, state: dict) -> dict[s
     from megatron.core import parallel_state
 
     from megacpt.data.datasets import build_validation_datasets
+    from megacpt.data.tokenizers import eod_id
     from megacpt.distributed import MegatronMPU, setup_world
     from megacpt.engine import deepspeed_config
     from megacpt.evaluate import validation_losses
     from megacpt.model.neox import build_gpt_neox
-    from megacpt.data.tokenizers import eod_id
 
     world = setup_world(config.parallel.tensor, config.train.seed)
-    model = build_gpt_neox(config.model, config.padded_vocab_size, world.tensor_size, cpu_init=world.device.type == "cpu")
-    engine, *_ = deepspeed.initialize(model=model, config=inference_deepspeed_config(deepspeed_config(config, world.data_size)),
+    model = build_gpt_neox(config.model, config.padded_vocab_size, world.tensor_size,
+                           cpu_init=world.device.type == "cpu")
+    engine, *_ = deepspeed.initialize(model=model,
+                                      config=inference_deepspeed_config(deepspeed_config(config, world.data_size)),
                                       mpu=MegatronMPU)
     plan = checkpoint.LoadPlan(tag_dir, state, resume=False, load_optimizer=False, load_scheduler=False,
                                load_data_position=False)

@@ -19,8 +19,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-from megacpt.tools import checkpoint_io
 from megacpt.errors import UserError
+from megacpt.tools import checkpoint_io
 
 
 @register_model("megacpt")
@@ -29,7 +29,9 @@ class MegacptLM(TemplateLM):
 
     def __init__(self, checkpoint: str, batch_size: int | str = 1, max_gen_toks: int = 256, device: str | None = None,
                  max_batch_size: int | None = None):
-        """lm-eval passes `device` and `max_batch_size` to every model; the device is the world's (CUDA when present)."""
+        """lm-eval passes `device` and `max_batch_size` to every model.
+
+        The device is the world's (CUDA when present)."""
         from megacpt.distributed import setup_world
 
         super().__init__()
@@ -106,7 +108,8 @@ class MegacptLM(TemplateLM):
             until = handle_stop_sequences(kwargs["until"], eos=eod_text)
             max_new = kwargs["max_gen_toks"]
             if max_new >= self.max_length:
-                raise UserError(f"max_gen_toks {max_new} leaves no room for a context within seq_length {self.max_length}")
+                raise UserError(f"max_gen_toks {max_new} leaves no room for a context within seq_length "
+                                f"{self.max_length}")
             ids = self.tok_encode(context)[-(self.max_length - max_new):]
             new = self.greedy(ids, max_new, until)
             text = postprocess_generated_text(self.text_tokenizer.decode(new), stop=until, think_end_token=None)

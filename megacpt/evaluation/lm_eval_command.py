@@ -10,21 +10,29 @@ import argparse
 import json
 from pathlib import Path
 
-from megacpt.tools.checkpoint_io import positive_int
 from megacpt.errors import UserError
+from megacpt.tools.checkpoint_io import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoints folder (its `latest`) or one tag folder")
-    parser.add_argument("--tasks", required=True, metavar="T1,T2", help="comma-separated lm-eval task names (glob patterns allowed)")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="a checkpoints folder (its `latest`) or one tag folder")
+    parser.add_argument("--tasks", required=True, metavar="T1,T2",
+                        help="comma-separated lm-eval task names (glob patterns allowed)")
     parser.add_argument("--include-path", metavar="DIR", help="a folder of extra task YAML files (e.g. local tasks)")
     parser.add_argument("--only-include-path", action="store_true",
-                        help="use only the tasks in --include-path (skips indexing lm-eval's thousands of built-in tasks)")
-    parser.add_argument("--limit", type=float, metavar="N", help="evaluate only the first N documents of each task (a fraction if < 1)")
-    parser.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples per prompt (default: the task's)")
-    parser.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="requests per forward pass (default 1)")
-    parser.add_argument("--output", metavar="FILE", help="write lm-eval's results (and samples with --log-samples) as JSON")
-    parser.add_argument("--log-samples", action="store_true", help="keep every document's requests and responses in --output")
+                        help="use only the tasks in --include-path (skips indexing lm-eval's thousands of built-in "
+                             "tasks)")
+    parser.add_argument("--limit", type=float, metavar="N",
+                        help="evaluate only the first N documents of each task (a fraction if < 1)")
+    parser.add_argument("--num-fewshot", type=int, metavar="K",
+                        help="few-shot examples per prompt (default: the task's)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
+                        help="requests per forward pass (default 1)")
+    parser.add_argument("--output", metavar="FILE",
+                        help="write lm-eval's results (and samples with --log-samples) as JSON")
+    parser.add_argument("--log-samples", action="store_true",
+                        help="keep every document's requests and responses in --output")
 
 
 def run(args: argparse.Namespace) -> int:

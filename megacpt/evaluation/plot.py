@@ -184,7 +184,8 @@ def format_table(histories: dict[str, list[Stage]]) -> str:
         rows.append(cells)
     tokens = ["tokens"] + [_last_tokens(stages) for stages in histories.values()]
     widths = [max(len(row[i]) for row in [header, tokens, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, tokens, *rows])
+    return "\n".join("  ".join(cell.ljust(w) for cell,
+                               w in zip(row, widths)).rstrip() for row in [header, tokens, *rows])
 
 
 def _last_tokens(stages: list[Stage]) -> str:

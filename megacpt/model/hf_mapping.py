@@ -54,7 +54,8 @@ def name_pairs(num_layers: int) -> list[tuple[str, str]]:
     return pairs
 
 
-def hf_to_megatron(hf_state: dict[str, torch.Tensor], num_layers: int, padded_vocab_size: int) -> dict[str, torch.Tensor]:
+def hf_to_megatron(hf_state: dict[str, torch.Tensor], num_layers: int,
+                   padded_vocab_size: int) -> dict[str, torch.Tensor]:
     """Full (unsplit) megatron state dict from an HF GPT-NeoX state dict; vocab rows zero-padded."""
     hf_state = dict(hf_state)
     for alias in _HF_OUTPUT_ALIASES:

@@ -34,7 +34,10 @@ PRESETS: dict[str, dict] = {
     "neox-405m": _neox(24, 1024, 16),
     "neox-10b": _neox(36, 4608, 36),
     # CPU sizes for tests, the demo and quick trials (vocab to be set from the tokenizer).
-    "tiny": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "ffn_hidden_size": 256, "seq_length": 64, "vocab_size": 256},
-    "cpu-small": {"num_layers": 4, "hidden_size": 256, "num_attention_heads": 8, "ffn_hidden_size": 1024, "seq_length": 256, "vocab_size": 4096},
-    "cpu-25m": {"num_layers": 6, "hidden_size": 512, "num_attention_heads": 8, "ffn_hidden_size": 2048, "seq_length": 512, "vocab_size": 8192},
+    "tiny": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "ffn_hidden_size": 256, "seq_length": 64,
+             "vocab_size": 256},
+    "cpu-small": {"num_layers": 4, "hidden_size": 256, "num_attention_heads": 8, "ffn_hidden_size": 1024,
+                  "seq_length": 256, "vocab_size": 4096},
+    "cpu-25m": {"num_layers": 6, "hidden_size": 512, "num_attention_heads": 8, "ffn_hidden_size": 2048,
+                "seq_length": 512, "vocab_size": 8192},
 }

@@ -264,6 +264,7 @@ def recommend(config: RunConfig, cluster: Cluster) -> Estimate:
         raise UserError(
             f"no layout fits in {cluster.gpu_memory_gb:g} GB per GPU on {cluster.describe()}: the smallest "
             f"estimate is {smallest.total_bytes / GB:.1f} GB ({smallest.layout.describe()}), above the "
-            f"{cluster.memory_limit_bytes / GB:g} GB limit ({FIT_FRACTION:.0%}); use more GPUs or GPUs with more memory")
+            f"{cluster.memory_limit_bytes / GB:g} GB limit ({FIT_FRACTION:.0%}); use more GPUs or GPUs with more "
+            "memory")
     return min(fitting, key=lambda e: (e.layout.activation_checkpointing, e.layout.zero_stage, e.layout.tensor,
                                        -e.layout.micro_batch))

@@ -14,9 +14,21 @@ from pathlib import Path
 
 from megacpt.config import RunConfig, load_config
 from megacpt.errors import ConfigError, UserError
+from megacpt.planning.capacity import (
+    FIT_FRACTION,
+    GB,
+    Cluster,
+    Estimate,
+    config_layout,
+    estimate,
+    flops_per_token,
+    largest_micro_batch,
+    parameter_count,
+    parameters_per_rank,
+    recommend,
+    training_precision,
+)
 from megacpt.planning.hostfile import read_hostfile, uniform_slots
-from megacpt.planning.capacity import (FIT_FRACTION, GB, Cluster, Estimate, config_layout, estimate, flops_per_token,
-                          largest_micro_batch, parameter_count, parameters_per_rank, recommend, training_precision)
 
 DEFAULT_NODES, DEFAULT_GPUS_PER_NODE = 1, 8
 _PARTS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer_states", "optimizer states"),

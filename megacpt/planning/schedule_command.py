@@ -22,10 +22,13 @@ def _stage_index(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="JSON run config")
-    parser.add_argument("--csv", required=True, metavar="FILE", help="write 'step,stage,lr' for steps 0 .. train.steps - 1")
+    parser.add_argument("--csv", required=True, metavar="FILE",
+                        help="write 'step,stage,lr' for steps 0 .. train.steps - 1")
     parser.add_argument("--plot", metavar="FILE.png", help="also plot the LR against the step (needs matplotlib)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="dotted.key=value", help="override a config key (repeatable)")
-    parser.add_argument("--stage-index", type=_stage_index, default=0, metavar="N", help="stage index tau for meta schedules (0 = first stage); default 0")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="dotted.key=value",
+                        help="override a config key (repeatable)")
+    parser.add_argument("--stage-index", type=_stage_index, default=0, metavar="N",
+                        help="stage index tau for meta schedules (0 = first stage); default 0")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     _write_csv(Path(args.csv), args.stage_index, lrs)
     if args.plot:
         _plot(Path(args.plot), args.stage_index, lrs, title=f"{Path(args.config).name}: {config.schedule.style}")
-    print(f"{steps} steps, stage {args.stage_index}: LR from {lrs[0]:.3g} (step 0), peak {max(lrs):.3g}, to {lrs[-1]:.3g} (step {steps - 1}) -> {args.csv}")
+    print(f"{steps} steps, stage {args.stage_index}: LR from {lrs[0]:.3g} (step 0), peak {max(lrs):.3g}, to "
+          f"{lrs[-1]:.3g} (step {steps - 1}) -> {args.csv}")
     return 0
 
 

@@ -19,8 +19,8 @@ import numpy as np
 from megacpt import checkpoint
 from megacpt.config import load_config
 from megacpt.errors import ConfigError, UserError
-from megacpt.prediction.losslaw import Curve
 from megacpt.evaluation.plot import read_metrics
+from megacpt.prediction.losslaw import Curve
 from megacpt.schedule import check_schedule, lr_at
 
 
@@ -61,7 +61,8 @@ def planned_curve(config_path: Path) -> Curve:
     return Curve(lrs, offset + np.arange(1, steps + 1), shift_start=shift_start, replay=replay)
 
 
-def life(earlier: list[dict], own: np.ndarray, own_data: dict | None, who: str) -> tuple[np.ndarray, int, int | None, float]:
+def life(earlier: list[dict], own: np.ndarray, own_data: dict | None,
+         who: str) -> tuple[np.ndarray, int, int | None, float]:
     """(LRs of the whole life, steps before the own stage, first step of the last stage on new data, its replay).
 
     A stage is on new data when its sources' prefixes differ from the stage before it (an imported model's
@@ -84,7 +85,9 @@ def life(earlier: list[dict], own: np.ndarray, own_data: dict | None, who: str) 
 
 
 def stage_lrs(run_dir: Path, records: list[dict], stage_index: int, steps_done: int) -> np.ndarray:
-    """The LR of steps 1..steps_done of the stage in RUN_DIR: logged ones, or config.json's schedule checked against them."""
+    """The LR of steps 1..steps_done of the stage in RUN_DIR.
+
+    The logged ones, or config.json's schedule checked against them."""
     logged = {r["step"]: r["lr"] for r in records if "lr" in r and r["step"] <= steps_done}
     if len(logged) == steps_done:
         return np.array([logged[s] for s in range(1, steps_done + 1)])

@@ -201,7 +201,8 @@ def _cpt_start(rng: np.random.Generator, y: np.ndarray, xs: list[dict]) -> dict[
 
 
 def _cpt_bounds(y: np.ndarray) -> dict[str, tuple[float, float]]:
-    return {**_tissue_bounds(y), "B": (-y.max(), y.max()), "E": (1e-9, np.inf), "beta": (0.01, 5.0), "kappa": (0.0, 10.0)}
+    return {**_tissue_bounds(y), "B": (-y.max(), y.max()), "E": (1e-9, np.inf), "beta": (0.01, 5.0),
+            "kappa": (0.0, 10.0)}
 
 
 LAWS: dict[str, Law] = {

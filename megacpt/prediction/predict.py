@@ -4,9 +4,10 @@
                     [--predict CONFIG [CONFIG ...] --csv FILE [--plot FILE.png]]
     megacpt predict --constants FIT.json --predict CONFIG [CONFIG ...] --csv FILE [--plot FILE.png]
 
-The laws and the fit are megacpt/prediction/losslaw.py, reading runs and configs is megacpt/prediction/loss_curves.py; this module
-is the command: arguments, the printed report, the JSON of the constants, the CSV and the figure. It reads
-metrics, checkpoint states and configs only and builds no model. docs/PREDICT.md says how far it holds.
+The laws and the fit are megacpt/prediction/losslaw.py, reading runs and configs is
+megacpt/prediction/loss_curves.py; this module is the command: arguments, the printed report, the JSON of the
+constants, the CSV and the figure. It reads metrics, checkpoint states and configs only and builds no model.
+docs/PREDICT.md says how far it holds.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megacpt.prediction import losslaw
 from megacpt.errors import UserError
+from megacpt.prediction import losslaw
 from megacpt.prediction.loss_curves import planned_curve, run_curve
 
 FIXED_WHY = {"kappa": "fixed: the runs have a single replay fraction"}
@@ -58,14 +59,19 @@ def _positive_int(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--fit", nargs="+", metavar="RUN_DIR", help="fit the law on these runs' evaluation losses")
-    source.add_argument("--constants", metavar="FIT.json", help="use the constants an earlier --fit saved with --output")
+    source.add_argument("--constants", metavar="FIT.json",
+                        help="use the constants an earlier --fit saved with --output")
     parser.add_argument("--val", metavar="NAME", help="validation set whose loss to fit (required with --fit)")
-    parser.add_argument("--law", choices=sorted(losslaw.LAWS), help="tissue (default), multipower, or cpt (adds the data-shift term)")
+    parser.add_argument("--law", choices=sorted(losslaw.LAWS),
+                        help="tissue (default), multipower, or cpt (adds the data-shift term)")
     parser.add_argument("--output", metavar="FIT.json", help="save the fitted constants as JSON")
     parser.add_argument("--predict", nargs="+", metavar="CONFIG", help="planned stages (train configs) to predict")
-    parser.add_argument("--csv", metavar="FILE", help="write 'config,step,lr,loss' for every step of each planned stage")
-    parser.add_argument("--plot", metavar="FILE.png", help="plot the predicted curves above their LR curves (needs matplotlib)")
-    parser.add_argument("--starts", type=_positive_int, default=8, metavar="N", help="seeded fit starts; the best wins (default 8)")
+    parser.add_argument("--csv", metavar="FILE",
+                        help="write 'config,step,lr,loss' for every step of each planned stage")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="plot the predicted curves above their LR curves (needs matplotlib)")
+    parser.add_argument("--starts", type=_positive_int, default=8, metavar="N",
+                        help="seeded fit starts; the best wins (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fit starts (default 0)")
 
 
@@ -132,7 +138,8 @@ def read_fit(path: Path) -> FittedLaw:
         what = f"constants {', '.join(missing)}" if missing else "'val'"
         raise UserError(f"--constants {path} lacks {what}; write it with megacpt predict --fit ... --output")
     return FittedLaw(law, raw["val"], {n: float(constants[n]) for n in losslaw.LAWS[law].params},
-                     list(raw.get("fixed", [])), raw.get("r2"), raw.get("mae"), int(raw.get("points", 0)), list(raw.get("runs", [])))
+                     list(raw.get("fixed", [])), raw.get("r2"), raw.get("mae"), int(raw.get("points", 0)),
+                     list(raw.get("runs", [])))
 
 
 def predict_stage(fitted: FittedLaw, config_path: Path) -> Prediction:
@@ -145,7 +152,8 @@ def predict_stage(fitted: FittedLaw, config_path: Path) -> Prediction:
 def write_csv(path: Path, predictions: list[Prediction]) -> None:
     lines = ["config,step,lr,loss"]
     for p in predictions:
-        lines += [f"{p.label},{s},{lr!r},{loss:.6f}" for s, lr, loss in zip(p.steps.tolist(), p.lrs.tolist(), p.losses.tolist())]
+        rows = zip(p.steps.tolist(), p.lrs.tolist(), p.losses.tolist())
+        lines += [f"{p.label},{s},{lr!r},{loss:.6f}" for s, lr, loss in rows]
     _write(path, "\n".join(lines) + "\n", "--csv")
 
 

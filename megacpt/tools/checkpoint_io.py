@@ -90,14 +90,16 @@ def check_tensor_parallel(model: ModelConfig, tensor_parallel: int) -> None:
     """The dimensions megatron splits must divide by the TP degree."""
     for name in ("num_attention_heads", "ffn_hidden_size"):
         if getattr(model, name) % tensor_parallel:
-            raise UserError(f"model {name} {getattr(model, name)} is not divisible by tensor parallel {tensor_parallel}")
+            raise UserError(f"model {name} {getattr(model, name)} is not divisible by tensor parallel "
+                            f"{tensor_parallel}")
 
 
 def resize_vocab(weights: dict[str, torch.Tensor], padded: int) -> dict[str, torch.Tensor]:
     """Embedding and output rows grown with zeros or cut to `padded` (only padding rows are ever cut)."""
     out = dict(weights)
     for name in hf_mapping.VOCAB_ROWS:
-        out[name] = hf_mapping.pad_vocab(weights[name], padded) if padded >= weights[name].shape[0] else weights[name][:padded]
+        out[name] = hf_mapping.pad_vocab(weights[name],
+                                         padded) if padded >= weights[name].shape[0] else weights[name][:padded]
     return out
 
 
@@ -152,7 +154,8 @@ def write(root: Path, weights: dict[str, torch.Tensor], state: dict, final_root:
     return tag_dir
 
 
-HF_TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json")
+HF_TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                           "added_tokens.json")
 
 
 def tokenizer_files(section: dict | None) -> dict[str, Path]:

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from megacpt.tools import checkpoint_io
 from megacpt.config import ModelConfig, padded_vocab_size
 from megacpt.errors import UserError
 from megacpt.model import hf_mapping
+from megacpt.tools import checkpoint_io
 
 DEFAULT_THRESHOLD = 1e-4
 VERIFY_BATCH = (2, 64)  # sequences x tokens (fewer tokens when the model's seq_length is shorter)
@@ -32,12 +32,18 @@ class VerificationFailed(Exception):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     directions = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
-    to_megacpt = directions.add_parser("hf-to-megacpt", help="a Hugging Face GPT-NeoX folder -> a weights-only megacpt checkpoint")
-    to_megacpt.add_argument("--hf", required=True, metavar="DIR", help="local folder with config.json and the weights (safetensors or .bin, sharded or not)")
-    checkpoint_io.add_output_arguments(to_megacpt, "checkpoints folder (one tag and `latest`, as init.checkpoint takes it)")
-    to_megacpt.add_argument("--tp", type=checkpoint_io.positive_int, default=1, metavar="N", help="tensor-parallel degree to split for (default 1)")
-    to_hf = directions.add_parser("megacpt-to-hf", help="a megacpt checkpoint -> a folder GPTNeoXForCausalLM.from_pretrained loads")
-    to_hf.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoints folder (its `latest`) or one tag folder")
+    to_megacpt = directions.add_parser("hf-to-megacpt",
+                                       help="a Hugging Face GPT-NeoX folder -> a weights-only megacpt checkpoint")
+    to_megacpt.add_argument("--hf", required=True, metavar="DIR",
+                            help="local folder with config.json and the weights (safetensors or .bin, sharded or not)")
+    checkpoint_io.add_output_arguments(to_megacpt,
+                                       "checkpoints folder (one tag and `latest`, as init.checkpoint takes it)")
+    to_megacpt.add_argument("--tp", type=checkpoint_io.positive_int, default=1, metavar="N",
+                            help="tensor-parallel degree to split for (default 1)")
+    to_hf = directions.add_parser("megacpt-to-hf",
+                                  help="a megacpt checkpoint -> a folder GPTNeoXForCausalLM.from_pretrained loads")
+    to_hf.add_argument("--checkpoint", required=True, metavar="DIR",
+                       help="a checkpoints folder (its `latest`) or one tag folder")
     checkpoint_io.add_output_arguments(to_hf, "Hugging Face folder")
     for command in (to_megacpt, to_hf):
         command.add_argument("--no-verify", dest="verify", action="store_false", help="skip the logit comparison")
@@ -58,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     except VerificationFailed as e:
         print(f"megacpt convert: verification failed, nothing written: {e}", file=sys.stderr)
         return 1
-    verdict = "not verified (--no-verify)" if diff is None else f"verified: max |logit difference| {diff:.3e} <= {args.threshold:g}"
+    verdict = ("not verified (--no-verify)" if diff is None
+               else f"verified: max |logit difference| {diff:.3e} <= {args.threshold:g}")
     print(f"wrote {args.output} ({verdict})")
     return 0
 
@@ -74,7 +81,8 @@ def hf_to_megacpt(hf_dir: Path, output: Path, tp: int, overwrite: bool, device: 
     with checkpoint_io.staged_output(output, overwrite) as staging:
         hf = load_hf(hf_dir, dtype="auto")
         weights = hf_mapping.hf_to_megatron(hf.state_dict(), model.num_layers, padded_vocab_size(model.vocab_size, tp))
-        tag_dir = checkpoint_io.write(staging, weights, checkpoint_io.weights_only_state(import_state(hf_dir), model, tp), output)
+        tag_dir = checkpoint_io.write(staging, weights,
+                                      checkpoint_io.weights_only_state(import_state(hf_dir), model, tp), output)
         if device is None:
             return None
         written = checkpoint_io.read_weights(tag_dir, tp)  # verify what is on disk, split and merged again
@@ -109,7 +117,8 @@ def megacpt_to_hf(path: Path, output: Path, overwrite: bool, device: torch.devic
             for name, file in checkpoint_io.tokenizer_files(tokenizer_section).items():
                 shutil.copyfile(file, staging / name)
         elif tokenizer_section is not None:
-            print(f"note: the checkpoint's {tokenizer_section['type']} tokenizer has no Hugging Face form; no tokenizer written")
+            print(f"note: the checkpoint's {tokenizer_section['type']} tokenizer has no Hugging Face form; no "
+                  "tokenizer written")
         if device is None:
             return None
         converted = GPTNeoXForCausalLM.from_pretrained(staging, dtype=torch.float32)
@@ -137,14 +146,16 @@ def read_hf_config(hf_dir: Path) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read the Hugging Face config {file}: {e}") from None
     if config.get("model_type") != "gpt_neox":
-        raise UserError(f"{file} describes model_type '{config.get('model_type')}'; only GPT-NeoX ('gpt_neox', e.g. Pythia) converts to megacpt")
+        raise UserError(f"{file} describes model_type '{config.get('model_type')}'; only GPT-NeoX ('gpt_neox', e.g. "
+                        "Pythia) converts to megacpt")
     unsupported = {"hidden_act": "gelu", "attention_bias": True}
     for key, wanted in unsupported.items():
         if config.get(key, wanted) != wanted:
             raise UserError(f"{file}: {key} {config[key]!r} is not supported; megacpt's GPT-NeoX has {key} {wanted!r}")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", "default") != "default":
-        raise UserError(f"{file}: rope_type '{rope['rope_type']}' is not supported; megacpt uses plain rotary embeddings")
+        raise UserError(f"{file}: rope_type '{rope['rope_type']}' is not supported; megacpt uses plain rotary "
+                        "embeddings")
     return config
 
 

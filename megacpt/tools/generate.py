@@ -14,17 +14,19 @@ import os
 
 import torch
 
-from megacpt.tools import checkpoint_io
 from megacpt.config import ModelConfig
 from megacpt.errors import UserError
+from megacpt.tools import checkpoint_io
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoints folder (its `latest`) or one tag folder")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="a checkpoints folder (its `latest`) or one tag folder")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", metavar="TEXT", help="text, encoded with the checkpoint's tokenizer")
     prompt.add_argument("--prompt-ids", metavar="1,2,3", help="token ids, comma-separated")
-    parser.add_argument("--max-new-tokens", required=True, type=checkpoint_io.positive_int, metavar="N", help="tokens to generate")
+    parser.add_argument("--max-new-tokens", required=True, type=checkpoint_io.positive_int, metavar="N",
+                        help="tokens to generate")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     tp = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's world, all of it tensor parallel
     checkpoint_io.check_tensor_parallel(model, tp)
     if source.padded_vocab_size % tp:
-        raise UserError(f"the checkpoint's padded vocabulary {source.padded_vocab_size} does not split over {tp} ranks; reshard it first")
+        raise UserError(f"the checkpoint's padded vocabulary {source.padded_vocab_size} does not split over {tp} "
+                        "ranks; reshard it first")
     world = setup_world(tp, seed=0)
     gpt = checkpoint_io.build_model(model, source.weights, world.tensor_size, world.tensor_rank, world.device)
     new = greedy(gpt, prompt, args.max_new_tokens, model.vocab_size, world.device)
@@ -65,7 +68,8 @@ def prompt_ids(args: argparse.Namespace, tokenizer, model: ModelConfig) -> list[
     if bad:
         raise UserError(f"prompt ids {bad[:5]} are outside the model's vocabulary [0, {model.vocab_size})")
     if len(ids) + args.max_new_tokens > model.seq_length:
-        raise UserError(f"{len(ids)} prompt + {args.max_new_tokens} new tokens exceed the model's seq_length {model.seq_length}")
+        raise UserError(f"{len(ids)} prompt + {args.max_new_tokens} new tokens exceed the model's seq_length "
+                        f"{model.seq_length}")
     return ids
 
 

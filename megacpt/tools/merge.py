@@ -16,13 +16,15 @@ from pathlib import Path
 import torch
 
 from megacpt import checkpoint
-from megacpt.tools import checkpoint_io
 from megacpt.errors import UserError
+from megacpt.tools import checkpoint_io
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoints", required=True, nargs="+", metavar="DIR", help="megacpt checkpoints (folders or tags), at least two")
-    parser.add_argument("--weights", required=True, nargs="+", type=float, metavar="W", help="one weight per checkpoint, summing to 1")
+    parser.add_argument("--checkpoints", required=True, nargs="+", metavar="DIR",
+                        help="megacpt checkpoints (folders or tags), at least two")
+    parser.add_argument("--weights", required=True, nargs="+", type=float, metavar="W",
+                        help="one weight per checkpoint, summing to 1")
     checkpoint_io.add_output_arguments(parser, "checkpoints folder (one tag and `latest`)")
 
 
@@ -32,9 +34,13 @@ def run(args: argparse.Namespace) -> int:
         sources = [checkpoint_io.load(path, key=f"--checkpoints[{i}]") for i, path in enumerate(args.checkpoints)]
         check_architectures(sources)
         first = sources[0]
-        merged = average([checkpoint_io.resize_vocab(s.weights, first.padded_vocab_size) for s in sources], args.weights)
-        state = {**first.state, "merge": [{"checkpoint": str(s.tag_dir.resolve()), "weight": w} for s, w in zip(sources, args.weights)]}
-        checkpoint_io.write(staging, merged, checkpoint_io.weights_only_state(state, first.model, first.tensor_parallel), Path(args.output))
+        merged = average([checkpoint_io.resize_vocab(s.weights, first.padded_vocab_size) for s in sources],
+                         args.weights)
+        merge = [{"checkpoint": str(s.tag_dir.resolve()), "weight": w} for s, w in zip(sources, args.weights)]
+        state = {**first.state, "merge": merge}
+        checkpoint_io.write(staging, merged,
+                            checkpoint_io.weights_only_state(state, first.model, first.tensor_parallel),
+                            Path(args.output))
     print(f"wrote {args.output}: " + " + ".join(f"{w:g} x {s.tag_dir}" for s, w in zip(sources, args.weights)))
     return 0
 
@@ -43,9 +49,11 @@ def check_weights(checkpoints: list[str], weights: list[float]) -> None:
     if len(checkpoints) < 2:
         raise UserError("--checkpoints: a merge needs at least two checkpoints")
     if len(weights) != len(checkpoints):
-        raise UserError(f"--weights: {len(weights)} weights for {len(checkpoints)} checkpoints; give one per checkpoint")
+        raise UserError(f"--weights: {len(weights)} weights for {len(checkpoints)} checkpoints; give one per "
+                        "checkpoint")
     if not math.isclose(sum(weights), 1.0, abs_tol=1e-6):
-        raise UserError(f"--weights {' '.join(map(str, weights))} sum to {sum(weights):g}; an average needs weights summing to 1")
+        raise UserError(f"--weights {' '.join(map(str, weights))} sum to {sum(weights):g}; an average needs weights "
+                        "summing to 1")
 
 
 def architecture(source: checkpoint_io.Checkpoint) -> dict:
@@ -60,7 +68,8 @@ def check_architectures(sources: list[checkpoint_io.Checkpoint]) -> None:
         found = architecture(source)
         diffs = [f"{k} {found[k]} vs {v}" for k, v in wanted.items() if found[k] != v]
         if diffs:
-            raise UserError(f"cannot merge {source.tag_dir} with {sources[0].tag_dir}: different architectures ({'; '.join(diffs)})")
+            raise UserError(f"cannot merge {source.tag_dir} with {sources[0].tag_dir}: different architectures "
+                            f"({'; '.join(diffs)})")
 
 
 def average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from megacpt.tools import checkpoint_io
 from megacpt.config import padded_vocab_size
+from megacpt.tools import checkpoint_io
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoints folder (its `latest`) or one tag folder")
-    parser.add_argument("--tp", required=True, type=checkpoint_io.positive_int, metavar="N", help="the new tensor-parallel degree")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="a checkpoints folder (its `latest`) or one tag folder")
+    parser.add_argument("--tp", required=True, type=checkpoint_io.positive_int, metavar="N",
+                        help="the new tensor-parallel degree")
     checkpoint_io.add_output_arguments(parser, "checkpoints folder (one tag and `latest`)")
 
 
@@ -26,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
         model = source.model
         checkpoint_io.check_tensor_parallel(model, args.tp)
         weights = checkpoint_io.resize_vocab(source.weights, padded_vocab_size(model.vocab_size, args.tp))
-        checkpoint_io.write(staging, weights, checkpoint_io.weights_only_state(source.state, model, args.tp), Path(args.output))
-    print(f"wrote {args.output}: {source.tag_dir} at tensor parallel {args.tp} (was {source.tensor_parallel}), weights only")
+        checkpoint_io.write(staging, weights, checkpoint_io.weights_only_state(source.state, model, args.tp),
+                            Path(args.output))
+    print(f"wrote {args.output}: {source.tag_dir} at tensor parallel {args.tp} (was {source.tensor_parallel}), "
+          "weights only")
     return 0

@@ -4,13 +4,13 @@ import json
 import sys
 
 import torch
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from transformers import GPTNeoXForCausalLM
 
 from megacpt.config import ModelConfig, padded_vocab_size
 from megacpt.distributed import setup_world
 from megacpt.model import hf_mapping
 from megacpt.model.neox import build_gpt_neox
-from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 
 def main(hf_dir: str, tp: int, out: str) -> None:
