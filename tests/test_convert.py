@@ -13,6 +13,7 @@ from megacpt.cli import main
 from megacpt.tools import checkpoint_io
 
 from datagen import pattern_documents, read_metrics, tiny_config, write_config, write_indexed
+from hfmodel import perturb_every_parameter
 from launch import assert_ok, deepspeed_launch
 
 MODEL = dict(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
@@ -27,9 +28,11 @@ def save_hf(path: Path, seed: int, form: str = "safetensors", **overrides) -> Pa
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
-    # No bos/eos, so Hugging Face's generate never stops early; a wide init, so greedy choices are clear-cut.
+    # No bos/eos, so Hugging Face's generate never stops early; a wide init, so greedy choices are clear-cut;
+    # every bias and LayerNorm distinct, so a mapping that mixes them up changes the logits.
     config = GPTNeoXConfig(**{**MODEL, **overrides}, initializer_range=0.1, bos_token_id=None, eos_token_id=None)
-    model = GPTNeoXForCausalLM(config).to(torch.bfloat16 if form == "bf16" else torch.float32)
+    model = perturb_every_parameter(GPTNeoXForCausalLM(config), seed)
+    model = model.to(torch.bfloat16 if form == "bf16" else torch.float32)
     if form == "bin":
         path.mkdir(parents=True)
         config.save_pretrained(path)

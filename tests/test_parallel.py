@@ -52,15 +52,14 @@ def test_loss_trajectory_matches_one_process(tmp_path, pattern_data, reference_l
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from hfmodel import assert_all_distinct, random_gpt_neox
 
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=200, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                           intermediate_size=256, rotary_pct=0.25, max_position_embeddings=128,
-                           use_parallel_residual=True, tie_word_embeddings=False)
+    model = random_gpt_neox(0, vocab_size=200, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                            intermediate_size=256, rotary_pct=0.25, max_position_embeddings=128,
+                            use_parallel_residual=True, tie_word_embeddings=False)
+    assert_all_distinct(model)
     path = tmp_path_factory.mktemp("hf") / "model"
-    GPTNeoXForCausalLM(config).save_pretrained(path)
+    model.save_pretrained(path)
     return path
 
 
