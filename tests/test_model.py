@@ -111,3 +111,30 @@ def test_optimizer_offload_keeps_deepspeeds_cpu_adam():
     assert "torch_adam" not in offloaded and "fused" not in offloaded
     not_offloaded = optimizer_params({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}})
     assert not_offloaded["torch_adam"]
+
+
+def test_hidden_dropout_in_train_mode_is_hugging_faces(world):
+    """With hidden dropout on, megacpt's block drops the attention and the MLP branch separately, as Hugging
+    Face's GPT-NeoX does: from the same RNG state both give the same train-mode logits. (Batch 1, so the
+    [b, s, h] and [s, b, h] masks are drawn in the same order; attention dropout off, as megatron draws it from
+    its own RNG tracker.)"""
+    from hfmodel import random_gpt_neox
+    from megacpt.model import hf_mapping
+    from megacpt.tools.checkpoint_io import module_state
+
+    hf = random_gpt_neox(0, vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         intermediate_size=256, rotary_pct=0.25, max_position_embeddings=64, hidden_dropout=0.2,
+                         attention_dropout=0.0, use_parallel_residual=True, tie_word_embeddings=False)
+    ours = build_gpt_neox(MODEL.model_copy(update={"dropout": 0.2}), 256)
+    ours.load_state_dict(module_state(hf_mapping.hf_to_megatron(hf.state_dict(), 3, 256)), strict=True)
+    for layer in ours.decoder.layers:
+        layer.self_attention.core_attention.dropout = 0.0
+    ids, positions = IDS[:1], POSITIONS[:1]
+    with torch.no_grad():
+        torch.manual_seed(5)
+        theirs = hf.train()(ids).logits
+        torch.manual_seed(5)
+        mine = ours.train()(ids, positions, None)
+        without_dropout = ours.eval()(ids, positions, None)
+    assert (mine - theirs).abs().max().item() <= 1e-4
+    assert (mine - without_dropout).abs().max().item() > 0.1  # dropout did act

@@ -94,7 +94,8 @@ class NeoXRowParallelLinear(_LocalMatmulAsPlainLinear, tensor_parallel.RowParall
 
 
 class NeoXTransformerLayer(TransformerLayer):
-    """The GPT-NeoX block: attention and MLP read the same input, both outputs join the residual."""
+    """The GPT-NeoX block: attention and MLP read the same input, both outputs join the residual, each after
+    its own hidden dropout."""
 
     def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None,
                 rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
@@ -112,11 +113,16 @@ class NeoXTransformerLayer(TransformerLayer):
             sequence_len_offset=sequence_len_offset,
         )
         mlp_out, mlp_bias = self.mlp(self.pre_mlp_layernorm(hidden_states))
+        if self.training and self.hidden_dropout > 0:
+            # Hugging Face's GPT-NeoX drops each branch on its own (attention's mask drawn first), so with
+            # dropout on both models train alike; a mask on the sum would drop both branches together.
+            attn_out, mlp_out = (F.dropout(out if bias is None else out + bias, p=self.hidden_dropout)
+                                 for out, bias in ((attn_out, attn_bias), (mlp_out, mlp_bias)))
+            return hidden_states + attn_out + mlp_out, context
         branches = attn_out + mlp_out
         biases = [bias for bias in (attn_bias, mlp_bias) if bias is not None]
         if biases:  # the two [h] biases summed first: one pass over the activations instead of two
             branches = branches + sum(biases)
-        branches = F.dropout(branches, p=self.hidden_dropout, training=self.training)
         return hidden_states + branches, context
 
 
