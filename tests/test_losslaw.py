@@ -1,5 +1,6 @@
 """Loss laws with LR annealing: the formulas, constants recovered from synthetic curves, `megacpt predict`."""
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,77 @@ def test_a_rewarm_makes_the_tissue_law_predict_a_loss_bump():
     before, bump = loss[1999], loss[2000:].max()
     assert bump > before + 0.02  # the negative momentum of the re-warm outweighs the extra LR area for a while
     assert loss[-1] < before  # and the second decay ends lower
+
+
+def test_the_laws_on_a_schedule_worked_by_hand():
+    """Six steps: a warmup step at 0.5, two at the peak 1.0, two at 0.6, one at 0.2 (LR units)."""
+    lrs = np.array([0.5, 1.0, 1.0, 0.6, 0.6, 0.2])
+    curve = Curve(lrs, np.array([3, 6]))
+    # tissue: the warmup step counts at the peak, so S1 = 1+1+1 = 3 and 3+0.6+0.6+0.2 = 4.4; the momentum is
+    # m = 0, 0, 0, 0.4, 0.999*0.4 = 0.3996, 0.999*0.3996 + 0.4 = 0.7992004, so S2(3) = 0, S2(6) = 1.5988004.
+    tissue = {"L0": 2.0, "A": 0.5, "alpha": 0.5, "C": 0.1}
+    expected = [2 + 0.5 * 3 ** -0.5, 2 + 0.5 * 4.4 ** -0.5 - 0.1 * 1.5988004]
+    assert predict("tissue", tissue, curve) == pytest.approx(expected, rel=1e-12)
+    # multipower: S1 + S_W is the real area, 0.5+1+1 = 2.5 and 3.9; LD(3) = 0, and at 6 the drops are 0.4 at
+    # step 4 (S_4(6) = 0.6+0.6+0.2 = 1.4, eta_4 = 0.6) and 0.4 at step 6 (S_6(6) = 0.2, eta_6 = 0.2).
+    mp = {"L0": 2.0, "A": 0.5, "alpha": 0.5, "B": 3.0, "C": 2.0, "beta": 0.5, "gamma": 0.5}
+
+    def g(x):
+        return 1 - (2.0 * x + 1) ** -0.5
+
+    ld = 3.0 * (0.4 * g(0.6 ** -0.5 * 1.4) + 0.4 * g(0.2 ** -0.5 * 0.2))
+    assert predict("multipower", mp, curve) == pytest.approx([2 + 0.5 * 2.5 ** -0.5, 2 + 0.5 * 3.9 ** -0.5 - ld],
+                                                             rel=1e-12)
+    # cpt: the stage on new data starts at step 4 (0-based 3), so S1_cpt(6) = 1.4; replay 0.25 with kappa 2.
+    cpt = {**tissue, "B": 0.3, "E": 2.0, "beta": 0.7, "kappa": 2.0}
+    shifted = Curve(lrs, np.array([3, 6]), shift_start=3, replay=0.25)
+    expected[1] += 0.3 * 0.75 ** 2 * (1 - (1 + 2.0 * 1.4) ** -0.7)
+    assert predict("cpt", cpt, shifted) == pytest.approx(expected, rel=1e-12)
+
+
+def multipower_by_the_paper(warmup: list[float], eta: list[float], t: int, c: dict) -> float:
+    """Luo et al. 2025, eq. (the multi-power law) written out: eta[0] is the peak the warmup ends at, eta[1..t]
+    the LRs of the t steps after it; L(t) = L0 + A (S1(t) + S_W)^-alpha - LD(t),
+    LD(t) = B sum_{k=1..t} (eta_(k-1) - eta_k) G(eta_k^-gamma S_k(t)), S_k(t) = sum_{tau=k..t} eta_tau,
+    G(x) = 1 - (C x + 1)^-beta."""
+    s1 = sum(eta[1:t + 1])
+    ld = 0.0
+    for k in range(1, t + 1):
+        s_k = sum(eta[k:t + 1])
+        ld += (eta[k - 1] - eta[k]) * (1 - (c["C"] * eta[k] ** -c["gamma"] * s_k + 1) ** -c["beta"])
+    return c["L0"] + c["A"] * (s1 + sum(warmup)) ** -c["alpha"] - c["B"] * ld
+
+
+def tissue_by_the_paper(eta: list[float], warmup: int, s: int, c: dict, lam: float = 0.999) -> float:
+    """Tissue et al. 2024: L(s) = L0 + A S1^-alpha - C S2, S1 = sum eta_i, S2 = sum m_i,
+    m_i = lam m_(i-1) + (eta_(i-1) - eta_i); the warmup steps count as if the LR were already eta_max."""
+    eta = [max(eta[:warmup + 1])] * warmup + list(eta[warmup:])
+    m = s2 = 0.0
+    for i in range(s):
+        m = lam * m + (eta[i - 1] - eta[i] if i else 0.0)
+        s2 += m
+    return c["L0"] + c["A"] * sum(eta[:s]) ** -c["alpha"] - c["C"] * s2
+
+
+def test_multipower_and_tissue_equal_the_papers_formulas_on_a_cosine_run():
+    """100 warmup steps to 3e-4, 400 cosine steps to 3e-5, then a step decay to 1e-5: with the 400M constants
+    of Luo et al. the law equals the paper's sum at every step; the tissue law its momentum recursion."""
+    warmup = [3e-4 * (i + 1) / 100 for i in range(100)]
+    after = [3e-5 + (3e-4 - 3e-5) * (1 + math.cos(math.pi * t / 400)) / 2 for t in range(1, 401)] + [1e-5] * 100
+    lrs = np.array(warmup + after)
+    steps = np.arange(100, 601, 25)
+    paper = {"L0": 2.375, "A": 0.654, "alpha": 0.429, "B": 523.4, "C": 2.025, "beta": 0.594, "gamma": 0.635}
+    expected = [multipower_by_the_paper(warmup, [3e-4] + after, int(n) - 100, paper) for n in steps]
+    assert predict("multipower", paper, Curve(lrs, steps)) == pytest.approx(expected, rel=1e-10)
+    tissue = {"L0": 2.0, "A": 0.5, "alpha": 0.5, "C": 300.0}
+    expected = [tissue_by_the_paper(list(lrs), 99, int(n), tissue) for n in steps]
+    assert predict("tissue", tissue, Curve(lrs, steps)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_a_history_that_starts_flat_has_no_warmup_to_hold_at_the_peak():
+    """A constant stage and then a re-warm: the re-warm is no first warmup, the constant LRs stay as they were."""
+    lrs = np.array([1e-4] * 5 + [2e-4, 3e-4, 2e-4])
+    assert np.array_equal(effective_lrs(Curve(lrs, np.arange(1, 9))), lrs)
 
 
 # ---------------------------------------------------------------------- recovering known constants

@@ -67,10 +67,13 @@ class Fit:
 
 
 def effective_lrs(curve: Curve) -> np.ndarray:
-    """The LRs with the model's first warmup (the rise its history starts with) held at the peak it reaches."""
+    """The LRs with the model's first warmup (the rise its history starts with) held at the peak it reaches.
+
+    A history that starts flat has no first warmup: a later rise (a re-warm) is not one.
+    """
     lrs = np.asarray(curve.lrs, dtype=float)
-    drops = np.flatnonzero(np.diff(lrs) < 0)
-    end = drops[0] + 1 if drops.size else len(lrs)
+    stops_rising = np.flatnonzero(np.diff(lrs) <= 0)
+    end = stops_rising[0] + 1 if stops_rising.size else len(lrs)
     out = lrs.copy()
     out[:end] = lrs[end - 1]
     return out
