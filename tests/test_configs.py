@@ -71,3 +71,22 @@ def test_config_uses_the_layout_megacpt_plan_recommends(path):
     best = recommend(config, cluster).layout
     assert config_layout(config, cluster) == best
     assert (config.deepspeed["bf16"], config.deepspeed["zero_optimization"]) == ({"enabled": True}, {"stage": 1})
+
+
+def test_the_405m_layout_by_hand():
+    """neox-405m on one node of 8 x 80 GB: TP 1 x DP 8, ZeRO-1, micro batch 23 (1104 / 8 = 138 per rank,
+    divisible by 1, 2, 3, 6, 23, 46, ...). By hand: 405,334,016 parameters with bf16 weights and gradients and
+    16 optimizer bytes over 8 ranks (6 bytes per parameter), Korthikanti's activations of 24 layers plus the
+    output layer, a 4 GB reserve: 60.2 GB at micro batch 23, 114 GB at 46, against the 72 GB limit."""
+    psi, s, h, v = 405_334_016, 2048, 1024, 50304
+
+    def total_gb(b: int) -> float:
+        return (2 * psi + 2 * psi + 16 * psi / 8 + 24 * s * b * h * 34 + s * b * (4 * h + 6 * v) + 4e9) / 1e9
+
+    assert total_gb(23) == pytest.approx(60.2014, abs=1e-4) and total_gb(46) > 72
+    config = load_config(CONFIGS[0].parent / "ibrahim_405m_cpt_cosine.json")
+    cluster = Cluster(nodes=1, gpus_per_node=8, gpu_memory_gb=80)
+    best = recommend(config, cluster)
+    assert (best.layout.tensor, best.layout.data, best.layout.zero_stage, best.layout.micro_batch) == (1, 8, 1, 23)
+    assert best.total_bytes / 1e9 == pytest.approx(total_gb(23), rel=1e-9)
+    assert config.train.micro_batch_size == 23 and config.parallel.tensor == 1
