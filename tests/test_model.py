@@ -118,9 +118,10 @@ def test_hidden_dropout_in_train_mode_is_hugging_faces(world):
     Face's GPT-NeoX does: from the same RNG state both give the same train-mode logits. (Batch 1, so the
     [b, s, h] and [s, b, h] masks are drawn in the same order; attention dropout off, as megatron draws it from
     its own RNG tracker.)"""
-    from hfmodel import random_gpt_neox
     from megacpt.model import hf_mapping
     from megacpt.tools.checkpoint_io import module_state
+
+    from hfmodel import random_gpt_neox
 
     hf = random_gpt_neox(0, vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                          intermediate_size=256, rotary_pct=0.25, max_position_embeddings=64, hidden_dropout=0.2,
