@@ -267,12 +267,28 @@ class CheckpointConfig(Section):
                                               "complete).")
 
 
+class WandbConfig(Section):
+    """A Weights & Biases run that receives every metrics.jsonl record (needs the 'wandb' extra)."""
+
+    project: str = Field(description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (user or team); default: your W&B default entity.")
+    name: str | None = Field(None, description="Run name; default: the run dir's folder name.")
+    group: str | None = Field(
+        None, description="Run group; default: the name of the first stage of the model's stage history, so that "
+        "every stage of one chain lands in one group.")
+    tags: list[str] = Field(default_factory=list, description="Run tags; `stage<N>` is always added.")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="'offline' writes RUN_DIR/wandb/offline-run-* for a later `wandb sync`; "
+        "'online' needs a W&B login (WANDB_API_KEY or `wandb login`).")
+
+
 class LoggingConfig(Section):
     """Where metrics go besides RUN_DIR/metrics.jsonl."""
 
     tensorboard: bool = Field(False,
                               description="Also write TensorBoard events to RUN_DIR/tensorboard (needs the 'tb' "
                                           "extra).")
+    wandb: WandbConfig | None = Field(None, description="Also log to Weights & Biases; omit to not use it.")
 
 
 class RunConfig(Section):

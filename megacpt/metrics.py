@@ -1,5 +1,5 @@
 """Where training and evaluation records go: RUN_DIR/metrics.jsonl (one JSON object per line), the console
-progress line and, when enabled, TensorBoard. Only the main rank writes.
+progress line and, when enabled, TensorBoard and Weights & Biases (wandb_sink.py). Only the main rank writes.
 """
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 class MetricsWriter:
     """Appends records to metrics.jsonl (continuing the file on resume) and prints progress lines."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = False):
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = False, wandb=None):
         self.enabled = enabled
+        self._wandb = wandb  # a WandbSink on the main rank, or None
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = open(self.path, "a", encoding="utf-8") if enabled else None
         self._tb = _tensorboard_writer(Path(run_dir) / "tensorboard") if enabled and tensorboard else None
@@ -26,13 +27,20 @@ class MetricsWriter:
         if self._tb is not None:
             step = record["step"]
             # evaluation records repeat stage/tokens of the training record at the same step
-            scalars = _flatten({"eval": record["eval"]}) if "eval" in record else _flatten(record)
+            scalars = flatten({"eval": record["eval"]}) if "eval" in record else flatten(record)
             for key, value in scalars.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
             if "event" in record:
                 self._tb.add_text("events", json.dumps(record), step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(record)
+
+    def checkpoint_saved(self, step: int, path: Path) -> None:
+        """Sinks that show checkpoints (W&B, as text) learn of a new one."""
+        if self.enabled and self._wandb is not None:
+            self._wandb.log_checkpoint(step, path)
 
     def print(self, text: str) -> None:
         if self.enabled:
@@ -43,13 +51,16 @@ class MetricsWriter:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
-def _flatten(record: dict, prefix: str = "") -> dict:
+def flatten(record: dict, prefix: str = "") -> dict:
+    """{'eval': {'prose': 1.0}} -> {'eval/prose': 1.0}: one series per source and per validation set."""
     out = {}
     for key, value in record.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}/"))
+            out.update(flatten(value, f"{prefix}{key}/"))
         else:
             out[f"{prefix}{key}"] = value
     return out

@@ -41,6 +41,10 @@ def preflight(config: RunConfig) -> None:
 
     check_schedule(config.schedule, config.train.steps)
     check_data(config.data, config.model.vocab_size)
+    if config.logging.wandb is not None:
+        from megacpt.wandb_sink import check_available
+
+        check_available(config.logging.wandb)
     plan = checkpoint.plan_load(config)
     if plan is not None:
         checkpoint.check_architecture(config, plan.state, plan.tag_dir)
@@ -87,7 +91,7 @@ def train(config: RunConfig) -> None:
     stream, val_data = build_data(config, world, stages)
     tokens_before = restore(plan, engine, scheduler, stream, world.rank)
 
-    metrics = MetricsWriter(run_dir, world.is_main, config.logging.tensorboard)
+    metrics = MetricsWriter(run_dir, world.is_main, config.logging.tensorboard, start_wandb(config, world, stages))
     params = sum(p.numel() for p in model.parameters()) * world.tensor_size
     metrics.print(f"stage {stage['index']} ({stage['name']}): {config.train.steps} steps x "
                   f"{config.train.global_batch_size} "
@@ -104,6 +108,17 @@ def train(config: RunConfig) -> None:
         loop.run()
     finally:
         metrics.close()
+
+
+def start_wandb(config: RunConfig, world, stages: list[dict]):
+    """The W&B sink of the main rank when logging.wandb asks for one (its run config: config + stage history)."""
+    if config.logging.wandb is None or not world.is_main:
+        return None
+    from megacpt.wandb_sink import WandbSink
+
+    run_config = {"config": dump_config(config), "stages": stages, "stage_index": stages[-1]["index"]}
+    return WandbSink.start(config.logging.wandb, Path(config.run_dir), stages[-1]["index"], stages[0]["name"],
+                           run_config)
 
 
 def cpu_threads(world) -> str:
@@ -272,6 +287,7 @@ class TrainingLoop:
         }
         tag_dir = checkpoint.save(self.engine, self.config.run_dir, step, state, self.world.rank,
                                   self.config.checkpoint.keep_last)
+        self.metrics.checkpoint_saved(step, tag_dir)
         self.metrics.print(f"saved checkpoint {tag_dir}")
 
 
