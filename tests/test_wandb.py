@@ -7,12 +7,11 @@ import json
 import struct
 from pathlib import Path
 
-import pytest
+import wandb  # noqa: F401  (the dev install has the wandb extra; a missing package fails here, not as a skip)
 
-from datagen import read_metrics, tiny_config, write_config
 from megacpt.cli import main
 
-import wandb  # noqa: F401  (the dev install has the wandb extra; a missing package fails here, not as a skip)
+from datagen import read_metrics, tiny_config, write_config
 
 
 def wandb_records(path: Path):
