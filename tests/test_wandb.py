@@ -5,6 +5,7 @@ protobuf `Record` type, so the test checks what `wandb sync` would upload, not w
 """
 import json
 import struct
+import time
 from pathlib import Path
 
 import wandb  # noqa: F401  (the dev install has the wandb extra; a missing package fails here, not as a skip)
@@ -36,12 +37,22 @@ def wandb_records(path: Path):
             pending += chunk
 
 
+def complete_records(path: Path, timeout: float = 60.0) -> list:
+    """The records of a run file once W&B's service has written its `exit` record (it flushes asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(wandb_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
 def offline_runs(run_dir: Path) -> list[dict]:
     """Each offline W&B run under RUN_DIR (oldest first): its id, group, tags, config and history rows."""
     runs = []
     for folder in sorted((run_dir / "wandb").glob("offline-run-*")):
         run = {"history": [], "config": {}}
-        for record in wandb_records(next(folder.glob("run-*.wandb"))):
+        for record in complete_records(next(folder.glob("run-*.wandb"))):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 run.update(id=record.run.run_id, group=record.run.run_group, tags=list(record.run.tags))
