@@ -1,7 +1,8 @@
 """Checkpoints: DeepSpeed's files plus megacpt's own state, saved atomically, loaded as resume or new stage.
 
-A tag folder holds what `engine.save_checkpoint` writes, `megacpt_state.json` (resolved config, stage
-history, data position and samples per source, schedule state, model dimensions) and one RNG file per rank.
+A tag folder holds what `engine.save_checkpoint` writes, `megacpt_state.json` (a `stages.CheckpointState`:
+resolved config, stage history, data position and samples per source, schedule state, model signature) and
+one RNG file per rank.
 `latest` names the newest complete tag and is replaced (atomically) only after every rank has finished
 writing, so a crash during a save leaves the previous checkpoint in charge.
 
@@ -11,20 +12,25 @@ the optimizer, the scheduler position and the data position as `init.load_*` say
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from megacpt.config import InitConfig, ModelConfig, RunConfig, padded_vocab_size
+from megacpt.config import InitConfig, RunConfig
 from megacpt.errors import ConfigError, UserError
+from megacpt.stages import (
+    STATE_FILE,
+    CheckpointState,
+    ModelSignature,
+    TrainedStage,
+    read_state,
+    write_atomic,
+    write_state,
+)
 
-STATE_FILE = "megacpt_state.json"
 LATEST = "latest"
-STATE_FORMAT = 1
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -52,31 +58,13 @@ def resolve_tag(path: str | Path, key: str = "init.checkpoint") -> Path:
                     f"'{LATEST}')")
 
 
-def read_state(tag_dir: Path) -> dict:
-    try:
-        state = json.loads((tag_dir / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {tag_dir / STATE_FILE}: {e}") from None
-    if state.get("format") != STATE_FORMAT:
-        raise UserError(f"{tag_dir / STATE_FILE} has format {state.get('format')}, expected {STATE_FORMAT}")
-    return state
-
-
-def model_signature(m: ModelConfig, tensor_parallel: int) -> dict:
-    """What must agree between a checkpoint and the model it is loaded into."""
-    return {
-        "num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_attention_heads": m.num_attention_heads,
-        "ffn_hidden_size": m.ffn_hidden_size, "padded_vocab_size": padded_vocab_size(m.vocab_size, tensor_parallel),
-        "rotary_pct": m.rotary_pct, "parallel_residual": m.parallel_residual, "tensor_parallel": tensor_parallel,
-    }
-
-
-def check_architecture(config: RunConfig, state: dict, tag_dir: Path) -> None:
+def check_architecture(config: RunConfig, state: CheckpointState, tag_dir: Path) -> None:
     """A readable error when the checkpoint's model differs from the config's (instead of a tensor-copy trace)."""
-    saved, wanted = state["model"], model_signature(config.model, config.parallel.tensor)
-    diffs = [f"{k}: checkpoint {saved.get(k)} vs config {v}" for k, v in wanted.items() if saved.get(k) != v]
+    saved = state.model.model_dump()
+    wanted = ModelSignature.of(config.model, config.parallel.tensor).model_dump()
+    diffs = [f"{k}: checkpoint {saved[k]} vs config {v}" for k, v in wanted.items() if saved[k] != v]
     if diffs:
-        tp_differs = saved.get("tensor_parallel") != wanted["tensor_parallel"]
+        tp_differs = saved["tensor_parallel"] != wanted["tensor_parallel"]
         hint = " (change the TP degree with `megacpt reshard`)" if tp_differs else ""
         raise UserError(f"checkpoint {tag_dir} does not match the config's model: {'; '.join(diffs)}{hint}")
 
@@ -86,7 +74,7 @@ class LoadPlan:
     """What to load from which tag, decided before the engine exists."""
 
     tag_dir: Path
-    state: dict
+    state: CheckpointState
     resume: bool  # continue the checkpoint's stage (own RUN_DIR, or init.mode 'resume')
     load_optimizer: bool
     load_scheduler: bool
@@ -105,7 +93,7 @@ def plan_load(config: RunConfig) -> LoadPlan | None:
     tag_dir = resolve_tag(init.checkpoint)
     state = read_state(tag_dir)
     if init.mode == "resume":
-        if not state.get("has_optimizer") or not state.get("scheduler"):
+        if not state.has_optimizer or state.scheduler is None:
             raise ConfigError("init.mode", f"'resume' needs a training checkpoint; {tag_dir} holds weights only "
                                            "(imported or merged): use 'new_stage'")
         return LoadPlan(tag_dir, state, True, True, True, True)
@@ -113,29 +101,29 @@ def plan_load(config: RunConfig) -> LoadPlan | None:
     return LoadPlan(tag_dir, state, False, init.load_optimizer, init.load_scheduler, init.load_data_position)
 
 
-def check_init_combination(init: InitConfig, state: dict, config: RunConfig) -> None:
+def check_init_combination(init: InitConfig, state: CheckpointState, config: RunConfig) -> None:
     """Reject new-stage choices that cannot mean anything for this checkpoint."""
-    if init.load_optimizer and not state.get("has_optimizer", False):
+    if init.load_optimizer and not state.has_optimizer:
         raise ConfigError("init.load_optimizer",
                           f"checkpoint {init.checkpoint} holds no optimizer state (converted weights?); set it to "
                           "false")
-    if init.load_scheduler and not state.get("scheduler"):
+    if init.load_scheduler and state.scheduler is None:
         raise ConfigError("init.load_scheduler",
                           f"checkpoint {init.checkpoint} holds no schedule position (imported weights); set it to "
                           "false")
-    if init.load_data_position and not state.get("data"):
+    if init.load_data_position and state.data is None:
         raise ConfigError("init.load_data_position",
                           f"checkpoint {init.checkpoint} holds no data position (imported weights); set it to false")
     if init.load_data_position:
-        saved = state["config"]["data"]
-        if (saved["sources"], saved["replay"], saved["seed"]) != (
-                [s.model_dump() for s in config.data.sources], config.data.replay.model_dump(), config.data.seed):
+        saved = state.stages[-1]
+        if not isinstance(saved, TrainedStage) or (saved.data.sources, saved.data.replay, saved.data.seed) != (
+                config.data.sources, config.data.replay, config.data.seed):
             raise ConfigError("init.load_data_position",
                               "the data position only means something for the same sources, replay and seed as the "
                               "checkpoint's stage")
-    if init.load_scheduler and state["scheduler"]["steps"] != config.train.steps:
+    if init.load_scheduler and state.scheduler.steps != config.train.steps:
         raise ConfigError("init.load_scheduler",
-                          f"the checkpoint's stage has {state['scheduler']['steps']} steps, this config "
+                          f"the checkpoint's stage has {state.scheduler.steps} steps, this config "
                           f"{config.train.steps}; a continued schedule needs the same train.steps")
 
 
@@ -184,7 +172,8 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state(states["cuda"])
 
 
-def save(engine, run_dir: str | Path, step: int, state: dict, world_rank: int, keep_last: int | None) -> Path:
+def save(engine, run_dir: str | Path, step: int, state: CheckpointState, world_rank: int,
+         keep_last: int | None) -> Path:
     """Write a complete tag, then move `latest` to it, then apply retention. Call on every rank."""
     root = checkpoint_dir(run_dir)
     tag = tag_name(step)
@@ -192,10 +181,10 @@ def save(engine, run_dir: str | Path, step: int, state: dict, world_rank: int, k
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     torch.save(rng_states(), tag_dir / f"rng_rank{world_rank}.pt")
     if world_rank == 0:
-        _write_atomic(tag_dir / STATE_FILE, json.dumps(state, indent=1))
+        write_state(tag_dir, state)
     torch.distributed.barrier()
     if world_rank == 0:
-        _write_atomic(root / LATEST, tag)
+        write_atomic(root / LATEST, tag)
         if keep_last:
             prune(root, keep_last)
     torch.distributed.barrier()
@@ -210,11 +199,3 @@ def prune(root: Path, keep_last: int) -> None:
         if old.name != latest:
             shutil.rmtree(old)
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

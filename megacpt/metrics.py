@@ -1,5 +1,6 @@
 """Where training and evaluation records go: RUN_DIR/metrics.jsonl (one JSON object per line), the console
-progress line and, when enabled, TensorBoard and Weights & Biases (wandb_sink.py). Only the main rank writes.
+progress line and, when enabled, TensorBoard and Weights & Biases (wandb_sink.py). Only the main rank writes;
+`read_metrics` reads a run back.
 """
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+from megacpt.errors import UserError
+
+METRICS = "metrics.jsonl"
+
 
 class MetricsWriter:
     """Appends records to metrics.jsonl (continuing the file on resume) and prints progress lines."""
@@ -15,7 +20,7 @@ class MetricsWriter:
     def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = False, wandb=None):
         self.enabled = enabled
         self._wandb = wandb  # a WandbSink on the main rank, or None
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS
         self._file = open(self.path, "a", encoding="utf-8") if enabled else None
         self._tb = _tensorboard_writer(Path(run_dir) / "tensorboard") if enabled and tensorboard else None
 
@@ -67,14 +72,30 @@ def flatten(record: dict, prefix: str = "") -> dict:
 
 
 def _tensorboard_writer(path: Path):
-    from megacpt.errors import UserError
-
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise UserError("logging.tensorboard is true but tensorboard is not installed "
                         "(pip install 'megacpt[tb]')") from None
     return SummaryWriter(str(path))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl; a UserError naming the path when there are none."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        what = "does not exist" if not Path(run_dir).exists() else f"holds no {METRICS}"
+        raise UserError(f"run directory {run_dir} {what}: give the run_dir of a `megacpt train` run")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {number} is not JSON: {e.msg}") from None
+    if not any("loss" in r or "eval" in r for r in records):
+        raise UserError(f"{path} holds no training or evaluation records yet")
+    return records
 
 
 def format_duration(seconds: float) -> str:

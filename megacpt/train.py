@@ -20,6 +20,15 @@ from megacpt.config import RunConfig, dump_config, load_config
 from megacpt.errors import UserError
 from megacpt.evaluate import micro_batch_loss, validation_losses
 from megacpt.metrics import MetricsWriter, Throughput, format_duration
+from megacpt.stages import (
+    CheckpointState,
+    DataPosition,
+    ModelSignature,
+    SavedConfig,
+    SchedulerState,
+    StageRecord,
+    TrainedStage,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +88,7 @@ def train(config: RunConfig) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(dump_config(config), indent=2))
     plan = checkpoint.plan_load(config)
-    stages = stage_history(config, plan)
+    stages = stage_records(config, plan)
     stage = stages[-1]
 
     model = build_gpt_neox(config.model, config.padded_vocab_size, world.tensor_size,
@@ -87,19 +96,18 @@ def train(config: RunConfig) -> None:
                            cpu_init=world.device.type == "cpu")
     engine, _, scheduler = initialize(
         model, deepspeed_config(config, world.data_size),
-        lambda opt: StageScheduler(opt, config.schedule, config.train.steps, stage["index"]), MegatronMPU)
+        lambda opt: StageScheduler(opt, config.schedule, config.train.steps, stage.index), MegatronMPU)
     stream, val_data = build_data(config, world, stages)
     tokens_before = restore(plan, engine, scheduler, stream, world.rank)
 
     metrics = MetricsWriter(run_dir, world.is_main, config.logging.tensorboard, start_wandb(config, world, stages))
     params = sum(p.numel() for p in model.parameters()) * world.tensor_size
-    metrics.print(f"stage {stage['index']} ({stage['name']}): {config.train.steps} steps x "
-                  f"{config.train.global_batch_size} "
+    metrics.print(f"stage {stage.index} ({stage.name}): {config.train.steps} steps x {config.train.global_batch_size} "
                   f"samples x {config.model.seq_length} tokens; {params / 1e6:.1f}M parameters; world {world.size} "
                   f"(tensor {world.tensor_size} x data {world.data_size}{cpu_threads(world)}); "
                   f"{'resuming ' if plan and plan.resume else 'from '}{plan.tag_dir if plan else 'fresh weights'}")
     if plan is None or not plan.resume:
-        metrics.write({"step": 0, "event": "stage_start", "stage": stage["index"], "stage_name": stage["name"],
+        metrics.write({"step": 0, "event": "stage_start", "stage": stage.index, "stage_name": stage.name,
                        "init": str(plan.tag_dir) if plan else None})
     signals = StopSignal()
     guard = StepGuard(engine.basic_optimizer, world.device, signals.requested)
@@ -110,15 +118,15 @@ def train(config: RunConfig) -> None:
         metrics.close()
 
 
-def start_wandb(config: RunConfig, world, stages: list[dict]):
+def start_wandb(config: RunConfig, world, stages: list[StageRecord]):
     """The W&B sink of the main rank when logging.wandb asks for one (its run config: config + stage history)."""
     if config.logging.wandb is None or not world.is_main:
         return None
     from megacpt.wandb_sink import WandbSink
 
-    run_config = {"config": dump_config(config), "stages": stages, "stage_index": stages[-1]["index"]}
-    return WandbSink.start(config.logging.wandb, Path(config.run_dir), stages[-1]["index"], stages[0]["name"],
-                           run_config)
+    run_config = {"config": dump_config(config), "stages": [s.model_dump(mode="json") for s in stages],
+                  "stage_index": stages[-1].index}
+    return WandbSink.start(config.logging.wandb, Path(config.run_dir), stages[-1].index, stages[0].name, run_config)
 
 
 def cpu_threads(world) -> str:
@@ -126,7 +134,7 @@ def cpu_threads(world) -> str:
     return f", {torch.get_num_threads()} CPU threads each" if world.device.type == "cpu" else ""
 
 
-def build_data(config: RunConfig, world, stages: list[dict]):
+def build_data(config: RunConfig, world, stages: list[StageRecord]):
     """This rank's training batch stream (the blend with replay) and the validation datasets."""
     from megacpt.data.datasets import build_train_dataset, build_validation_datasets
     from megacpt.data.loader import BatchStream
@@ -147,31 +155,23 @@ def restore(plan: checkpoint.LoadPlan | None, engine, scheduler, stream, world_r
     if plan is not None:
         checkpoint.load_into_engine(engine, plan, world_rank)
         if plan.load_scheduler:
-            scheduler.load_state_dict(plan.state["scheduler"])
+            scheduler.load_state_dict(plan.state.scheduler.model_dump(mode="json"))
         if plan.load_data_position:
-            stream.load_state_dict(plan.state["data"])
+            stream.load_state_dict(plan.state.data.model_dump())
     scheduler.apply()  # the schedule, not a loaded optimizer, decides the LR of every group
-    return plan.state["tokens"] if plan is not None else 0
+    return plan.state.tokens if plan is not None else 0
 
 
-def stage_history(config: RunConfig, plan: checkpoint.LoadPlan | None) -> list[dict]:
-    """The stages that made this model, ending with the current one (appended when this run is a new stage)."""
+def stage_records(config: RunConfig, plan: checkpoint.LoadPlan | None) -> list[StageRecord]:
+    """The stage records of this model, ending with the current one (appended when this run is a new stage)."""
     if plan is not None and plan.resume:
-        return plan.state["stages"]
-    earlier = plan.state["stages"] if plan is not None else []
-    return earlier + [{
-        "index": len(earlier),
-        "name": Path(config.run_dir).name,
-        "run_dir": str(Path(config.run_dir).resolve()),
-        "init": str(plan.tag_dir) if plan else None,
-        "steps": config.train.steps,
-        "global_batch_size": config.train.global_batch_size,
-        "seq_length": config.model.seq_length,
-        "schedule": config.schedule.model_dump(mode="json"),
-        "data": config.data.model_dump(mode="json"),
-        "samples": {},
-        "steps_done": 0,
-    }]
+        return list(plan.state.stages)
+    earlier = list(plan.state.stages) if plan is not None else []
+    return earlier + [TrainedStage(
+        index=len(earlier), name=Path(config.run_dir).name, run_dir=str(Path(config.run_dir).resolve()),
+        init=str(plan.tag_dir) if plan else None, steps=config.train.steps,
+        global_batch_size=config.train.global_batch_size, seq_length=config.model.seq_length,
+        schedule=config.schedule, data=config.data, samples={}, steps_done=0)]
 
 
 class TrainingLoop:
@@ -195,7 +195,7 @@ class TrainingLoop:
         losses = []
         start_t = self.start_t
         if start_t > 0:
-            self.metrics.print(f"resuming stage {self.stages[-1]['index']} at step {start_t}/{cfg.steps}")
+            self.metrics.print(f"resuming stage {self.stages[-1].index} at step {start_t}/{cfg.steps}")
         while self.scheduler.t < cfg.steps:
             step = self.scheduler.t
             lr = self.scheduler.current_lr()
@@ -246,7 +246,7 @@ class TrainingLoop:
                                     self.config.train.micro_batch_size, self.world.data_rank,
                                     self.world.data_size, self.world.device, _dp_group())
         if results:
-            self.metrics.write({"step": step, "stage": self.stages[-1]["index"], "tokens": self.total_tokens(),
+            self.metrics.write({"step": step, "stage": self.stages[-1].index, "tokens": self.total_tokens(),
                                 "eval": results})
             self.metrics.print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
         return results
@@ -257,7 +257,7 @@ class TrainingLoop:
         rate = throughput.rate(tokens)
         samples = self.stream.dataset.samples_per_source(self.stream.consumed_samples)
         record = {
-            "step": step, "stage": self.stages[-1]["index"], "lr": lr, "loss": loss,
+            "step": step, "stage": self.stages[-1].index, "lr": lr, "loss": loss,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens": tokens, "samples": samples, "tokens_per_s": rate,
             "skipped_steps": self.guard.skipped_total,
@@ -269,22 +269,14 @@ class TrainingLoop:
                            f"{rate:,.0f} tok/s  ETA {format_duration(eta)}")
 
     def save(self, step: int) -> None:
-        stage = dict(self.stages[-1])
-        stage["steps_done"] = step
-        stage["samples"] = self.stream.dataset.samples_per_source(self.stream.consumed_samples)
-        stages = self.stages[:-1] + [stage]
-        state = {
-            "format": checkpoint.STATE_FORMAT,
-            "step": step,
-            "tokens": self.total_tokens(),
-            "config": dump_config(self.config),
-            "model": checkpoint.model_signature(self.config.model, self.config.parallel.tensor),
-            "tokenizer": self.config.tokenizer.model_dump(mode="json") if self.config.tokenizer else None,
-            "has_optimizer": True,
-            "stages": stages,
-            "scheduler": self.scheduler.state_dict(),
-            "data": {**self.stream.state_dict(), "samples": stage["samples"]},
-        }
+        samples = self.stream.dataset.samples_per_source(self.stream.consumed_samples)
+        stage = self.stages[-1].model_copy(update={"steps_done": step, "samples": samples})
+        state = CheckpointState(
+            step=step, tokens=self.total_tokens(), config=SavedConfig.model_validate(dump_config(self.config)),
+            model=ModelSignature.of(self.config.model, self.config.parallel.tensor), tokenizer=self.config.tokenizer,
+            has_optimizer=True, stages=self.stages[:-1] + [stage],
+            scheduler=SchedulerState.model_validate(self.scheduler.state_dict()),
+            data=DataPosition(**self.stream.state_dict(), samples=samples))
         tag_dir = checkpoint.save(self.engine, self.config.run_dir, step, state, self.world.rank,
                                   self.config.checkpoint.keep_last)
         self.metrics.checkpoint_saved(step, tag_dir)

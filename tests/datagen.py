@@ -56,3 +56,31 @@ def write_config(path: Path, config: dict) -> str:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def trained_stage(index: int, run_dir: str | Path, steps_done: int, steps: int | None = None, **fields):
+    """A TrainedStage record as `megacpt train` saves it; `fields` override the tiny defaults (batch 4 x 64 tokens,
+    a cosine schedule, one source 'x')."""
+    from megacpt.stages import TrainedStage
+
+    defaults = {"name": Path(run_dir).name, "init": None, "global_batch_size": 4, "seq_length": 64,
+                "schedule": {"style": "cosine", "max_lr": 1e-3, "min_lr": 1e-4, "warmup": 2},
+                "data": {"sources": [{"name": "x", "prefix": "/data/x"}]}, "samples": {}}
+    return TrainedStage(index=index, run_dir=str(run_dir), steps_done=steps_done, steps=steps or max(steps_done, 1),
+                        **{**defaults, **fields})
+
+
+def write_state(tag_dir: Path, step: int, tokens: int, stages: list) -> Path:
+    """A checkpoint tag holding only megacpt_state.json (no weights): what the lineage walk reads of a checkpoint."""
+    from megacpt.config import ModelConfig, ParallelConfig
+    from megacpt.stages import CheckpointState, ModelSignature, SavedConfig
+    from megacpt.stages import write_state as write
+
+    model = ModelConfig(preset="tiny")
+    tag_dir.mkdir(parents=True)
+    write(tag_dir, CheckpointState(
+        step=step, tokens=tokens, config=SavedConfig(model=model, parallel=ParallelConfig()),
+        model=ModelSignature.of(model, 1), tokenizer=None, has_optimizer=False, stages=stages, scheduler=None,
+        data=None))
+    (tag_dir.parent / "latest").write_text(tag_dir.name)
+    return tag_dir

@@ -6,6 +6,7 @@ from megacpt.cli import main
 from megacpt.config import validate_config
 from megacpt.data.datasets import blend_weights, build_train_dataset
 from megacpt.data.loader import BatchStream
+from megacpt.stages import read_state
 
 from datagen import read_metrics, tiny_config, write_config, write_indexed
 
@@ -142,7 +143,7 @@ def test_seen_only_replays_only_samples_the_earlier_stage_trained_on(tmp_path, p
     cache = str(tmp_path / "cache")
     seen0 = build_train_dataset(load_config(tmp_path / "s0.json").data, 12, 64, cache, 256, -1)
     trained_on = {tuple(seen0[i]["tokens"].tolist()) for i in range(12)}
-    history = checkpoint.read_state(checkpoint.resolve_tag(tmp_path / "stage0" / "checkpoints"))["stages"]
+    history = read_state(checkpoint.resolve_tag(tmp_path / "stage0" / "checkpoints")).stages
     config = load_config(path)
     replayed = build_train_dataset(config.data, 200, 64, cache, 256, -1, history)
     replay_tokens = [tuple(replayed[i]["tokens"].tolist()) for i in range(200) if replayed.source_index[i] == 1]

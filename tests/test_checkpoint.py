@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from megacpt.cli import main
+from megacpt.stages import STATE_FILE, read_state
 
 from datagen import read_metrics, tiny_config, write_config
 from launch import assert_ok, clean_env, deepspeed_launch, free_port, run_megacpt, wait_for_step
@@ -124,9 +125,8 @@ def test_new_stage_keeps_or_drops_adams_moments(tmp_path, pattern_data, stage0, 
     if not load_optimizer:  # after one step from zero moments, exp_avg is exactly (1 - beta1) x grad
         first = after[0]
         assert not torch.equal(first["exp_avg"], before[0]["exp_avg"])
-    state_file = tmp_path / "stage1" / "checkpoints" / "step00000001" / "megacpt_state.json"
-    history = json.loads(state_file.read_text())["stages"]
-    assert [s["index"] for s in history] == [0, 1] and history[0]["steps_done"] == 5
+    history = read_state(tmp_path / "stage1" / "checkpoints" / "step00000001").stages
+    assert [s.index for s in history] == [0, 1] and history[0].steps_done == 5
 
 
 def test_new_stage_restarts_the_schedule_and_the_data(tmp_path, pattern_data, stage0):
@@ -147,7 +147,7 @@ def test_crash_during_a_save_leaves_latest_at_a_complete_checkpoint(tmp_path, pa
     real_write = checkpoint._write_atomic
 
     def crash_on_second_state(path, text):
-        if path.name == checkpoint.STATE_FILE and "step00000006" in str(path):
+        if path.name == STATE_FILE and "step00000006" in str(path):
             raise OSError("disk full (injected)")
         real_write(path, text)
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from megacpt.cli import main
+from megacpt.config import TokenizerConfig
+from megacpt.stages import read_state
 from megacpt.tools import checkpoint_io
 
 from datagen import pattern_documents, read_metrics, tiny_config, write_config, write_indexed
@@ -97,11 +99,13 @@ def test_hf_to_megacpt_to_hf_gives_back_every_tensor(tmp_path, capsys, form, tp)
 
     tag = tmp_path / "ckpt" / (tmp_path / "ckpt" / "latest").read_text()
     assert sorted(p.name for p in tag.glob("mp_rank_*")) == [f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
-    state = json.loads((tag / "megacpt_state.json").read_text())
-    assert state["has_optimizer"] is False and len(state["stages"]) == 1
-    assert state["model"] == {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "ffn_hidden_size": 256,
-                              "padded_vocab_size": 256, "rotary_pct": 0.25, "parallel_residual": True,
-                              "tensor_parallel": tp}
+    state = read_state(tag)
+    assert state.has_optimizer is False and [s.origin for s in state.stages] == ["huggingface"]
+    assert state.stages[0].path == str(source.resolve())
+    assert (state.step, state.tokens, state.scheduler, state.data) == (0, 0, None, None)
+    assert state.model.model_dump() == {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                                        "ffn_hidden_size": 256, "padded_vocab_size": 256, "rotary_pct": 0.25,
+                                        "parallel_residual": True, "tensor_parallel": tp}
 
     assert cli("convert", "megacpt-to-hf", "--checkpoint", tmp_path / "ckpt", "--output", tmp_path / "back") == 0
     back = load_hf(tmp_path / "back")
@@ -119,9 +123,9 @@ def test_tokenizer_files_travel_with_the_checkpoint(tmp_path, capsys, hf_dir, hf
     shutil.copy(hf_tokenizer_json, source / "tokenizer.json")
     assert cli("convert", "hf-to-megacpt", "--hf", source, "--output", tmp_path / "ckpt", "--no-verify") == 0
     shutil.rmtree(source)  # the checkpoint keeps its own copy
-    state = json.loads((tmp_path / "ckpt" / "step00000000" / "megacpt_state.json").read_text())
-    assert state["tokenizer"] == {"type": "hf",
-                                  "path": str(tmp_path / "ckpt" / "step00000000" / "tokenizer" / "tokenizer.json")}
+    state = read_state(tmp_path / "ckpt" / "step00000000")
+    copied = tmp_path / "ckpt" / "step00000000" / "tokenizer" / "tokenizer.json"
+    assert state.tokenizer == TokenizerConfig(type="hf", path=str(copied))
 
     assert cli("convert", "megacpt-to-hf", "--checkpoint", tmp_path / "ckpt", "--output", tmp_path / "back",
                "--no-verify") == 0
@@ -202,7 +206,7 @@ def test_reshard_2_to_1_keeps_every_tensor_and_the_generation(tmp_path, capsys, 
     assert cli("convert", "hf-to-megacpt", "--hf", hf_dir, "--output", tmp_path / "tp2", "--tp", 2) == 0
     assert cli("reshard", "--checkpoint", tmp_path / "tp2", "--tp", 1, "--output", tmp_path / "tp1") == 0
     resharded = checkpoint_io.load(tmp_path / "tp1")
-    assert resharded.tensor_parallel == 1 and resharded.state["has_optimizer"] is False
+    assert resharded.tensor_parallel == 1 and resharded.state.has_optimizer is False
     assert_same_tensors(resharded.weights, checkpoint_io.load(converted).weights)
     capsys.readouterr()
     assert generated_ids(capsys, tmp_path / "tp1") == hf_reference
@@ -211,7 +215,7 @@ def test_reshard_2_to_1_keeps_every_tensor_and_the_generation(tmp_path, capsys, 
 def test_reshard_repads_the_vocabulary(tmp_path, converted):
     assert cli("reshard", "--checkpoint", converted, "--tp", 4, "--output", tmp_path / "tp4") == 0
     tp4 = checkpoint_io.load(tmp_path / "tp4")
-    assert tp4.state["model"]["padded_vocab_size"] == 512 == tp4.padded_vocab_size
+    assert tp4.state.model.padded_vocab_size == 512 == tp4.padded_vocab_size
     assert cli("reshard", "--checkpoint", tmp_path / "tp4", "--tp", 1, "--output", tmp_path / "tp1") == 0
     assert_same_tensors(checkpoint_io.load(tmp_path / "tp1").weights, checkpoint_io.load(converted).weights)
 
@@ -256,7 +260,7 @@ def test_merge_with_weights_1_0_is_model_a(tmp_path, two_models):
     a, b = two_models
     assert cli("merge", "--checkpoints", a, b, "--weights", 1, 0, "--output", tmp_path / "m") == 0
     merged = checkpoint_io.load(tmp_path / "m")
-    assert merged.tensor_parallel == 1 and merged.state["merge"][1]["weight"] == 0
+    assert merged.tensor_parallel == 1 and merged.state.merge[1].weight == 0
     assert_same_tensors(merged.weights, checkpoint_io.load(a).weights)
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from megacpt.cli import main
+from megacpt.stages import run_lineage
 
-from datagen import read_metrics, tiny_config, write_config
+from datagen import read_metrics, tiny_config, trained_stage, write_config, write_state
 from launch import assert_ok, deepspeed_launch
 
 
@@ -125,9 +126,9 @@ def test_eval_under_the_launcher_equals_the_loops_evaluation(runs, tmp_path, lay
 
 
 def test_plot_draws_every_run_with_its_earlier_stages(runs):
-    from megacpt.evaluation.plot import build_figure, stage_history
+    from megacpt.evaluation.plot import build_figure
 
-    histories = {name: stage_history(runs[name]) for name in ("stage0", "stage1")}
+    histories = {name: run_lineage(runs[name]).logged for name in ("stage0", "stage1")}
     assert [s.run_dir.resolve() for s in histories["stage1"]] == [runs["stage0"].resolve(), runs["stage1"].resolve()]
     lr_axis, *loss_axes = build_figure(histories).axes
     assert [ax.get_ylabel() for ax in loss_axes] == ["a_val loss", "b_val loss"]
@@ -160,7 +161,7 @@ def test_plot_command_writes_a_png_and_the_table_of_final_losses(runs, tmp_path,
     assert next(line for line in table if line.startswith("tokens")).split()[1:] == ["1,536", "2,560"]
 
 
-def _fake_stage(run_dir: Path, init: Path | None, steps: int, tokens_before: int, history: list[dict]) -> None:
+def _fake_stage(run_dir: Path, init: Path | None, steps: int, tokens_before: int, history: list) -> None:
     """A run directory with metrics.jsonl (100 tokens per step, eval every 2 steps, step 2 logged twice as after
     a resume) and a checkpoint state at every even step; `history`: the stages before this one."""
     records = [{"step": 0, "event": "stage_start", "stage": len(history), "init": str(init) if init else None}]
@@ -173,24 +174,19 @@ def _fake_stage(run_dir: Path, init: Path | None, steps: int, tokens_before: int
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     for step in range(2, steps + 1, 2):
-        tag = run_dir / "checkpoints" / f"step{step:08d}"
-        tag.mkdir(parents=True)
-        entry = {"run_dir": str(run_dir), "steps_done": step, "global_batch_size": 10, "seq_length": 10}
-        (tag / "megacpt_state.json").write_text(json.dumps({"format": 1, "step": step,
-                                                            "tokens": tokens_before + 100 * step,
-                                                            "stages": history + [entry]}))
+        entry = trained_stage(len(history), run_dir, step, steps, global_batch_size=10, seq_length=10)
+        write_state(run_dir / "checkpoints" / f"step{step:08d}", step, tokens_before + 100 * step, history + [entry])
 
 
 def test_plot_follows_a_three_stage_history_to_the_steps_each_next_stage_started_from(tmp_path):
-    from megacpt.evaluation.plot import build_figure, format_table, stage_history
+    from megacpt.evaluation.plot import build_figure, format_table
 
-    stage = {"global_batch_size": 10, "seq_length": 10}
-    r0 = {**stage, "run_dir": str(tmp_path / "r0"), "steps_done": 4}
-    r1 = {**stage, "run_dir": str(tmp_path / "r1"), "steps_done": 2}
+    r0 = trained_stage(0, tmp_path / "r0", 4, global_batch_size=10, seq_length=10)
+    r1 = trained_stage(1, tmp_path / "r1", 2, 4, global_batch_size=10, seq_length=10)
     _fake_stage(tmp_path / "r0", None, 4, 0, [])
     _fake_stage(tmp_path / "r1", tmp_path / "r0" / "checkpoints" / "step00000004", 4, 400, [r0])
     _fake_stage(tmp_path / "r2", tmp_path / "r1" / "checkpoints" / "step00000002", 2, 600, [r0, r1])
-    history = stage_history(tmp_path / "r2")
+    history = run_lineage(tmp_path / "r2").logged
     assert [(s.run_dir.name, s.start_tokens) for s in history] == [("r0", 0), ("r1", 400), ("r2", 600)]
     lr_axis, x_axis = build_figure({"r2": history}).axes
     (lr,) = (line for line in lr_axis.get_lines() if line.get_gid() == "run")
@@ -203,13 +199,13 @@ def test_plot_follows_a_three_stage_history_to_the_steps_each_next_stage_started
 
 
 def test_plot_stops_following_the_history_where_the_earlier_run_is_gone(runs, tmp_path):
-    from megacpt.evaluation.plot import build_figure, stage_history
+    from megacpt.evaluation.plot import build_figure
 
     moved = tmp_path / "stage1"
     shutil.copytree(runs["stage1"], moved, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
     lines = (moved / "metrics.jsonl").read_text().replace(str(runs["stage0"]), str(tmp_path / "gone"))
     (moved / "metrics.jsonl").write_text(lines)
-    history = stage_history(moved)
+    history = run_lineage(moved).logged
     assert [s.run_dir for s in history] == [moved] and history[0].start_tokens is None
     lr_axis = build_figure({"stage1": history}).axes[0]
     assert [line.get_gid() for line in lr_axis.get_lines()] == ["run"]

@@ -10,8 +10,10 @@ from megacpt import checkpoint
 from megacpt.cli import main
 from megacpt.config import ScheduleConfig
 from megacpt.prediction.loss_curves import run_curve
-from megacpt.prediction.losslaw import Curve, annealing_area, area, effective_lrs, fit, predict
+from megacpt.prediction.losslaw import LrLossCurve, annealing_area, area, effective_lrs, fit, predict
 from megacpt.schedule import lr_at
+
+from datagen import trained_stage, write_state
 
 
 def schedule_lrs(style: str, steps: int, max_lr: float = 1e-3, min_lr: float = 1e-4, warmup: int = 20,
@@ -20,10 +22,10 @@ def schedule_lrs(style: str, steps: int, max_lr: float = 1e-3, min_lr: float = 1
     return np.array([lr_at(schedule, steps, t) for t in range(steps)])
 
 
-def noisy(law: str, truth: dict, curve: Curve, noise: float, rng: np.random.Generator) -> Curve:
+def noisy(law: str, truth: dict, curve: LrLossCurve, noise: float, rng: np.random.Generator) -> LrLossCurve:
     clean = predict(law, truth, curve)
-    return Curve(curve.lrs, curve.steps, clean * (1 + noise * rng.standard_normal(len(clean))), curve.shift_start,
-                 curve.replay)
+    return LrLossCurve(curve.lrs, curve.steps, clean * (1 + noise * rng.standard_normal(len(clean))), curve.shift_start,
+                       curve.replay)
 
 
 def assert_within(found: dict, truth: dict, tolerance: float) -> None:
@@ -36,7 +38,7 @@ def assert_within(found: dict, truth: dict, tolerance: float) -> None:
 
 def test_warmup_counts_at_peak_and_s2_follows_the_momentum_recursion():
     lrs = schedule_lrs("cosine", 50, warmup=5)
-    eff = effective_lrs(Curve(lrs, np.arange(1, 51)))
+    eff = effective_lrs(LrLossCurve(lrs, np.arange(1, 51)))
     assert np.all(eff[:5] == 1e-3) and np.array_equal(eff[5:], lrs[5:])
     assert area(eff, np.array([3, 50]))[0] == pytest.approx(3e-3)
     m, s2 = 0.0, []
@@ -48,7 +50,7 @@ def test_warmup_counts_at_peak_and_s2_follows_the_momentum_recursion():
 
 def test_a_rewarm_makes_the_tissue_law_predict_a_loss_bump():
     lrs = np.concatenate([schedule_lrs("cosine", 2000), schedule_lrs("cosine", 300, warmup=20)])
-    loss = predict("tissue", {"L0": 2.0, "A": 0.5, "alpha": 0.5, "C": 1.0}, Curve(lrs, np.arange(1, 2301)))
+    loss = predict("tissue", {"L0": 2.0, "A": 0.5, "alpha": 0.5, "C": 1.0}, LrLossCurve(lrs, np.arange(1, 2301)))
     before, bump = loss[1999], loss[2000:].max()
     assert bump > before + 0.02  # the negative momentum of the re-warm outweighs the extra LR area for a while
     assert loss[-1] < before  # and the second decay ends lower
@@ -57,7 +59,7 @@ def test_a_rewarm_makes_the_tissue_law_predict_a_loss_bump():
 def test_the_laws_on_a_schedule_worked_by_hand():
     """Six steps: a warmup step at 0.5, two at the peak 1.0, two at 0.6, one at 0.2 (LR units)."""
     lrs = np.array([0.5, 1.0, 1.0, 0.6, 0.6, 0.2])
-    curve = Curve(lrs, np.array([3, 6]))
+    curve = LrLossCurve(lrs, np.array([3, 6]))
     # tissue: the warmup step counts at the peak, so S1 = 1+1+1 = 3 and 3+0.6+0.6+0.2 = 4.4; the momentum is
     # m = 0, 0, 0, 0.4, 0.999*0.4 = 0.3996, 0.999*0.3996 + 0.4 = 0.7992004, so S2(3) = 0, S2(6) = 1.5988004.
     tissue = {"L0": 2.0, "A": 0.5, "alpha": 0.5, "C": 0.1}
@@ -75,7 +77,7 @@ def test_the_laws_on_a_schedule_worked_by_hand():
                                                              rel=1e-12)
     # cpt: the stage on new data starts at step 4 (0-based 3), so S1_cpt(6) = 1.4; replay 0.25 with kappa 2.
     cpt = {**tissue, "B": 0.3, "E": 2.0, "beta": 0.7, "kappa": 2.0}
-    shifted = Curve(lrs, np.array([3, 6]), shift_start=3, replay=0.25)
+    shifted = LrLossCurve(lrs, np.array([3, 6]), shift_start=3, replay=0.25)
     expected[1] += 0.3 * 0.75 ** 2 * (1 - (1 + 2.0 * 1.4) ** -0.7)
     assert predict("cpt", cpt, shifted) == pytest.approx(expected, rel=1e-12)
 
@@ -113,16 +115,16 @@ def test_multipower_and_tissue_equal_the_papers_formulas_on_a_cosine_run():
     steps = np.arange(100, 601, 25)
     paper = {"L0": 2.375, "A": 0.654, "alpha": 0.429, "B": 523.4, "C": 2.025, "beta": 0.594, "gamma": 0.635}
     expected = [multipower_by_the_paper(warmup, [3e-4] + after, int(n) - 100, paper) for n in steps]
-    assert predict("multipower", paper, Curve(lrs, steps)) == pytest.approx(expected, rel=1e-10)
+    assert predict("multipower", paper, LrLossCurve(lrs, steps)) == pytest.approx(expected, rel=1e-10)
     tissue = {"L0": 2.0, "A": 0.5, "alpha": 0.5, "C": 300.0}
     expected = [tissue_by_the_paper(list(lrs), 99, int(n), tissue) for n in steps]
-    assert predict("tissue", tissue, Curve(lrs, steps)) == pytest.approx(expected, rel=1e-10)
+    assert predict("tissue", tissue, LrLossCurve(lrs, steps)) == pytest.approx(expected, rel=1e-10)
 
 
 def test_a_history_that_starts_flat_has_no_warmup_to_hold_at_the_peak():
     """A constant stage and then a re-warm: the re-warm is no first warmup, the constant LRs stay as they were."""
     lrs = np.array([1e-4] * 5 + [2e-4, 3e-4, 2e-4])
-    assert np.array_equal(effective_lrs(Curve(lrs, np.arange(1, 9))), lrs)
+    assert np.array_equal(effective_lrs(LrLossCurve(lrs, np.arange(1, 9))), lrs)
 
 
 # ---------------------------------------------------------------------- recovering known constants
@@ -132,7 +134,7 @@ def test_tissue_fit_recovers_its_constants_within_5_percent():
     truth = {"L0": 2.0, "A": 0.5, "alpha": 0.5, "C": 0.5}
     rng = np.random.default_rng(1)
     steps = np.arange(40, 1001, 10)
-    curves = [noisy("tissue", truth, Curve(lrs, steps), 0.002, rng)
+    curves = [noisy("tissue", truth, LrLossCurve(lrs, steps), 0.002, rng)
               for lrs in (schedule_lrs("cosine", 1000), schedule_lrs("wsd", 1000, decay_shape="linear"))]
     result = fit("tissue", curves)
     assert_within(result.constants, truth, 0.05)
@@ -149,7 +151,7 @@ def test_multipower_fit_recovers_its_constants_within_5_percent():
     schedules = (schedule_lrs("cosine", 600), schedule_lrs("wsd", 600, decay_shape="linear"),
                  np.where(t < 200, constant, 1e-4), np.where(t < 150, constant, 3e-4))
     steps = np.arange(40, 601, 5)
-    curves = [noisy("multipower", truth, Curve(lrs, steps), 0.0002, rng) for lrs in schedules]
+    curves = [noisy("multipower", truth, LrLossCurve(lrs, steps), 0.0002, rng) for lrs in schedules]
     assert_within(fit("multipower", curves, starts=4).constants, truth, 0.05)
 
 
@@ -158,7 +160,7 @@ def test_cpt_fit_recovers_the_shift_term_and_the_replay_exponent_within_5_percen
     rng = np.random.default_rng(1)
     pretrain = schedule_lrs("cosine", 600)
     steps = np.arange(40, 1001, 10)
-    curves = [noisy("cpt", truth, Curve(np.concatenate([pretrain, schedule_lrs(style, 400, max_lr=5e-4)]), steps,
+    curves = [noisy("cpt", truth, LrLossCurve(np.concatenate([pretrain, schedule_lrs(style, 400, max_lr=5e-4)]), steps,
                                         shift_start=600, replay=replay), 0.002, rng)
               for style, replay in (("cosine", 0.0), ("cosine", 0.25), ("wsd", 0.0), ("wsd", 0.5))]
     result = fit("cpt", curves)
@@ -196,16 +198,6 @@ def run_config(run_dir: Path, schedule: dict, steps: int, source: str, init: str
     return raw
 
 
-def save_state(run_dir: Path, step: int, stages: list[dict]) -> Path:
-    """A checkpoint tag holding only megacpt_state.json: all the loss laws read of a checkpoint."""
-    tag = checkpoint.checkpoint_dir(run_dir) / checkpoint.tag_name(step)
-    tag.mkdir(parents=True)
-    (tag / checkpoint.STATE_FILE).write_text(json.dumps({"format": checkpoint.STATE_FORMAT, "step": step,
-                                                         "stages": stages}))
-    (tag.parent / checkpoint.LATEST).write_text(tag.name)
-    return tag
-
-
 COSINE = {"style": "cosine", "max_lr": 1e-3, "min_lr": 1e-4, "warmup": 20}
 
 
@@ -214,12 +206,12 @@ def pretrain_run(tmp_path: Path, steps: int = 300) -> Path:
     run_dir = tmp_path / "pretrain"
     lrs = schedule_lrs("cosine", steps)
     eval_steps = np.arange(20, steps + 1, 20)
-    losses = predict("tissue", TRUTH, Curve(lrs, eval_steps))
+    losses = predict("tissue", TRUTH, LrLossCurve(lrs, eval_steps))
     write_run(run_dir, lrs, {int(s): {"val": float(v), "other": 9.0} for s, v in zip(eval_steps, losses)})
     raw = run_config(run_dir, COSINE, steps, "old")
     (run_dir / "config.json").write_text(json.dumps(raw))
-    save_state(run_dir, steps, [{"index": 0, "name": "pretrain", "run_dir": str(run_dir), "init": None,
-                                 "steps": steps, "steps_done": steps, "schedule": COSINE, "data": raw["data"]}])
+    write_state(checkpoint.checkpoint_dir(run_dir) / checkpoint.tag_name(steps), steps, steps * 256,
+                [trained_stage(0, run_dir, steps, schedule=COSINE, data=raw["data"])])
     return run_dir
 
 
@@ -253,8 +245,8 @@ def test_predict_writes_each_planned_stage_and_its_final_loss(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{configs[0]}: predicted final val loss" in out and f"{configs[1]}: predicted final val loss" in out
     expected = predict("tissue", TRUTH,
-                       Curve(np.concatenate([schedule_lrs("cosine", 300), schedule_lrs("cosine", 100)]),
-                                              np.array([400])))
+                       LrLossCurve(np.concatenate([schedule_lrs("cosine", 300), schedule_lrs("cosine", 100)]),
+                                   np.array([400])))
     assert float(rows[100].split(",")[-1]) == pytest.approx(expected[0], abs=0.005)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from megacpt.config import DataConfig
 from megacpt.errors import UserError
+from megacpt.stages import StageRecord, TrainedStage
 
 # Scan at most this many tokens for out-of-vocabulary ids (larger files are checked on evenly spaced chunks).
 _FULL_SCAN_TOKENS = 1 << 28
@@ -148,7 +149,8 @@ def _build(config, num_samples: int) -> object:
 
 
 def build_train_dataset(data: DataConfig, num_samples: int, seq_length: int, cache_dir: str,
-                        vocab_size: int, eod: int | None, earlier_stages: list[dict] = ()) -> SourceTaggedDataset:
+                        vocab_size: int, eod: int | None,
+                        earlier_stages: list[StageRecord] = ()) -> SourceTaggedDataset:
     """The blended training stream of at least `num_samples` samples. Call on every rank (rank 0 builds first).
 
     With `replay.seen_only`, each replay source yields only samples that an earlier stage (from the
@@ -179,17 +181,20 @@ class SeenSamples:
         return self.dataset[int(self.sample_ids[order[position]])]
 
 
-def seen_samples(source: WeightedSource, stages: list[dict], cache_dir: str, vocab_size: int, eod: int | None,
+def seen_samples(source: WeightedSource, stages: list[StageRecord], cache_dir: str, vocab_size: int, eod: int | None,
                  seed: int) -> SeenSamples:
-    """Rebuild the latest earlier stage that read `source.prefix` and keep the samples it consumed from it."""
+    """Rebuild the latest earlier megacpt stage that read `source.prefix` and keep the samples it consumed from it
+    (an imported stage has no data megacpt could replay)."""
     for stage in reversed(stages):
-        earlier = DataConfig.model_validate(stage["data"])
-        names = [s.name for s in earlier.sources + earlier.replay.sources if s.prefix == source.prefix]
-        if not names or stage["steps_done"] == 0:
+        if not isinstance(stage, TrainedStage) or stage.steps_done == 0:
             continue
-        consumed = stage["steps_done"] * stage["global_batch_size"]
-        old = build_train_dataset(earlier, stage["steps"] * stage["global_batch_size"], stage["seq_length"],
-                                  cache_dir, vocab_size, eod, stages[: stage["index"]])
+        earlier = stage.data
+        names = [s.name for s in earlier.sources + earlier.replay.sources if s.prefix == source.prefix]
+        if not names:
+            continue
+        consumed = stage.steps_done * stage.global_batch_size
+        old = build_train_dataset(earlier, stage.steps * stage.global_batch_size, stage.seq_length,
+                                  cache_dir, vocab_size, eod, stages[: stage.index])
         k = old.names.index(names[0])
         positions = np.flatnonzero(old.source_index[:consumed] == k)
         blended = hasattr(old.dataset, "dataset_sample_index")

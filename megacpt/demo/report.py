@@ -12,7 +12,8 @@ from pathlib import Path
 
 from megacpt.demo.configs import ARMS, DemoPaths, stage1_run
 from megacpt.demo.corpora import CORPORA
-from megacpt.evaluation.plot import Stage, final_and_change, format_table, stage_history
+from megacpt.evaluation.plot import final_and_change, format_table
+from megacpt.stages import StageRun, run_lineage
 
 STAGE0_COLOR = "0.5"
 ARM_COLORS = {"rewarm": "tab:red", "rewarm_replay": "tab:blue", "constant": "tab:green"}
@@ -20,13 +21,13 @@ ARM_LINES = {"rewarm_replay": "--"}  # dashed, so that it shows on top of rewarm
 CODE_TOLERANCE = 0.10  # rewarm_replay's code loss may be at most 10% above rewarm's
 
 
-def histories(paths: DemoPaths) -> dict[str, list[Stage]]:
+def histories(paths: DemoPaths) -> dict[str, list[StageRun]]:
     """Stage 0's history and each arm's (stage 0 up to the checkpoint the arm started from, then the arm)."""
     runs = {"stage0": paths.run_dir("stage0")} | {arm: paths.run_dir(stage1_run(arm)) for arm in ARMS}
-    return {name: stage_history(run_dir) for name, run_dir in runs.items()}
+    return {name: run_lineage(run_dir).logged for name, run_dir in runs.items()}
 
 
-def summarize(history: dict[str, list[Stage]]) -> dict:
+def summarize(history: dict[str, list[StageRun]]) -> dict:
     """{"stage0": {dataset: loss}, "arms": {arm: {"final": ..., "delta": ...}}, "checks": {claim: bool}}.
 
     "delta" is the change against the stage-0 model, i.e. the last evaluation before the arm's stage began.
@@ -55,9 +56,10 @@ def write_report(paths: DemoPaths) -> dict:
     history = histories(paths)
     summary = summarize(history)
     (paths.root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    curves = [Curve.of(history["stage0"][-1], "stage 0 (prose)", STAGE0_COLOR, 0)]
+    curves = [ReportCurve.of(history["stage0"][-1], "stage 0 (prose)", STAGE0_COLOR, 0)]
     boundary = curves[0].last_step
-    curves += [Curve.of(history[arm][-1], arm, ARM_COLORS[arm], boundary, ARM_LINES.get(arm, "-")) for arm in ARMS]
+    curves += [ReportCurve.of(history[arm][-1], arm, ARM_COLORS[arm], boundary, ARM_LINES.get(arm, "-"))
+               for arm in ARMS]
     plot_forgetting(curves, paths.root / "forgetting.png")
     plot_lr(curves, paths.root / "lr.png")
     print(format_table(history), flush=True)
@@ -68,7 +70,7 @@ def write_report(paths: DemoPaths) -> dict:
 
 
 @dataclass
-class Curve:
+class ReportCurve:
     """One stage's validation losses and LRs on the global step axis."""
 
     label: str
@@ -80,7 +82,7 @@ class Curve:
     lrs: list[float]
 
     @classmethod
-    def of(cls, stage: Stage, label: str, color: str, offset: int, line: str = "-") -> "Curve":
+    def of(cls, stage: StageRun, label: str, color: str, offset: int, line: str = "-") -> "ReportCurve":
         return cls(label, color, line, [offset + r["step"] for r in stage.evals],
                    {name: [r["eval"][name] for r in stage.evals] for name in CORPORA},
                    [offset + r["step"] for r in stage.train], [r["lr"] for r in stage.train])
@@ -89,9 +91,9 @@ class Curve:
     def last_step(self) -> int:
         return self.eval_steps[-1]
 
-    def after(self, start: "Curve") -> "Curve":
+    def after(self, start: "ReportCurve") -> "ReportCurve":
         """This curve preceded by the last evaluation of `start`, so that an arm's line begins where stage 0 ended."""
-        return Curve(self.label, self.color, self.line, [start.last_step] + self.eval_steps,
+        return ReportCurve(self.label, self.color, self.line, [start.last_step] + self.eval_steps,
                      {name: start.losses[name][-1:] + values for name, values in self.losses.items()},
                      self.lr_steps, self.lrs)
 
@@ -106,7 +108,7 @@ def _finish(fig, axes, boundary: int, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
-def plot_forgetting(curves: list[Curve], out: Path) -> None:
+def plot_forgetting(curves: list[ReportCurve], out: Path) -> None:
     """Prose (forgetting) and code (adaptation) validation loss against the global step, one line per arm."""
     from matplotlib.figure import Figure
 
@@ -123,7 +125,7 @@ def plot_forgetting(curves: list[Curve], out: Path) -> None:
     _finish(fig, axes, stage0.last_step, out)
 
 
-def plot_lr(curves: list[Curve], out: Path) -> None:
+def plot_lr(curves: list[ReportCurve], out: Path) -> None:
     """The LR each run logged: stage 0, then re-warm + re-decay (with or without replay) or a constant LR."""
     from matplotlib.figure import Figure
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from megacpt import checkpoint
 from megacpt.config import RunConfig, ValidationSet, load_config
 from megacpt.errors import UserError
+from megacpt.stages import CheckpointState, read_state
 from megacpt.tools.checkpoint_io import positive_int
 
 
@@ -40,12 +41,12 @@ def run(args: argparse.Namespace) -> int:
     if args.batches:
         config.train.eval_batches = args.batches
     tag_dir = checkpoint.resolve_tag(args.checkpoint, key="--checkpoint")
-    state = checkpoint.read_state(tag_dir)
+    state = read_state(tag_dir)
     checkpoint.check_architecture(config, state, tag_dir)
     check_validation_data(config)
     results = evaluate_checkpoint(config, tag_dir, state)
     if results is not None:
-        report = {"checkpoint": str(tag_dir), "step": state.get("step"), "tokens": state.get("tokens"),
+        report = {"checkpoint": str(tag_dir), "step": state.step, "tokens": state.tokens,
                   "batches": config.train.eval_batches, "results": results}
         print(format_table(report))
         if args.json:
@@ -83,7 +84,7 @@ def check_validation_data(config: RunConfig) -> None:
         check_indexed_dataset(val.prefix, f"validation set '{val.name}'", config.model.vocab_size)
 
 
-def evaluate_checkpoint(config: RunConfig, tag_dir: Path, state: dict) -> dict[str, dict] | None:
+def evaluate_checkpoint(config: RunConfig, tag_dir: Path, state: CheckpointState) -> dict[str, dict] | None:
     """{name: {loss, perplexity}} on the main rank (None elsewhere): the loop's evaluation of these weights."""
     import deepspeed
     from megatron.core import parallel_state

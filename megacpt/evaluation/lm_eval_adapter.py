@@ -36,7 +36,7 @@ class MegacptLM(TemplateLM):
 
         super().__init__()
         source = checkpoint_io.load(checkpoint, key="checkpoint")
-        self.text_tokenizer = checkpoint_io.build_tokenizer(source.state.get("tokenizer"))
+        self.text_tokenizer = checkpoint_io.checkpoint_tokenizer(source.state)
         if self.text_tokenizer is None:
             raise UserError(f"checkpoint {source.tag_dir} names no tokenizer; lm-eval tasks are text and need one")
         self.config = source.model

@@ -6,30 +6,18 @@ started from, whose megacpt state lists every earlier stage with its run directo
 stage started from; their metrics.jsonl supply the records up to that step. One colour per run, dashed
 vertical lines where stages begin. `--table` prints each run's final validation losses and their change since
 its stage began (the last evaluation before the stage).
-Reads metrics.jsonl and checkpoint states only: no torch, no model.
+Earlier stages whose run directory or metrics.jsonl is gone (a model imported from Hugging Face has none)
+are left out; when the init checkpoint itself is gone, only the run's own stage remains, its start unknown.
+Reads metrics.jsonl and checkpoint states only (through `megacpt.stages.run_lineage`): no torch, no model.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from megacpt import checkpoint
 from megacpt.errors import UserError
-
-METRICS = "metrics.jsonl"
-
-
-@dataclass
-class Stage:
-    """One stage's records from one run directory, cut at the step a later stage started from."""
-
-    run_dir: Path
-    start_tokens: float | None  # tokens seen before this stage (None: unknown, its checkpoint is gone)
-    train: list[dict] = field(default_factory=list)  # training records, one per step
-    evals: list[dict] = field(default_factory=list)  # evaluation records, one per step
+from megacpt.stages import StageRun, run_lineage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    histories = {str(run_dir): stage_history(Path(run_dir)) for run_dir in args.run_dirs}
+    histories = {str(run_dir): run_lineage(Path(run_dir)).logged for run_dir in args.run_dirs}
     figure = build_figure(histories)
     try:
         figure.savefig(args.output, dpi=120)
@@ -51,65 +39,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------ reading runs
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of RUN_DIR/metrics.jsonl; a UserError naming the path when there are none."""
-    path = run_dir / METRICS
-    if not path.is_file():
-        what = "does not exist" if not run_dir.exists() else f"holds no {METRICS}"
-        raise UserError(f"run directory {run_dir} {what}: give the run_dir of a `megacpt train` run")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {number} is not JSON: {e.msg}") from None
-    if not any("loss" in r or "eval" in r for r in records):
-        raise UserError(f"{path} holds no training or evaluation records yet")
-    return records
-
-
-def stage_history(run_dir: Path) -> list[Stage]:
-    """This run's stage after the earlier stages its init checkpoint's stage history names (oldest first).
-
-    Earlier stages whose run directory or metrics.jsonl is gone (a model imported from Hugging Face has none)
-    are left out; when the init checkpoint itself is gone, only this run's stage remains, its start unknown.
-    """
-    records = read_metrics(run_dir)
-    starts = [r for r in records if r.get("event") == "stage_start"]
-    init = starts[-1]["init"] if starts else None
-    own = _stage(run_dir, records, None, 0.0 if starts else None)
-    if init is None:
-        return [own]
-    if not (Path(init) / checkpoint.STATE_FILE).is_file():
-        own.start_tokens = None
-        return [own]
-    state = checkpoint.read_state(Path(init))
-    own.start_tokens = state["tokens"]
-    earlier, tokens = [], 0
-    for entry in state["stages"]:
-        earlier_dir = Path(entry["run_dir"]) if entry.get("run_dir") else None
-        if earlier_dir is not None and (earlier_dir / METRICS).is_file():
-            earlier.append(_stage(earlier_dir, read_metrics(earlier_dir), entry["steps_done"], tokens))
-        tokens += entry["steps_done"] * entry.get("global_batch_size", 0) * entry.get("seq_length", 0)
-    return earlier + [own]
-
-
-def _stage(run_dir: Path, records: list[dict], until_step: int | None, start_tokens: float | None) -> Stage:
-    kept = [r for r in records if until_step is None or r["step"] <= until_step]
-    return Stage(run_dir, start_tokens, _last_per_step(kept, "loss"), _last_per_step(kept, "eval"))
-
-
-def _last_per_step(records: list[dict], key: str) -> list[dict]:
-    """The last record holding `key` for each step (a resumed run logs the steps after its checkpoint again)."""
-    by_step = {r["step"]: r for r in records if key in r}
-    return [by_step[step] for step in sorted(by_step)]
-
-
-def validation_names(histories: dict[str, list[Stage]]) -> list[str]:
+def validation_names(histories: dict[str, list[StageRun]]) -> list[str]:
     """Every validation set any run evaluated, in order of first appearance (one panel and one table row each)."""
     names: dict[str, None] = {}
     for stages in histories.values():
@@ -122,7 +52,7 @@ def validation_names(histories: dict[str, list[Stage]]) -> list[str]:
 # ------------------------------------------------------------------------------------ the figure
 
 
-def build_figure(histories: dict[str, list[Stage]]):
+def build_figure(histories: dict[str, list[StageRun]]):
     """A matplotlib Figure: LR on top, one panel per validation set below; one line per run in each panel.
 
     Data lines have gid 'run' and label RUN_DIR; stage boundaries are vertical lines with gid 'stage'.
@@ -162,7 +92,7 @@ def build_figure(histories: dict[str, list[Stage]]):
 # ------------------------------------------------------------------------------------ the table
 
 
-def final_and_change(stages: list[Stage], name: str) -> tuple[float | None, float | None]:
+def final_and_change(stages: list[StageRun], name: str) -> tuple[float | None, float | None]:
     """The run's last loss on `name` and its change since the stage began (None where unknown)."""
     own = [r["eval"][name] for r in stages[-1].evals if name in r["eval"]]
     before = [r["eval"][name] for s in stages[:-1] for r in s.evals if name in r["eval"]]
@@ -171,7 +101,7 @@ def final_and_change(stages: list[Stage], name: str) -> tuple[float | None, floa
     return final, change
 
 
-def format_table(histories: dict[str, list[Stage]]) -> str:
+def format_table(histories: dict[str, list[StageRun]]) -> str:
     """Rows: validation sets; columns: runs; cells: final loss (change since the stage began)."""
     names = validation_names(histories)
     header = ["validation set"] + list(histories)
@@ -188,7 +118,7 @@ def format_table(histories: dict[str, list[Stage]]) -> str:
                                w in zip(row, widths)).rstrip() for row in [header, tokens, *rows])
 
 
-def _last_tokens(stages: list[Stage]) -> str:
+def _last_tokens(stages: list[StageRun]) -> str:
     records = stages[-1].train + stages[-1].evals
     tokens = max((r["tokens"] for r in records if "tokens" in r), default=math.nan)
     return f"{tokens:,.0f}"

@@ -1,4 +1,4 @@
-"""The loss laws' input: the LR of every step of a model's life and its validation losses, as `Curve`s.
+"""The loss laws' input: the LR of every step of a model's life and its validation losses, as `LrLossCurve`s.
 
 A finished run (RUN_DIR) gives its own stage's LRs and evaluation losses from RUN_DIR/metrics.jsonl. The
 stages it continues are named by its `stage_start` record's `init` checkpoint, whose megacpt state lists the
@@ -17,35 +17,38 @@ from pathlib import Path
 import numpy as np
 
 from megacpt import checkpoint
-from megacpt.config import load_config
+from megacpt.config import DataConfig, load_config
 from megacpt.errors import ConfigError, UserError
-from megacpt.evaluation.plot import read_metrics
-from megacpt.prediction.losslaw import Curve
+from megacpt.metrics import METRICS
+from megacpt.prediction.losslaw import LrLossCurve
 from megacpt.schedule import check_schedule, lr_at
+from megacpt.stages import STATE_FILE, StageRun, TrainedStage, history, read_state, run_lineage
 
 
-def run_curve(run_dir: Path, val: str) -> Curve:
+def run_curve(run_dir: Path, val: str) -> LrLossCurve:
     """The curve of RUN_DIR's evaluation losses on validation set `val`, over the LRs of the model's life."""
-    records = read_metrics(run_dir)
-    start = next((r for r in reversed(records) if r.get("event") == "stage_start"), None)
-    if start is None:
-        raise UserError(f"{run_dir / 'metrics.jsonl'} has no stage_start record, so the stage history cannot be "
+    lineage = run_lineage(run_dir)
+    records = lineage.own.records
+    if lineage.start is None:
+        raise UserError(f"{run_dir / METRICS} has no stage_start record, so the stage history cannot be "
                         f"followed; is it from `megacpt train`?")
-    earlier = checkpoint.read_state(Path(start["init"]))["stages"] if start.get("init") else []
+    if lineage.earlier is None:
+        raise UserError(f"{run_dir} started from {lineage.start['init']}, which holds no {STATE_FILE} any more; "
+                        f"the loss laws need the LR history of the stages before it")
     steps_done = max(r["step"] for r in records if "loss" in r or "eval" in r)
-    own = stage_lrs(run_dir, records, start["stage"], steps_done)
-    evals = {r["step"]: r["eval"][val] for r in records if val in r.get("eval", {})}  # the last one per step wins
+    own = stage_lrs(run_dir, records, lineage.start["stage"], steps_done)
+    evals = {r["step"]: r["eval"][val] for r in lineage.own.evals if val in r["eval"]}
     if not evals:
-        names = sorted({name for r in records for name in r.get("eval", {})})
-        raise UserError(f"{run_dir / 'metrics.jsonl'} has no evaluation records for validation set '{val}' "
+        names = sorted({name for r in lineage.own.evals for name in r["eval"]})
+        raise UserError(f"{run_dir / METRICS} has no evaluation records for validation set '{val}' "
                         f"(it has: {', '.join(names) or 'no evaluation records at all'})")
-    data = _own_data(run_dir) if earlier else None
-    lrs, offset, shift_start, replay = life(earlier, own, data, str(run_dir))
+    data = load_config(run_dir / "config.json").data if lineage.earlier else None
+    lrs, offset, shift_start, replay = life(lineage.earlier, own, data, str(run_dir))
     steps = np.array(sorted(evals))
-    return Curve(lrs, offset + steps, np.array([evals[s] for s in steps]), shift_start, replay)
+    return LrLossCurve(lrs, offset + steps, np.array([evals[s] for s in steps]), shift_start, replay)
 
 
-def planned_curve(config_path: Path) -> Curve:
+def planned_curve(config_path: Path) -> LrLossCurve:
     """The curve of a planned new stage: a point after each of its steps, following its init checkpoint's
     history; no losses."""
     config = load_config(config_path)
@@ -55,13 +58,13 @@ def planned_curve(config_path: Path) -> Curve:
     if init.checkpoint is not None and (init.mode == "resume" or init.load_scheduler):
         raise ConfigError("init.mode" if init.mode == "resume" else "init.load_scheduler",
                           "megacpt predict plans new stages that start their schedule at step 0", str(config_path))
-    earlier = checkpoint.read_state(checkpoint.resolve_tag(init.checkpoint))["stages"] if init.checkpoint else []
+    earlier = history(read_state(checkpoint.resolve_tag(init.checkpoint))) if init.checkpoint else []
     own = np.array([lr_at(config.schedule, steps, t, len(earlier)) for t in range(steps)])
-    lrs, offset, shift_start, replay = life(earlier, own, config.data.model_dump(mode="json"), str(config_path))
-    return Curve(lrs, offset + np.arange(1, steps + 1), shift_start=shift_start, replay=replay)
+    lrs, offset, shift_start, replay = life(earlier, own, config.data, str(config_path))
+    return LrLossCurve(lrs, offset + np.arange(1, steps + 1), shift_start=shift_start, replay=replay)
 
 
-def life(earlier: list[dict], own: np.ndarray, own_data: dict | None,
+def life(earlier: list[StageRun], own: np.ndarray, own_data: DataConfig | None,
          who: str) -> tuple[np.ndarray, int, int | None, float]:
     """(LRs of the whole life, steps before the own stage, first step of the last stage on new data, its replay).
 
@@ -69,18 +72,19 @@ def life(earlier: list[dict], own: np.ndarray, own_data: dict | None,
     stage has no data, so the first megacpt stage after it is always new data).
     """
     parts, starts, datas, offset = [], [], [], 0
-    for stage in earlier:
+    for run in earlier:
         starts.append(offset)
-        datas.append(stage.get("data"))
-        if stage.get("steps_done", 0):
-            parts.append(_earlier_lrs(stage, who))
+        trained = isinstance(run.record, TrainedStage)
+        datas.append(run.record.data if trained else None)
+        if trained and run.record.steps_done:
+            parts.append(_earlier_lrs(run, who))
             offset += len(parts[-1])
     starts.append(offset)
     datas.append(own_data)
     shift_start, replay = None, 0.0
     for i in range(1, len(datas)):
         if datas[i] is not None and (datas[i - 1] is None or _prefixes(datas[i - 1]) != _prefixes(datas[i])):
-            shift_start, replay = starts[i], float(datas[i]["replay"]["fraction"])
+            shift_start, replay = starts[i], float(datas[i].replay.fraction)
     return np.concatenate(parts + [own]), offset, shift_start, replay
 
 
@@ -95,25 +99,23 @@ def stage_lrs(run_dir: Path, records: list[dict], stage_index: int, steps_done: 
     lrs = np.array([lr_at(config.schedule, config.train.steps, t, stage_index) for t in range(steps_done)])
     for step, lr in logged.items():
         if not np.isclose(lr, lrs[step - 1], rtol=1e-6, atol=0.0):
-            raise UserError(f"{run_dir / 'metrics.jsonl'} logs LR {lr:.6g} at step {step} but the schedule in "
+            raise UserError(f"{run_dir / METRICS} logs LR {lr:.6g} at step {step} but the schedule in "
                             f"{run_dir / 'config.json'} gives {lrs[step - 1]:.6g}; the LR of every step is needed: "
                             f"train with train.log_interval 1")
     return lrs
 
 
-def _earlier_lrs(stage: dict, who: str) -> np.ndarray:
+def _earlier_lrs(run: StageRun, who: str) -> np.ndarray:
     """The LRs of an earlier stage, from its run directory, up to the step the next stage started from."""
-    run_dir = Path(stage.get("run_dir", ""))
+    stage = run.record
     try:
-        return stage_lrs(run_dir, read_metrics(run_dir), stage["index"], stage["steps_done"])
+        if run.records is None:
+            raise UserError(run.problem)
+        return stage_lrs(run.run_dir, run.records, stage.index, stage.steps_done)
     except UserError as e:
-        raise UserError(f"{who} continues stage {stage['index']} ('{stage.get('name')}'), whose LR history the loss "
+        raise UserError(f"{who} continues stage {stage.index} ('{stage.name}'), whose LR history the loss "
                         f"laws need: {e}") from None
 
 
-def _own_data(run_dir: Path) -> dict:
-    return load_config(run_dir / "config.json").data.model_dump(mode="json")
-
-
-def _prefixes(data: dict) -> set[str]:
-    return {source["prefix"] for source in data["sources"]}
+def _prefixes(data: DataConfig) -> set[str]:
+    return {source.prefix for source in data.sources}

@@ -1,6 +1,6 @@
 """Loss laws with LR annealing: a validation-loss curve as a function of the LR of every step before it.
 
-A `Curve` is the LR of every step of one model's life (all stages, oldest first) and the loss after given
+A `LrLossCurve` is the LR of every step of one model's life (all stages, oldest first) and the loss after given
 numbers of steps. Three laws, constants named as in docs/PREDICT.md and the papers:
 
 - tissue (Tissue et al. 2024): L = L0 + A * S1^-alpha - C * S2. S1 is the area under the LR curve; S2 sums
@@ -36,7 +36,7 @@ ROBUST_SCALE = 0.01  # residuals (in log loss) above ~1% count linearly, so a lo
 
 
 @dataclass(frozen=True)
-class Curve:
+class LrLossCurve:
     """One model's LR history and the losses measured on it.
 
     `steps[j]` is the number of steps done (1 .. len(lrs)) when `losses[j]` was measured; `losses` is empty for
@@ -66,7 +66,7 @@ class Fit:
 # ------------------------------------------------------------------------------------ LR-history features
 
 
-def effective_lrs(curve: Curve) -> np.ndarray:
+def effective_lrs(curve: LrLossCurve) -> np.ndarray:
     """The LRs with the model's first warmup (the rise its history starts with) held at the peak it reaches.
 
     A history that starts flat has no first warmup: a later rise (a re-warm) is not one.
@@ -91,7 +91,7 @@ def annealing_area(lrs: np.ndarray, steps: np.ndarray, decay: float = MOMENTUM_D
     return np.cumsum(momentum)[steps - 1]
 
 
-def shift_area(curve: Curve, lrs: np.ndarray) -> np.ndarray:
+def shift_area(curve: LrLossCurve, lrs: np.ndarray) -> np.ndarray:
     """S1_cpt: the LR area since the stage on new data began (0 before it and when there is none)."""
     if curve.shift_start is None:
         return np.zeros(len(curve.steps))
@@ -130,13 +130,13 @@ class Law:
     """
 
     params: tuple[str, ...]
-    prepare: Callable[[Curve], dict]
+    prepare: Callable[[LrLossCurve], dict]
     model: Callable[[dict[str, float], dict], np.ndarray]
     bounds: Callable[[np.ndarray], dict[str, tuple[float, float]]]
     start: Callable[[np.random.Generator, np.ndarray, list[dict]], dict[str, float]]
 
 
-def _tissue_prepare(curve: Curve) -> dict:
+def _tissue_prepare(curve: LrLossCurve) -> dict:
     lrs = effective_lrs(curve)
     return {"s1": area(lrs, curve.steps), "s2": annealing_area(lrs, curve.steps)}
 
@@ -163,7 +163,7 @@ def _tissue_bounds(y: np.ndarray) -> dict[str, tuple[float, float]]:
     return {"L0": (0.0, y.max()), "A": (0.0, np.inf), "alpha": (0.01, 3.0), "C": (0.0, np.inf)}
 
 
-def _multipower_prepare(curve: Curve) -> dict:
+def _multipower_prepare(curve: LrLossCurve) -> dict:
     lrs = effective_lrs(curve)
     return {"s1": area(np.asarray(curve.lrs, dtype=float), curve.steps), "decay": _decay_terms(lrs, curve.steps)}
 
@@ -186,7 +186,7 @@ def _multipower_bounds(y: np.ndarray) -> dict[str, tuple[float, float]]:
             "C": (1e-6, np.inf), "beta": (0.01, 5.0), "gamma": (0.0, 2.0)}
 
 
-def _cpt_prepare(curve: Curve) -> dict:
+def _cpt_prepare(curve: LrLossCurve) -> dict:
     lrs = effective_lrs(curve)
     return {**_tissue_prepare(curve), "s1_cpt": shift_area(curve, lrs), "keep": 1.0 - curve.replay}
 
@@ -219,13 +219,13 @@ LAWS: dict[str, Law] = {
 # ------------------------------------------------------------------------------------------- fit, predict
 
 
-def predict(law_name: str, constants: dict[str, float], curve: Curve) -> np.ndarray:
+def predict(law_name: str, constants: dict[str, float], curve: LrLossCurve) -> np.ndarray:
     """The loss the law predicts after each of `curve.steps` steps."""
     law = LAWS[law_name]
     return law.model(constants, law.prepare(curve))
 
 
-def fit(law_name: str, curves: list[Curve], starts: int = 8, seed: int = 0) -> Fit:
+def fit(law_name: str, curves: list[LrLossCurve], starts: int = 8, seed: int = 0) -> Fit:
     """Fit the law's constants to every curve's losses at once; the best of `starts` seeded starts wins.
 
     It needs at least twice as many points as free constants: with fewer, the fit could pass through every
@@ -270,7 +270,7 @@ def fit(law_name: str, curves: list[Curve], starts: int = 8, seed: int = 0) -> F
                float(np.mean(np.abs(y - pred))), len(y))
 
 
-def _fixed_constants(law_name: str, curves: list[Curve]) -> dict[str, float]:
+def _fixed_constants(law_name: str, curves: list[LrLossCurve]) -> dict[str, float]:
     """Constants the data cannot determine: kappa without two replay fractions (see the module docstring)."""
     if law_name != "cpt":
         return {}

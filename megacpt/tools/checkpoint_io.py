@@ -11,7 +11,6 @@ This module does not map names to or from Hugging Face (model/hf_mapping.py does
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import shutil
@@ -21,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 
 from megacpt import checkpoint
-from megacpt.config import ModelConfig, TokenizerConfig
+from megacpt.config import ModelConfig, ParallelConfig, TokenizerConfig
 from megacpt.errors import UserError
 from megacpt.model import hf_mapping
+from megacpt.stages import CheckpointState, ModelSignature, read_state, write_state
 
 MODEL_STATES = "mp_rank_{:02d}_model_states.pt"
 # megatron's parallel linears carry an (empty) extra state that a strict load_state_dict expects.
@@ -38,16 +37,16 @@ class Checkpoint:
     """One tag of a megacpt checkpoint with its full (unsplit, vocab-padded) megatron weights."""
 
     tag_dir: Path
-    state: dict
+    state: CheckpointState
     weights: dict[str, torch.Tensor]
 
     @property
     def model(self) -> ModelConfig:
-        return model_config(self.state, self.tag_dir)
+        return self.state.config.model
 
     @property
     def tensor_parallel(self) -> int:
-        return self.state["model"]["tensor_parallel"]
+        return self.state.model.tensor_parallel
 
     @property
     def padded_vocab_size(self) -> int:
@@ -57,8 +56,8 @@ class Checkpoint:
 def load(path: str | Path, key: str = "--checkpoint") -> Checkpoint:
     """A checkpoints folder (its `latest`) or a tag folder -> its state and full weights."""
     tag_dir = checkpoint.resolve_tag(path, key=key)
-    state = checkpoint.read_state(tag_dir)
-    return Checkpoint(tag_dir, state, read_weights(tag_dir, state["model"]["tensor_parallel"]))
+    state = read_state(tag_dir)
+    return Checkpoint(tag_dir, state, read_weights(tag_dir, state.model.tensor_parallel))
 
 
 def read_weights(tag_dir: Path, tensor_parallel: int) -> dict[str, torch.Tensor]:
@@ -76,14 +75,6 @@ def read_weights(tag_dir: Path, tensor_parallel: int) -> dict[str, torch.Tensor]
             raise UserError(f"cannot read the model weights in {file}: {e}") from None
         shards.append({name: t for name, t in module.items() if not name.endswith("._extra_state")})
     return hf_mapping.merge_shards(shards)
-
-
-def model_config(state: dict, where: Path | str) -> ModelConfig:
-    """The model section every megacpt checkpoint's state carries (full run config or weights-only)."""
-    try:
-        return ModelConfig(**state["config"]["model"])
-    except (KeyError, TypeError, ValidationError) as e:
-        raise UserError(f"{where}: {checkpoint.STATE_FILE} has no usable config.model section ({e})") from None
 
 
 def check_tensor_parallel(model: ModelConfig, tensor_parallel: int) -> None:
@@ -124,32 +115,29 @@ def build_model(model: ModelConfig, weights: dict[str, torch.Tensor], tensor_par
     return gpt.to(device).eval()
 
 
-def weights_only_state(source: dict, model: ModelConfig, tensor_parallel: int) -> dict:
-    """`source` (a checkpoint's state or a new one) marked weights-only and re-signed for this TP degree."""
-    config = dict(source.get("config") or {})
-    config["model"] = model.model_dump(mode="json")
-    config["parallel"] = {**config.get("parallel", {}), "tensor": tensor_parallel, "pipeline": 1}
-    return {"format": checkpoint.STATE_FORMAT, **source, "config": config,
-            "model": checkpoint.model_signature(model, tensor_parallel), "has_optimizer": False}
+def weights_only_state(source: CheckpointState, model: ModelConfig, tensor_parallel: int) -> CheckpointState:
+    """`source` (a checkpoint's state) marked weights-only and re-signed for this TP degree."""
+    config = source.config.model_copy(update={"model": model, "parallel": ParallelConfig(tensor=tensor_parallel)})
+    return source.model_copy(update={"config": config, "model": ModelSignature.of(model, tensor_parallel),
+                                     "has_optimizer": False})
 
 
-def write(root: Path, weights: dict[str, torch.Tensor], state: dict, final_root: Path) -> Path:
+def write(root: Path, weights: dict[str, torch.Tensor], state: CheckpointState, final_root: Path) -> Path:
     """A weights-only tag in checkpoints folder `root` (+ its `latest`), split for the state's TP degree.
 
     The tokenizer files the state names are copied into the tag, and the state points at them under
     `final_root`, where `root` will be renamed to: a checkpoint keeps its tokenizer when its sources go.
     """
-    tp = state["model"]["tensor_parallel"]
+    tp = state.model.tensor_parallel
     final_root = Path(final_root).absolute()
-    tag_dir = root / checkpoint.tag_name(state["step"])
+    tag_dir = root / checkpoint.tag_name(state.step)
     tag_dir.mkdir(parents=True)
     for rank in range(tp):
         # The entries DeepSpeed's _load_checkpoint reads with load_module_only=True.
         torch.save({"module": module_state(hf_mapping.split_for_rank(weights, tp, rank)), "dp_world_size": 1,
                     "mp_world_size": tp}, tag_dir / MODEL_STATES.format(rank))
-    state = {**state, "tokenizer": _copy_tokenizer(state.get("tokenizer"), tag_dir / "tokenizer",
-                                                   final_root / tag_dir.name / "tokenizer")}
-    (tag_dir / checkpoint.STATE_FILE).write_text(json.dumps(state, indent=1))
+    tokenizer = _copy_tokenizer(state.tokenizer, tag_dir / "tokenizer", final_root / tag_dir.name / "tokenizer")
+    write_state(tag_dir, state.model_copy(update={"tokenizer": tokenizer}))
     (root / checkpoint.LATEST).write_text(tag_dir.name)
     return tag_dir
 
@@ -158,19 +146,19 @@ HF_TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "
                            "added_tokens.json")
 
 
-def tokenizer_files(section: dict | None) -> dict[str, Path]:
+def tokenizer_files(section: TokenizerConfig | None) -> dict[str, Path]:
     """{name to copy it as: source file} for a tokenizer section; empty for none or 'byte'.
 
     An HF tokenizer is its tokenizer.json plus the companion files next to it (tokenizer_config.json names
     the eos token that tokenizer.json does not). Raises UserError when the main file is gone.
     """
-    if section is None or section["type"] == "byte":
+    if section is None or section.type == "byte":
         return {}
-    if section["type"] == "sentencepiece":
-        main = Path(section["model"])
+    if section.type == "sentencepiece":
+        main = Path(section.model)
         files = {main.name: main}
     else:
-        main = Path(section["path"])
+        main = Path(section.path)
         main = main / "tokenizer.json" if main.is_dir() else main
         files = {"tokenizer.json": main}
         files.update({name: main.parent / name for name in HF_TOKENIZER_COMPANIONS if (main.parent / name).is_file()})
@@ -179,16 +167,14 @@ def tokenizer_files(section: dict | None) -> dict[str, Path]:
     return files
 
 
-def build_tokenizer(section: dict | None):
+def checkpoint_tokenizer(state: CheckpointState):
     """The tokenizer a checkpoint's state names (megacpt.data.tokenizers.Tokenizer), or None."""
-    if section is None:
-        return None
-    from megacpt.data.tokenizers import build_tokenizer as from_config
+    from megacpt.data.tokenizers import build_tokenizer
 
-    return from_config(TokenizerConfig(**section))
+    return None if state.tokenizer is None else build_tokenizer(state.tokenizer)
 
 
-def _copy_tokenizer(section: dict | None, folder: Path, final_folder: Path) -> dict | None:
+def _copy_tokenizer(section: TokenizerConfig | None, folder: Path, final_folder: Path) -> TokenizerConfig | None:
     """Copy the tokenizer's files into `folder`; the section rewritten to their paths in `final_folder`."""
     files = tokenizer_files(section)
     if not files:
@@ -197,8 +183,8 @@ def _copy_tokenizer(section: dict | None, folder: Path, final_folder: Path) -> d
     for name, source in files.items():
         shutil.copyfile(source, folder / name)
     main = next(iter(files))
-    key = "model" if section["type"] == "sentencepiece" else "path"
-    return {**section, key: str(final_folder / main)}
+    key = "model" if section.type == "sentencepiece" else "path"
+    return section.model_copy(update={key: str(final_folder / main)})
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, what: str) -> None:

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from megacpt.config import ModelConfig, padded_vocab_size
+from megacpt.config import ModelConfig, ParallelConfig, TokenizerConfig, padded_vocab_size
 from megacpt.errors import UserError
 from megacpt.model import hf_mapping
+from megacpt.stages import CheckpointState, ImportedStage, ModelSignature, SavedConfig
 from megacpt.tools import checkpoint_io
 
 DEFAULT_THRESHOLD = 1e-4
@@ -81,24 +82,24 @@ def hf_to_megacpt(hf_dir: Path, output: Path, tp: int, overwrite: bool, device: 
     with checkpoint_io.staged_output(output, overwrite) as staging:
         hf = load_hf(hf_dir, dtype="auto")
         weights = hf_mapping.hf_to_megatron(hf.state_dict(), model.num_layers, padded_vocab_size(model.vocab_size, tp))
-        tag_dir = checkpoint_io.write(staging, weights,
-                                      checkpoint_io.weights_only_state(import_state(hf_dir), model, tp), output)
+        tag_dir = checkpoint_io.write(staging, weights, import_state(hf_dir, model, tp), output)
         if device is None:
             return None
         written = checkpoint_io.read_weights(tag_dir, tp)  # verify what is on disk, split and merged again
         return check_logits(hf, written, model, device, threshold)
 
 
-def import_state(hf_dir: Path) -> dict:
-    """megacpt state of an imported model: untrained by megacpt (step 0), one stage naming the HF folder."""
+def import_state(hf_dir: Path, model: ModelConfig, tp: int) -> CheckpointState:
+    """megacpt state of an imported model: weights only, untrained by megacpt (step 0), one stage naming the
+    HF folder, no schedule or data position."""
     hf_dir = hf_dir.resolve()
     tokenizer = hf_dir / "tokenizer.json"
-    return {
-        "step": 0, "tokens": 0, "scheduler": None, "data": None,
-        "tokenizer": {"type": "hf", "path": str(tokenizer)} if tokenizer.is_file() else None,
-        "stages": [{"index": 0, "name": hf_dir.name, "source": "huggingface", "path": str(hf_dir),
-                    "steps": 0, "steps_done": 0, "samples": {}}],
-    }
+    return CheckpointState(
+        step=0, tokens=0, config=SavedConfig(model=model, parallel=ParallelConfig(tensor=tp)),
+        model=ModelSignature.of(model, tp),
+        tokenizer=TokenizerConfig(type="hf", path=str(tokenizer)) if tokenizer.is_file() else None,
+        has_optimizer=False, stages=[ImportedStage(index=0, name=hf_dir.name, path=str(hf_dir))],
+        scheduler=None, data=None)
 
 
 def megacpt_to_hf(path: Path, output: Path, overwrite: bool, device: torch.device | None,
@@ -109,16 +110,15 @@ def megacpt_to_hf(path: Path, output: Path, overwrite: bool, device: torch.devic
     with checkpoint_io.staged_output(output, overwrite) as staging:
         source = checkpoint_io.load(path)
         model = source.model
-        tokenizer_section = source.state.get("tokenizer")
+        section = source.state.tokenizer
         hf_state = hf_mapping.megatron_to_hf(source.weights, model.num_layers, model.vocab_size)
-        tokenizer = checkpoint_io.build_tokenizer(tokenizer_section)
+        tokenizer = checkpoint_io.checkpoint_tokenizer(source.state)
         save_hf(staging, hf_state, hf_config(model, tokenizer.eod_id if tokenizer else None))
-        if tokenizer_section is not None and tokenizer_section["type"] == "hf":
-            for name, file in checkpoint_io.tokenizer_files(tokenizer_section).items():
+        if section is not None and section.type == "hf":
+            for name, file in checkpoint_io.tokenizer_files(section).items():
                 shutil.copyfile(file, staging / name)
-        elif tokenizer_section is not None:
-            print(f"note: the checkpoint's {tokenizer_section['type']} tokenizer has no Hugging Face form; no "
-                  "tokenizer written")
+        elif section is not None:
+            print(f"note: the checkpoint's {section.type} tokenizer has no Hugging Face form; no tokenizer written")
         if device is None:
             return None
         converted = GPTNeoXForCausalLM.from_pretrained(staging, dtype=torch.float32)

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     source = checkpoint_io.load(args.checkpoint)
     model = source.model
-    tokenizer = checkpoint_io.build_tokenizer(source.state.get("tokenizer"))
+    tokenizer = checkpoint_io.checkpoint_tokenizer(source.state)
     prompt = prompt_ids(args, tokenizer, model)
     tp = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's world, all of it tensor parallel
     checkpoint_io.check_tensor_parallel(model, tp)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from megacpt import checkpoint
 from megacpt.errors import UserError
+from megacpt.stages import MergeSource, ModelSignature
 from megacpt.tools import checkpoint_io
 
 
@@ -36,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
         first = sources[0]
         merged = average([checkpoint_io.resize_vocab(s.weights, first.padded_vocab_size) for s in sources],
                          args.weights)
-        merge = [{"checkpoint": str(s.tag_dir.resolve()), "weight": w} for s, w in zip(sources, args.weights)]
-        state = {**first.state, "merge": merge}
+        merge = [MergeSource(checkpoint=str(s.tag_dir.resolve()), weight=w) for s, w in zip(sources, args.weights)]
+        state = first.state.model_copy(update={"merge": merge})
         checkpoint_io.write(staging, merged,
                             checkpoint_io.weights_only_state(state, first.model, first.tensor_parallel),
                             Path(args.output))
@@ -59,7 +59,7 @@ def check_weights(checkpoints: list[str], weights: list[float]) -> None:
 def architecture(source: checkpoint_io.Checkpoint) -> dict:
     """What two models must share for their weights to be averaged (TP degree and padding excepted)."""
     model = source.model
-    return {**checkpoint.model_signature(model, 1), "vocab_size": model.vocab_size}
+    return {**ModelSignature.of(model, 1).model_dump(), "vocab_size": model.vocab_size}
 
 
 def check_architectures(sources: list[checkpoint_io.Checkpoint]) -> None:

@@ -1,0 +1,254 @@
+"""The stage record and the checkpoint state as types, read and written in one place; a model's lineage.
+
+A *stage* is one `megacpt train` run (one schedule on one data mix) or, at the start of a model's life, the
+import of weights megacpt did not train. Every checkpoint tag holds `megacpt_state.json`, a `CheckpointState`:
+counters, the config it was saved under, the model signature, the tokenizer, and the stage history (oldest
+first, the checkpoint's own stage last). Writers build these models; readers get them from `read_state`, which
+turns a file that lacks a field, has a wrong type or another format version into a `UserError` naming the
+file and the field. The lineage walk (a run's own stage after the stages its init checkpoint records, each
+with its run directory's metrics) is `run_lineage` / `history`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from megacpt.config import DataConfig, ModelConfig, ParallelConfig, ScheduleConfig, TokenizerConfig, padded_vocab_size
+from megacpt.errors import UserError
+from megacpt.metrics import read_metrics
+
+STATE_FILE = "megacpt_state.json"
+STATE_FORMAT = 2  # 2: typed records (stage `origin`, imported stages with `path`); 1 is not read
+
+
+class Record(BaseModel):
+    """Base of the state's parts: unknown keys are errors (a misspelt field never passes silently)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainedStage(Record):
+    """A stage `megacpt train` ran: where, from what, on which data, how far."""
+
+    origin: Literal["megacpt"] = "megacpt"
+    index: int = Field(ge=0, description="Position in the model's life (0 = first stage).")
+    name: str = Field(description="The run directory's name.")
+    run_dir: str = Field(description="Absolute RUN_DIR of the run (its metrics.jsonl holds the stage's records).")
+    init: str | None = Field(description="The checkpoint tag the stage started from; None for fresh weights.")
+    steps: int = Field(gt=0, description="train.steps of the stage (T).")
+    steps_done: int = Field(ge=0, description="Steps trained when this record was saved.")
+    global_batch_size: int = Field(gt=0)
+    seq_length: int = Field(gt=0)
+    schedule: ScheduleConfig
+    data: DataConfig
+    samples: dict[str, int] = Field(description="Samples trained on per source name, up to steps_done.")
+
+    @property
+    def tokens(self) -> int:
+        """Tokens trained on in this stage up to `steps_done`."""
+        return self.steps_done * self.global_batch_size * self.seq_length
+
+
+class ImportedStage(Record):
+    """Weights megacpt did not train (a Hugging Face folder): no run directory, no schedule, no data."""
+
+    origin: Literal["huggingface"] = "huggingface"
+    index: int = Field(ge=0)
+    name: str
+    path: str = Field(description="The folder the weights were imported from.")
+
+    @property
+    def tokens(self) -> int:
+        return 0  # what the model saw before megacpt is unknown; its megacpt life starts here
+
+
+StageRecord = Annotated[TrainedStage | ImportedStage, Field(discriminator="origin")]
+
+
+class ModelSignature(Record):
+    """What must agree between a checkpoint and the model it is loaded into."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    padded_vocab_size: int
+    rotary_pct: float
+    parallel_residual: bool
+    tensor_parallel: int
+
+    @classmethod
+    def of(cls, m: ModelConfig, tensor_parallel: int) -> "ModelSignature":
+        return cls(num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+                   ffn_hidden_size=m.ffn_hidden_size,
+                   padded_vocab_size=padded_vocab_size(m.vocab_size, tensor_parallel), rotary_pct=m.rotary_pct,
+                   parallel_residual=m.parallel_residual, tensor_parallel=tensor_parallel)
+
+
+class SavedConfig(BaseModel):
+    """The run config a checkpoint was saved under: all of config.json for a training checkpoint (kept as
+    written), only `model` and `parallel` for weights-only imports. The sections tools read are typed."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: ModelConfig
+    parallel: ParallelConfig
+
+
+class SchedulerState(Record):
+    """The schedule position (`StageScheduler.state_dict`): step t within the stage and the stage index."""
+
+    t: int = Field(ge=0)
+    stage_index: int = Field(ge=0)
+    steps: int = Field(gt=0)
+    schedule: ScheduleConfig
+
+
+class DataPosition(Record):
+    """Where the training stream stands: samples consumed (global) and their count per source."""
+
+    consumed_samples: int = Field(ge=0)
+    samples: dict[str, int]
+
+
+class MergeSource(Record):
+    """One input of `megacpt merge`."""
+
+    checkpoint: str
+    weight: float
+
+
+class CheckpointState(Record):
+    """Everything megacpt itself saves with a tag (DeepSpeed's files hold the weights and optimizer)."""
+
+    format: Literal[2] = STATE_FORMAT
+    step: int = Field(ge=0, description="Steps of the checkpoint's own stage (0 for imported weights).")
+    tokens: int = Field(ge=0, description="Tokens trained on by megacpt over all stages.")
+    config: SavedConfig
+    model: ModelSignature
+    tokenizer: TokenizerConfig | None
+    has_optimizer: bool = Field(description="False for weights-only tags (imported, resharded, merged).")
+    stages: list[StageRecord] = Field(min_length=1, description="The stage history, the checkpoint's own last.")
+    scheduler: SchedulerState | None = Field(description="None for weights-only imports.")
+    data: DataPosition | None = Field(description="None for weights-only imports.")
+    merge: list[MergeSource] | None = Field(None, description="The merged checkpoints and weights (`megacpt merge`).")
+
+
+def read_state(tag_dir: Path) -> CheckpointState:
+    """TAG/megacpt_state.json as a CheckpointState; a UserError naming the file and the field when it is not one."""
+    path = Path(tag_dir) / STATE_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    found = raw.get("format") if isinstance(raw, dict) else None
+    if found != STATE_FORMAT:
+        raise UserError(f"{path}: field 'format' is {found!r}, expected {STATE_FORMAT} (a checkpoint state written by "
+                        f"another megacpt version; this one reads format {STATE_FORMAT} only)")
+    try:
+        return CheckpointState.model_validate(raw)
+    except ValidationError as e:
+        problems = [f"field '{'.'.join(map(str, err['loc']))}': {err['msg']}" for err in e.errors()[:3]]
+        more = f" (and {e.error_count() - 3} more)" if e.error_count() > 3 else ""
+        raise UserError(f"{path} is not a valid megacpt checkpoint state: {'; '.join(problems)}{more}") from None
+
+
+def write_state(tag_dir: Path, state: CheckpointState) -> None:
+    write_atomic(Path(tag_dir) / STATE_FILE, state.model_dump_json(indent=1))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that readers see the old content or the complete new one, never a partial file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ lineage
+
+
+@dataclass
+class StageRun:
+    """One stage of a model's life with what its run directory logged."""
+
+    record: StageRecord | None  # its entry in a checkpoint's history; None for a run's own (open) stage
+    run_dir: Path | None  # None: imported weights, no run
+    start_tokens: int | None  # tokens seen before the stage; None when unknown (its init checkpoint is gone)
+    records: list[dict] | None  # metrics.jsonl up to the step the next stage started from; None: not readable
+    problem: str | None = None  # why `records` is None
+
+    @property
+    def train(self) -> list[dict]:
+        """The training records, the last one per step (a resumed run logs the steps after its checkpoint again)."""
+        return _last_per_step(self.records or [], "loss")
+
+    @property
+    def evals(self) -> list[dict]:
+        """The evaluation records, the last one per step."""
+        return _last_per_step(self.records or [], "eval")
+
+
+@dataclass
+class RunLineage:
+    """A run directory's own stage after the stages its init checkpoint's history records."""
+
+    own: StageRun
+    start: dict[str, Any] | None  # the run's last `stage_start` metrics record (None: none logged)
+    earlier: list[StageRun] | None  # oldest first; None when the init checkpoint is gone (history unknown)
+
+    @property
+    def logged(self) -> list[StageRun]:
+        """The stages whose metrics are readable (imported and vanished runs left out), the run's own last."""
+        return [s for s in self.earlier or [] if s.records is not None] + [self.own]
+
+
+def history(state: CheckpointState) -> list[StageRun]:
+    """A checkpoint's stage history, each stage with its run's metrics cut at the step the next one started from."""
+    runs, tokens = [], 0
+    for stage in state.stages:
+        runs.append(_stage_run(stage, tokens))
+        tokens += stage.tokens
+    return runs
+
+
+def run_lineage(run_dir: Path) -> RunLineage:
+    """RUN_DIR's stage and the stages before it, followed through the `init` of its last `stage_start` record."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    starts = [r for r in records if r.get("event") == "stage_start"]
+    start = starts[-1] if starts else None
+    own = StageRun(None, run_dir, 0 if start else None, records)
+    init = Path(start["init"]) if start and start["init"] else None
+    if init is None:
+        return RunLineage(own, start, [])
+    if not (init / STATE_FILE).is_file():
+        own.start_tokens = None
+        return RunLineage(own, start, None)
+    state = read_state(init)
+    own.start_tokens = state.tokens
+    return RunLineage(own, start, history(state))
+
+
+def _stage_run(stage: StageRecord, start_tokens: int) -> StageRun:
+    if isinstance(stage, ImportedStage):
+        return StageRun(stage, None, start_tokens, None, f"stage {stage.index} was imported from {stage.path}")
+    run_dir = Path(stage.run_dir)
+    try:
+        records = [r for r in read_metrics(run_dir) if r["step"] <= stage.steps_done]
+    except UserError as e:
+        return StageRun(stage, run_dir, start_tokens, None, str(e))
+    return StageRun(stage, run_dir, start_tokens, records)
+
+
+def _last_per_step(records: list[dict], key: str) -> list[dict]:
+    by_step = {r["step"]: r for r in records if key in r}
+    return [by_step[step] for step in sorted(by_step)]
+
