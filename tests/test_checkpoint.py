@@ -140,18 +140,18 @@ def test_new_stage_restarts_the_schedule_and_the_data(tmp_path, pattern_data, st
 
 
 def test_crash_during_a_save_leaves_latest_at_a_complete_checkpoint(tmp_path, pattern_data, monkeypatch):
-    from megacpt import checkpoint
+    from megacpt import stages
 
     config = _config(tmp_path, "run", pattern_data, train={"steps": 6, "save_interval": 3})
     cfg = write_config(tmp_path / "c.json", config)
-    real_write = checkpoint._write_atomic
+    real_write = stages.write_atomic
 
     def crash_on_second_state(path, text):
         if path.name == STATE_FILE and "step00000006" in str(path):
             raise OSError("disk full (injected)")
         real_write(path, text)
 
-    monkeypatch.setattr(checkpoint, "_write_atomic", crash_on_second_state)
+    monkeypatch.setattr(stages, "write_atomic", crash_on_second_state)
     with pytest.raises(OSError):
         main(["train", cfg])
     monkeypatch.undo()
