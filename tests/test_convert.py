@@ -183,12 +183,15 @@ def test_converted_checkpoint_trains_as_the_next_stage(trained, converted):
 
 def test_seen_only_replay_from_a_converted_model_says_no_stage_trained_on_the_source(tmp_path, capsys, converted):
     """An imported stage has no data megacpt could replay: the intended message, not a KeyError."""
-    new, old = (write_indexed(tmp_path / name, pattern_documents(11, k, 20, 100, vocab=200)) for k, name in ((3, "a"), (5, "b")))
+    new, old = (write_indexed(tmp_path / name, pattern_documents(11, k, 20, 100, vocab=200))
+                for k, name in ((3, "a"), (5, "b")))
     config = tiny_config(tmp_path / "run", [{"name": "a", "prefix": new}],
                          model={"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "ffn_hidden_size": 256,
                                 "seq_length": 64, "vocab_size": 200},
-                         data={"replay": {"fraction": 0.5, "seen_only": True, "sources": [{"name": "old", "prefix": old}]}},
-                         train={"steps": 3, "global_batch_size": 2, "micro_batch_size": 1}, init={"checkpoint": str(converted)})
+                         data={"replay": {"fraction": 0.5, "seen_only": True,
+                                          "sources": [{"name": "old", "prefix": old}]}},
+                         train={"steps": 3, "global_batch_size": 2, "micro_batch_size": 1},
+                         init={"checkpoint": str(converted)})
     assert cli("train", write_config(tmp_path / "c.json", config)) == 2
     err = capsys.readouterr().err
     assert "data.replay.seen_only: no earlier stage in the checkpoint's stage history trained on 'old'" in err

@@ -5,12 +5,21 @@ from pathlib import Path
 
 import pytest
 
-from datagen import tiny_config, trained_stage, write_config, write_state
 from megacpt.cli import main
 from megacpt.config import TokenizerConfig
 from megacpt.errors import UserError
-from megacpt.stages import (STATE_FILE, CheckpointState, DataPosition, ImportedStage, MergeSource, SchedulerState,
-                            history, read_state)
+from megacpt.stages import (
+    STATE_FILE,
+    CheckpointState,
+    DataPosition,
+    ImportedStage,
+    MergeSource,
+    SchedulerState,
+    history,
+    read_state,
+)
+
+from datagen import tiny_config, trained_stage, write_config, write_state
 
 
 def full_state(tag: Path, run_dir: Path) -> CheckpointState:
