@@ -48,3 +48,10 @@ class StepGuard:
             return None
         self.skipped_in_a_row = 0
         return self._step(*args, **kwargs)
+
+    def agree_to_stop(self) -> bool:
+        """Outside a step (before the first one): did any rank receive a stop signal? One all-reduce."""
+        stop = torch.tensor(1.0 if self.stop_requested() else 0.0, device=self.device)
+        torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+        self.stop_agreed = stop.item() > 0
+        return self.stop_agreed

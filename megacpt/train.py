@@ -3,7 +3,8 @@
 One process (a world of one) or one rank under the deepspeed launcher. Reads top to bottom: validate the
 config and the data, join the world, build model / data / engine / schedule, load a checkpoint as the CPT
 policy says, then train with periodic logging, per-dataset evaluation and checkpoints. SIGTERM and SIGUSR1
-finish the current step, save and exit 0.
+finish the current step, save and exit 0; received during startup (which can take minutes for a large
+checkpoint), they stop the run before its first step, exit 0 and leave the checkpoints as they were.
 """
 from __future__ import annotations
 
@@ -60,15 +61,26 @@ def preflight(config: RunConfig) -> None:
 
 
 class StopSignal:
-    """Remembers SIGTERM/SIGUSR1 so the loop can finish the step, save and exit cleanly."""
+    """Remembers SIGTERM/SIGUSR1 so the loop can finish the step, save and exit cleanly.
+
+    The launch scripts start the ranks with both signals blocked, so that one sent while Python starts is kept
+    pending rather than lost or fatal; installing the handler unblocks them and delivers it. Interrupted system
+    calls restart: the handler only sets a flag, and a save must not fail because a signal arrived during it.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
+            signal.siginterrupt(sig, False)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
+        for sig in self.SIGNALS:  # once is enough; and a repeat must not kill the exiting interpreter, which
+            signal.signal(sig, signal.SIG_IGN)  # puts back the default action (death) of Python handlers
 
     def requested(self) -> bool:
         return self.received is not None
@@ -81,6 +93,7 @@ def train(config: RunConfig) -> None:
     from megacpt.schedule import StageScheduler
     from megacpt.step_guard import StepGuard
 
+    signals = StopSignal()  # first: a stop may arrive during the minutes the setup below can take
     preflight(config)
     world = setup_world(config.parallel.tensor, config.train.seed)
     run_dir = Path(config.run_dir)
@@ -106,14 +119,16 @@ def train(config: RunConfig) -> None:
                   f"samples x {config.model.seq_length} tokens; {params / 1e6:.1f}M parameters; world {world.size} "
                   f"(tensor {world.tensor_size} x data {world.data_size}{cpu_threads(world)}); "
                   f"{'resuming ' if plan and plan.resume else 'from '}{plan.tag_dir if plan else 'fresh weights'}")
-    if plan is None or not plan.resume:
-        metrics.write({"step": 0, "event": "stage_start", "stage": stage.index, "stage_name": stage.name,
-                       "init": str(plan.tag_dir) if plan else None})
-    signals = StopSignal()
     guard = StepGuard(engine.basic_optimizer, world.device, signals.requested)
-    loop = TrainingLoop(config, world, engine, scheduler, stream, val_data, metrics, stages, tokens_before, guard)
     try:
-        loop.run()
+        if scheduler.t < config.train.steps and guard.agree_to_stop():
+            metrics.print(f"stop signal received before step {scheduler.t + 1}, the first of this run: no step "
+                          f"trained, nothing new to save; exiting")
+            return
+        if plan is None or not plan.resume:
+            metrics.write({"step": 0, "event": "stage_start", "stage": stage.index, "stage_name": stage.name,
+                           "init": str(plan.tag_dir) if plan else None})
+        TrainingLoop(config, world, engine, scheduler, stream, val_data, metrics, stages, tokens_before, guard).run()
     finally:
         metrics.close()
 

@@ -70,3 +70,21 @@ def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: 
             return steps[-1]
         time.sleep(0.02)
     raise TimeoutError(f"no training record for step {step} in {run_dir} after {timeout} s")
+
+
+HOLD_SIGNALS = Path(__file__).resolve().parents[1] / "launch" / "hold_signals.py"
+
+
+def start_held(args: list[str]) -> subprocess.Popen:
+    """`python -m megacpt ARGS` started as the launch scripts start every rank: USR1 and TERM blocked
+    (launch/hold_signals.py) until `megacpt train` installs its handler. Returns once the blocking is in place
+    (the helper has exec'ed Python on megacpt), so a signal sent now is held, not fatal."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, str(HOLD_SIGNALS), "USR1,TERM", sys.executable, "-m", "megacpt", *args],
+                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    while proc.poll() is None and b"megacpt" not in cmdline.read_bytes().split(b"\0")[:3]:
+        time.sleep(0.005)
+    return proc

@@ -14,7 +14,7 @@ from megacpt.cli import main
 from megacpt.stages import STATE_FILE, read_state
 
 from datagen import read_metrics, tiny_config, write_config
-from launch import assert_ok, clean_env, deepspeed_launch, free_port, run_megacpt, wait_for_step
+from launch import assert_ok, clean_env, deepspeed_launch, free_port, run_megacpt, start_held, wait_for_step
 
 BETA1, BETA2 = 0.9, 0.95
 
@@ -73,6 +73,37 @@ def test_sigterm_saves_the_current_step_and_exits_0_then_the_rerun_continues(tmp
     assert_ok(run_megacpt(["train", cfg]))
     resumed = _per_step(tmp_path / "run")
     assert [resumed[s]["loss"] for s in range(1, 41)] == [uninterrupted[s]["loss"] for s in range(1, 41)]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_stop_during_startup_ends_the_run_before_its_first_step_and_writes_nothing(tmp_path, pattern_data):
+    """A stop sent while `megacpt train` starts (before its handler exists; the launch scripts hold it pending)
+    is honoured before the first step: exit 0, and the run dir is left byte for byte as it was, fresh or
+    resumed (so the next run continues as if nothing had happened: the kill -9 test above)."""
+    cfg = write_config(tmp_path / "c.json", _config(tmp_path, "run", pattern_data, train={"save_interval": 2}))
+    run_dir = tmp_path / "run"
+    for sig in (signal.SIGUSR1, signal.SIGTERM):  # a fresh run
+        proc = start_held(["train", cfg])
+        os.kill(proc.pid, sig)
+        output = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, output[-3000:]
+        assert "before step 1, the first of this run: no step trained, nothing new to save" in output
+        assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").read_text()
+    proc = _start([sys.executable, "-m", "megacpt", "train", cfg])
+    wait_for_step(run_dir, 3, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _files(run_dir)
+    proc = start_held(["train", cfg])  # a resumed run
+    os.kill(proc.pid, signal.SIGUSR1)
+    output = proc.communicate(timeout=300)[0]
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    assert proc.returncode == 0, output[-3000:]
+    assert f"before step {int(latest.removeprefix('step')) + 1}, the first of this run" in output
+    assert _files(run_dir) == before
 
 
 @pytest.mark.launcher
