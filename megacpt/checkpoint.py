@@ -138,15 +138,16 @@ def load_into_engine(engine, plan: LoadPlan, world_rank: int) -> None:
     `load_state_dict` replaces every param group with the saved one, betas, eps and weight decay included,
     so the groups this stage's config built are put back afterwards (the LR is the schedule's anyway).
     """
-    optimizer = engine.basic_optimizer
-    configured = [{k: v for k, v in group.items() if k not in _LOADED_GROUP_KEYS} for group in optimizer.param_groups]
+    optimizer = engine.basic_optimizer  # None in an engine built for evaluation only
+    groups = optimizer.param_groups if optimizer is not None else []
+    configured = [{k: v for k, v in group.items() if k not in _LOADED_GROUP_KEYS} for group in groups]
     path, _ = engine.load_checkpoint(
         str(plan.tag_dir.parent), tag=plan.tag_dir.name, load_module_strict=True,
         load_optimizer_states=plan.load_optimizer, load_lr_scheduler_states=False,
         load_module_only=not plan.load_optimizer)
     if path is None:
         raise UserError(f"DeepSpeed found no checkpoint files in {plan.tag_dir}")
-    for group, hyperparameters in zip(optimizer.param_groups, configured, strict=True):
+    for group, hyperparameters in zip(groups, configured, strict=True):
         group.update(hyperparameters)
     rng_file = plan.tag_dir / f"rng_rank{world_rank}.pt"
     if plan.resume and rng_file.is_file():
