@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from megacpt.data.preprocess import preprocess, tokenizer_config
-from megacpt.data.tokenizer_command import train_sentencepiece
+from megacpt.data.sentencepiece_training import train_sentencepiece
 
 DOC_MODULES = ("argparse", "collections", "json", "os", "pathlib", "re", "shutil", "subprocess", "threading", "logging",
                "unittest")

@@ -17,7 +17,8 @@ from megacpt.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megacpt.train", "train one stage from a JSON config (resumes RUN_DIR if it holds a checkpoint)"),
     "preprocess": ("megacpt.data.preprocess", "tokenize jsonl/txt into Megatron indexed datasets (PREFIX.bin/.idx)"),
-    "tokenizer": ("megacpt.data.tokenizer_command", "train a SentencePiece tokenizer"),
+    "tokenizer": ("megacpt.data.tokenizer_command",
+                  "train a SentencePiece tokenizer, or extend one with pieces of a new corpus"),
     "schedule": ("megacpt.planning.schedule_command",
                  "write the LR of every step of a config's stage as CSV (and a plot)"),
     "plan": ("megacpt.planning.plan_command", "parameter count, memory per GPU, step time and the best layout for a "

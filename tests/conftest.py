@@ -29,7 +29,7 @@ def write_jsonl():
 @pytest.fixture(scope="session")
 def sp_model(tmp_path_factory, corpus) -> str:
     """A 300-piece SentencePiece BPE model trained with `megacpt tokenizer train`'s own function."""
-    from megacpt.data.tokenizer_command import train_sentencepiece
+    from megacpt.data.sentencepiece_training import train_sentencepiece
 
     folder = tmp_path_factory.mktemp("sp")
     return train_sentencepiece([_write_jsonl(folder / "corpus.jsonl", corpus)], 300, str(folder / "tok"))

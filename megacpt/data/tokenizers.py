@@ -2,7 +2,7 @@
 
 `build_tokenizer(config)` is the only constructor other modules need. Every tokenizer has an end-of-document
 id (`eod_id`), because preprocessing separates documents with it; a model file without one is a user error,
-not something to guess. This module only wraps the libraries: it trains nothing (see tokenizer_command.py)
+not something to guess. This module only wraps the libraries: it trains nothing (see sentencepiece_training.py)
 and imports neither torch nor megatron, so preprocessing workers start fast.
 """
 from __future__ import annotations
