@@ -20,13 +20,13 @@ import torch
 
 from megacpt.config import InitConfig, RunConfig
 from megacpt.errors import ConfigError, UserError
+from megacpt.files import write_atomic
 from megacpt.stages import (
     STATE_FILE,
     CheckpointState,
     ModelSignature,
     TrainedStage,
     read_state,
-    write_atomic,
     write_state,
 )
 
@@ -87,10 +87,16 @@ def plan_load(config: RunConfig) -> LoadPlan | None:
     if (own / LATEST).is_file():
         tag_dir = resolve_tag(own, key="run_dir")
         return LoadPlan(tag_dir, read_state(tag_dir), True, True, True, True)
+    return plan_init(config)
+
+
+def plan_init(config: RunConfig, key: str = "init.checkpoint") -> LoadPlan | None:
+    """What `init` asks to load, ignoring RUN_DIR (`megacpt eval` loads weights this way too); `key` names
+    the checkpoint's setting in messages."""
     init = config.init
     if init.checkpoint is None:
         return None
-    tag_dir = resolve_tag(init.checkpoint)
+    tag_dir = resolve_tag(init.checkpoint, key=key)
     state = read_state(tag_dir)
     if init.mode == "resume":
         if not state.has_optimizer or state.scheduler is None:

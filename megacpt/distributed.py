@@ -2,18 +2,18 @@
 parallel state, exposed to DeepSpeed through the `mpu` interface it expects.
 
 Device choice happens here, once: CUDA (nccl) when present, otherwise the CPU (gloo) with megatron-core's
-CPU fallback installed.
+CPU fallback installed, DeepSpeed told it runs on the CPU, and each process given its share of the cores.
 """
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
 
 from megacpt.errors import UserError
+from megacpt.launcher_env import free_port
 from megacpt.model import cpu_fallback
 
 
@@ -23,7 +23,6 @@ class World:
 
     rank: int
     size: int
-    local_rank: int
     tensor_rank: int
     tensor_size: int
     data_rank: int
@@ -53,12 +52,6 @@ class MegatronMPU:
     get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup_world(tensor_parallel: int, seed: int) -> World:
     """Join (or create) the process group, build megatron's TP/DP groups and seed every generator.
 
@@ -68,7 +61,7 @@ def setup_world(tensor_parallel: int, seed: int) -> World:
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     world_size = int(os.environ["WORLD_SIZE"])
     if world_size % tensor_parallel:
         raise UserError(f"the world size {world_size} is not divisible by parallel.tensor {tensor_parallel}")
@@ -78,8 +71,9 @@ def setup_world(tensor_parallel: int, seed: int) -> World:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
+        _deepspeed_on_cpu()
         cpu_fallback.install_if_needed()
-        cpu_fallback.share_cores()
+        share_cores()
         device = torch.device("cpu")
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
@@ -89,13 +83,43 @@ def setup_world(tensor_parallel: int, seed: int) -> World:
     return World(
         rank=torch.distributed.get_rank(),
         size=world_size,
-        local_rank=local_rank,
         tensor_rank=parallel_state.get_tensor_model_parallel_rank(),
         tensor_size=tensor_parallel,
         data_rank=parallel_state.get_data_parallel_rank(),
         data_size=parallel_state.get_data_parallel_world_size(),
         device=device,
     )
+
+
+def _deepspeed_on_cpu() -> None:
+    """Tell DeepSpeed it runs on the CPU, and keep it from JIT-compiling its shared-memory all-reduce.
+
+    Only DeepSpeed's inference all-reduce uses that op; training reduces through gloo. Built, it costs every
+    run a compile (about a minute) behind a lock under ~/.cache/torch_extensions that a build killed half-way
+    leaves for good, and every process a 69 MB file in /dev/shm that is never removed. DeepSpeed keeps its
+    compatible ops in one dict that it consults before building; marking the op incompatible there is enough.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise warn while detecting it
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
+def share_cores() -> int:
+    """Give this process its share of the node's cores as torch threads, and return the count.
+
+    torch gives every process as many threads as there are cores, so N launcher processes on one node would
+    run N times too many threads. An explicit OMP_NUM_THREADS (DeepSpeed's `--bind_cores_to_rank` sets it)
+    wins; a CPU set already narrowed for this process (srun's binding) is used as it is.
+    """
+    if "OMP_NUM_THREADS" not in os.environ:
+        usable = len(os.sched_getaffinity(0))
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+        if usable == os.cpu_count():
+            usable //= local_processes
+        torch.set_num_threads(max(1, usable))
+    return torch.get_num_threads()
 
 
 def _seed(seed: int, tensor_rank: int, on_gpu: bool) -> None:

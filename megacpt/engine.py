@@ -11,14 +11,23 @@ import copy
 import torch
 
 from megacpt.config import ConfigError, RunConfig, batch_arithmetic
-from megacpt.model import cpu_fallback
 
 DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}}
 
 
 def deepspeed_config(config: RunConfig, data_parallel: int) -> dict:
     """The native DeepSpeed config for this run on this machine (fp32 where there is no GPU)."""
-    return cpu_fallback.adapt_deepspeed_config(derived_deepspeed_config(config, data_parallel))
+    return _without_gpu_precision(derived_deepspeed_config(config, data_parallel))
+
+
+def _without_gpu_precision(ds: dict) -> dict:
+    """Without CUDA: fp32, since DeepSpeed's bf16/fp16 engines need a GPU."""
+    if torch.cuda.is_available():
+        return ds
+    for precision in ("bf16", "fp16"):
+        if ds.get(precision, {}).get("enabled"):
+            ds[precision] = {"enabled": False}
+    return ds
 
 
 def derived_deepspeed_config(config: RunConfig, data_parallel: int) -> dict:
@@ -51,7 +60,7 @@ def derived_deepspeed_config(config: RunConfig, data_parallel: int) -> dict:
         params.setdefault("torch_adam", True)
         params.setdefault("fused", True)
     if "fp16" not in ds:
-        ds.setdefault("bf16", {"enabled": True})  # on GPU; the CPU fallback trains in fp32
+        ds.setdefault("bf16", {"enabled": True})  # on GPU; without one, `deepspeed_config` trains in fp32
     ds.setdefault("gradient_clipping", 1.0)
     ds.setdefault("zero_optimization", {"stage": 0})
     ds.setdefault("steps_per_print", 10**9)
@@ -64,15 +73,6 @@ def _offloads_optimizer(ds: dict) -> bool:
     return offload.get("device", "none") != "none"
 
 
-def mixed_precision_dtype(ds: dict) -> torch.dtype:
-    """The dtype the engine trains in."""
-    if ds.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if ds.get("fp16", {}).get("enabled"):
-        return torch.float16
-    return torch.float32
-
-
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only; biases and LayerNorm parameters are not decayed (as in GPT-NeoX)."""
     decay, no_decay = [], []
@@ -82,8 +82,22 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_engine(config: RunConfig, world, scheduler_factory=None):
+    """The megatron-core model of `config` inside its DeepSpeed engine: (engine, optimizer, scheduler).
+
+    Training and `megacpt eval` both build it here, so their parameter groups and precision are the same."""
+    from megacpt.distributed import MegatronMPU
+    from megacpt.model.neox import build_gpt_neox
+
+    model = build_gpt_neox(config.model, config.padded_vocab_size, world.tensor_size,
+                           activation_checkpointing=config.train.activation_checkpointing,
+                           cpu_init=world.device.type == "cpu")
+    return initialize(model, deepspeed_config(config, world.data_size), scheduler_factory, MegatronMPU)
+
+
 def initialize(model: torch.nn.Module, ds: dict, scheduler_factory, mpu):
-    """deepspeed.initialize with megacpt's parameter groups; `scheduler_factory(optimizer)` builds the LR scheduler."""
+    """deepspeed.initialize with megacpt's parameter groups; `scheduler_factory(optimizer)` builds the LR
+    scheduler (None: no scheduler, as for evaluation)."""
     import deepspeed
 
     groups = parameter_groups(model, ds["optimizer"]["params"]["weight_decay"])

@@ -11,7 +11,6 @@ with its run directory's metrics) is `run_lineage` / `history`.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from megacpt.config import DataConfig, ModelConfig, ParallelConfig, ScheduleConfig, TokenizerConfig, padded_vocab_size
 from megacpt.errors import UserError
+from megacpt.files import write_atomic
 from megacpt.metrics import read_metrics
 
 STATE_FILE = "megacpt_state.json"
@@ -160,16 +160,6 @@ def read_state(tag_dir: Path) -> CheckpointState:
 
 def write_state(tag_dir: Path, state: CheckpointState) -> None:
     write_atomic(Path(tag_dir) / STATE_FILE, state.model_dump_json(indent=1))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the complete new one, never a partial file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------ lineage

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from megacpt import checkpoint
+from megacpt.cli_helpers import add_set_argument
 from megacpt.config import RunConfig, dump_config, load_config
 from megacpt.errors import UserError
 from megacpt.evaluate import micro_batch_loss, validation_losses
@@ -34,12 +35,11 @@ from megacpt.stages import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="JSON run config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.steps=100 (repeatable)")
+    add_set_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.overrides)
     train(config)
     return 0
 
@@ -87,9 +87,8 @@ class StopSignal:
 
 
 def train(config: RunConfig) -> None:
-    from megacpt.distributed import MegatronMPU, setup_world
-    from megacpt.engine import deepspeed_config, initialize
-    from megacpt.model.neox import build_gpt_neox
+    from megacpt.distributed import setup_world
+    from megacpt.engine import build_engine
     from megacpt.schedule import StageScheduler
     from megacpt.step_guard import StepGuard
 
@@ -104,17 +103,13 @@ def train(config: RunConfig) -> None:
     stages = stage_records(config, plan)
     stage = stages[-1]
 
-    model = build_gpt_neox(config.model, config.padded_vocab_size, world.tensor_size,
-                           activation_checkpointing=config.train.activation_checkpointing,
-                           cpu_init=world.device.type == "cpu")
-    engine, _, scheduler = initialize(
-        model, deepspeed_config(config, world.data_size),
-        lambda opt: StageScheduler(opt, config.schedule, config.train.steps, stage.index), MegatronMPU)
+    engine, _, scheduler = build_engine(
+        config, world, lambda opt: StageScheduler(opt, config.schedule, config.train.steps, stage.index))
     stream, val_data = build_data(config, world, stages)
     tokens_before = restore(plan, engine, scheduler, stream, world.rank)
 
     metrics = MetricsWriter(run_dir, world.is_main, config.logging.tensorboard, start_wandb(config, world, stages))
-    params = sum(p.numel() for p in model.parameters()) * world.tensor_size
+    params = sum(p.numel() for p in engine.module.parameters()) * world.tensor_size
     metrics.print(f"stage {stage.index} ({stage.name}): {config.train.steps} steps x {config.train.global_batch_size} "
                   f"samples x {config.model.seq_length} tokens; {params / 1e6:.1f}M parameters; world {world.size} "
                   f"(tensor {world.tensor_size} x data {world.data_size}{cpu_threads(world)}); "

@@ -115,8 +115,8 @@ def test_slurm_script_writes_the_hostfile_and_assembles_the_exact_command(tmp_pa
 
 @pytest.mark.parametrize("script, gpus, words", [
     ("slurm_deepspeed.sbatch", 0, ["gpu-node-01 slots=0", "at least one slot"]),
-    ("slurm_deepspeed.sbatch", 3, ["world size 6", "not divisible by tensor x pipeline = 4 x 1"]),
-    ("slurm_srun_tasks.sbatch", 3, ["world size 6", "not divisible by tensor x pipeline = 4 x 1"]),
+    ("slurm_deepspeed.sbatch", 3, ["world size 6", "not divisible by parallel.tensor 4"]),
+    ("slurm_srun_tasks.sbatch", 3, ["world size 6", "not divisible by parallel.tensor 4"]),
 ])
 def test_slurm_script_refuses_a_bad_allocation_before_launching(tmp_path, script, gpus, words):
     result = sbatch(script, [TEN_B], slurm_env(tmp_path, HOSTS, gpus, MEGACPT_DRY_RUN="1"))

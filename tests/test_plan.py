@@ -87,12 +87,12 @@ def test_published_parameter_counts():
 def test_each_zero_stage_partitions_what_it_should_over_data_parallel_ranks(stage, weights, grads, optimizer):
     model = ModelConfig(preset="pythia-410m")
     psi = parameter_count(model, 50304)
-    memory = memory_per_gpu(model, Layout(1, 1, 16, stage, 4, False), Precision("bf16", "bf16"))
+    memory = memory_per_gpu(model, Layout(1, 16, stage, 4, False), Precision("bf16", "bf16"))
     assert memory["weights"] == 2 * psi / weights
     assert memory["gradients"] == 2 * psi / grads
     assert memory["optimizer_states"] == OPTIMIZER_BYTES * psi / optimizer
     assert memory["reserved"] == RESERVED_BYTES
-    fp32_grads = memory_per_gpu(model, Layout(1, 1, 16, stage, 4, False), Precision("bf16", "fp32"))
+    fp32_grads = memory_per_gpu(model, Layout(1, 16, stage, 4, False), Precision("bf16", "fp32"))
     assert fp32_grads["gradients"] == 2 * memory["gradients"]
 
 
@@ -127,7 +127,7 @@ def test_10b_plan_fits_on_8_nodes_of_8_gpus_with_80_gb(tmp_path, capsys):
     flops_per_token = 6 * (neox_parameters_by_hand(36, 4608, 4 * 4608, 50688) - v * h) + 12 * 36 * h * s
     days = 132_685 * 1104 * 2048 * flops_per_token / (64 * 989e12 * 0.4) / 86400
     assert own["days"] == pytest.approx(days, rel=1e-9)
-    assert own["layout"] == best["layout"] == {"tensor": 4, "pipeline": 1, "data": 16, "zero_stage": 1,
+    assert own["layout"] == best["layout"] == {"tensor": 4, "data": 16, "zero_stage": 1,
                                                "micro_batch": 3, "activation_checkpointing": False}
     assert 1 <= own["largest_micro_batch"]
 
@@ -152,7 +152,7 @@ def test_hostfile_gives_the_cluster(tmp_path, capsys):
     ("node-a slots=8\nnode-b slots=4\n", [], ["different slot counts [4, 8]"]),
     ("node-a slots=8\nnode-a slots=8\n", [], ["listed twice"]),
     ("node-a 8\n", [], ["line 1", "expected 'HOSTNAME slots=N'"]),
-    (None, ["--nodes", "1", "--gpus-per-node", "6"], ["world size 6", "not divisible by tensor x pipeline = 4 x 1",
+    (None, ["--nodes", "1", "--gpus-per-node", "6"], ["world size 6", "not divisible by parallel.tensor 4",
                                                       "recommends TP"]),
     (None, ["--nodes", "1", "--gpus-per-node", "1"],
      ["no layout fits in 80 GB per GPU on 1 node x 1 GPUs", "above the 72 GB limit"]),

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from megacpt.errors import UserError
+from megacpt.files import replace_durably
 
 
 @contextmanager
@@ -37,7 +38,7 @@ def atomic_outputs(prefix: str, suffixes: Sequence[str], overwrite: bool) -> Ite
         yield temp_prefix
         finals[-1].unlink(missing_ok=True)  # an old marker file must never sit beside new data
         for temp, final in zip(temps, finals):
-            os.replace(temp, final)
+            replace_durably(temp, final)
     except BaseException:
         for temp in temps:
             temp.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ from typing import TextIO
 
 import numpy as np
 
+from megacpt.cli_helpers import positive_int
 from megacpt.config import TokenizerConfig
 from megacpt.data.documents import iter_documents
 from megacpt.data.output_files import atomic_outputs
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer-model", metavar="PATH",
                         help="the .model file (sentencepiece) or tokenizer.json (hf); not used by byte")
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
-    parser.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+    parser.add_argument("--workers", type=positive_int, default=1, metavar="N",
                         help="tokenizer processes; 1 tokenizes in this process (default)")
     parser.add_argument("--json-key", default="text", metavar="KEY",
                         help="key of the document text in each jsonl line (default: text)")
@@ -198,10 +199,3 @@ def _megatron_builder():
         warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
         from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     return DType.optimal_dtype, IndexedDatasetBuilder
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value

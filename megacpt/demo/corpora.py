@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from megacpt.files import replace_durably
+
 # Folders of the standard library that are tests, data tables, generated or bundled code, not library source.
 SKIP_PARTS = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "encodings",
                         "pydoc_data", "turtledemo", "ensurepip", "__phello__", "__pycache__"})
@@ -208,7 +210,7 @@ def _write_split(folder: Path, name: str, documents: Iterable[str], max_chars: i
             counts[split] += 1
             chars += len(text)
     for split in SPLITS:
-        temps[split].replace(paths[split])
+        replace_durably(temps[split], paths[split])
     return CorpusStats(name, counts["train"], counts["val"], chars)
 
 

@@ -12,7 +12,6 @@ directory is never silently reused for a different demo.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import signal
 import sys
@@ -21,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+from megacpt.cli_helpers import require_matplotlib
 from megacpt.config import RunConfig, load_config
 from megacpt.demo.configs import ARMS, FULL, QUICK, DemoPaths, DemoSize, stage0_config, stage1_config, stage1_run
 from megacpt.demo.corpora import CORPORA, SPLITS, write_corpora
@@ -38,8 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if importlib.util.find_spec("matplotlib") is None:  # checked now, not after minutes of training
-        raise UserError("megacpt demo draws its figures with matplotlib: pip install 'megacpt[viz]'")
+    require_matplotlib("megacpt demo")  # checked now, not after minutes of training
     signal.signal(signal.SIGTERM, _interrupt)  # stop the children cleanly on SIGTERM too, as on Ctrl-C
     size = QUICK if args.quick else FULL
     paths = DemoPaths(Path(args.workdir).resolve())

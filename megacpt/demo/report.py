@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from megacpt.cli_helpers import new_figure
 from megacpt.demo.configs import ARMS, DemoPaths, stage1_run
 from megacpt.demo.corpora import CORPORA
 from megacpt.evaluation.plot import final_and_change, format_table
@@ -110,9 +111,7 @@ def _finish(fig, axes, boundary: int, out: Path) -> None:
 
 def plot_forgetting(curves: list[ReportCurve], out: Path) -> None:
     """Prose (forgetting) and code (adaptation) validation loss against the global step, one line per arm."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4.2), layout="tight")
+    fig = new_figure("megacpt demo", figsize=(11, 4.2), layout="tight")
     axes = fig.subplots(1, 2, sharex=True)
     stage0, arms = curves[0], curves[1:]
     for curve in [stage0] + [arm.after(stage0) for arm in arms]:
@@ -127,9 +126,7 @@ def plot_forgetting(curves: list[ReportCurve], out: Path) -> None:
 
 def plot_lr(curves: list[ReportCurve], out: Path) -> None:
     """The LR each run logged: stage 0, then re-warm + re-decay (with or without replay) or a constant LR."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 3.8), layout="tight")
+    fig = new_figure("megacpt demo", figsize=(8, 3.8), layout="tight")
     ax = fig.subplots()
     for curve in curves:
         ax.plot(curve.lr_steps, curve.lrs, color=curve.color, linestyle=curve.line, label=curve.label, linewidth=2)

@@ -9,7 +9,6 @@ the re-run resumes from that step); the data commands clean up their partial out
 from __future__ import annotations
 
 import collections
-import os
 import re
 import signal
 import subprocess
@@ -19,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megacpt.errors import UserError
+from megacpt.launcher_env import own_world_env
 
-DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-             "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK")
 PROGRESS_PREFIXES = ("stage ", "eval step", "resuming", "stop signal", "preprocess: wrote", "tokenizer:")
 STEP_LINE = re.compile(r"^step (\d+)/(\d+)\b")
 STOP_SECONDS = 120  # how long a child may take to save and exit after being asked to stop
@@ -47,12 +45,6 @@ class Job:
         return line.startswith(PROGRESS_PREFIXES)
 
 
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def run_jobs(jobs: list[Job]) -> None:
     """Run `jobs` at the same time and wait for all; a UserError with the output's tail if any fails."""
     procs: list[subprocess.Popen] = []
@@ -60,7 +52,7 @@ def run_jobs(jobs: list[Job]) -> None:
     try:
         for job in jobs:
             job.log.parent.mkdir(parents=True, exist_ok=True)
-            proc = subprocess.Popen([sys.executable, "-m", "megacpt", *job.args], env=child_env(),
+            proc = subprocess.Popen([sys.executable, "-m", "megacpt", *job.args], env=own_world_env(),
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True)
             procs.append(proc)

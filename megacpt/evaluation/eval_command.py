@@ -1,8 +1,9 @@
 """`megacpt eval CONFIG --checkpoint DIR`: loss and perplexity of a checkpoint on each validation set.
 
 The numbers are the training loop's own: the same validation datasets (same sample counts for the same
-data-parallel size), the same `validation_losses` and the weights loaded through a DeepSpeed engine built
-from the run's derived DeepSpeed config, so precision (bf16 on GPU) matches too. Evaluating the checkpoint of
+data-parallel size), the same `validation_losses`, and the engine built and loaded by the loop's own code
+(`engine.build_engine`, then `checkpoint.plan_init` and `load_into_engine` as for a new stage on these
+weights), so parameter groups and precision (bf16 on GPU) cannot differ from training. Evaluating the checkpoint of
 step s gives exactly the `eval` record of step s in metrics.jsonl. One process or under the deepspeed
 launcher (tensor parallel as the config says, the rest data parallel). It trains nothing and writes no
 metrics; only the validation datasets' index cache is written (to the config's data cache, as training does).
@@ -12,13 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
 from megacpt import checkpoint
-from megacpt.config import RunConfig, ValidationSet, load_config
+from megacpt.cli_helpers import add_set_argument, positive_int, text_table
+from megacpt.config import InitConfig, RunConfig, ValidationSet, load_config
 from megacpt.errors import UserError
-from megacpt.stages import CheckpointState, read_state
-from megacpt.tools.checkpoint_io import positive_int
+from megacpt.files import write_output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,26 +31,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validation sets to evaluate instead of all of data.validation: NAME picks one of the "
                              "config's, NAME=PREFIX adds an indexed dataset")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (repeatable)")
+    add_set_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.overrides)
     config.data.validation = select_validation(config.data.validation, args.data)
     if args.batches:
         config.train.eval_batches = args.batches
-    tag_dir = checkpoint.resolve_tag(args.checkpoint, key="--checkpoint")
-    state = read_state(tag_dir)
-    checkpoint.check_architecture(config, state, tag_dir)
+    config.init = InitConfig(checkpoint=args.checkpoint)  # the weights only, as a new stage loads them
+    plan = checkpoint.plan_init(config, key="--checkpoint")
+    checkpoint.check_architecture(config, plan.state, plan.tag_dir)
     check_validation_data(config)
-    results = evaluate_checkpoint(config, tag_dir, state)
+    results = evaluate_checkpoint(config, plan)
     if results is not None:
-        report = {"checkpoint": str(tag_dir), "step": state.step, "tokens": state.tokens,
+        state = plan.state
+        report = {"checkpoint": str(plan.tag_dir), "step": state.step, "tokens": state.tokens,
                   "batches": config.train.eval_batches, "results": results}
-        print(format_table(report))
+        print(format_report(report))
         if args.json:
-            _write_json(Path(args.json), report)
+            write_output(args.json, json.dumps(report, indent=1) + "\n", "--json")
     return 0
 
 
@@ -84,26 +84,18 @@ def check_validation_data(config: RunConfig) -> None:
         check_indexed_dataset(val.prefix, f"validation set '{val.name}'", config.model.vocab_size)
 
 
-def evaluate_checkpoint(config: RunConfig, tag_dir: Path, state: CheckpointState) -> dict[str, dict] | None:
+def evaluate_checkpoint(config: RunConfig, plan: checkpoint.LoadPlan) -> dict[str, dict] | None:
     """{name: {loss, perplexity}} on the main rank (None elsewhere): the loop's evaluation of these weights."""
-    import deepspeed
     from megatron.core import parallel_state
 
     from megacpt.data.datasets import build_validation_datasets
     from megacpt.data.tokenizers import eod_id
-    from megacpt.distributed import MegatronMPU, setup_world
-    from megacpt.engine import deepspeed_config
+    from megacpt.distributed import setup_world
+    from megacpt.engine import build_engine
     from megacpt.evaluate import validation_losses
-    from megacpt.model.neox import build_gpt_neox
 
     world = setup_world(config.parallel.tensor, config.train.seed)
-    model = build_gpt_neox(config.model, config.padded_vocab_size, world.tensor_size,
-                           cpu_init=world.device.type == "cpu")
-    engine, *_ = deepspeed.initialize(model=model,
-                                      config=inference_deepspeed_config(deepspeed_config(config, world.data_size)),
-                                      mpu=MegatronMPU)
-    plan = checkpoint.LoadPlan(tag_dir, state, resume=False, load_optimizer=False, load_scheduler=False,
-                               load_data_position=False)
+    engine, _, _ = build_engine(config, world)
     checkpoint.load_into_engine(engine, plan, world.rank)
     train = config.train
     datasets = build_validation_datasets(config.data, train.eval_batches * train.micro_batch_size * world.data_size,
@@ -116,24 +108,9 @@ def evaluate_checkpoint(config: RunConfig, tag_dir: Path, state: CheckpointState
     return {name: {"loss": loss, "perplexity": math.exp(loss)} for name, loss in losses.items()}
 
 
-def inference_deepspeed_config(ds: dict) -> dict:
-    """The run's DeepSpeed config without what only training needs (an engine with no optimizer has no ZeRO)."""
-    return {key: value for key, value in ds.items() if key not in ("optimizer", "zero_optimization")}
-
-
-def format_table(report: dict) -> str:
+def format_report(report: dict) -> str:
     rows = [(name, f"{r['loss']:.4f}", f"{r['perplexity']:.3f}") for name, r in report["results"].items()]
-    width = max(len("validation set"), *(len(name) for name, _, _ in rows))
     title = (f"checkpoint {report['checkpoint']} (step {report['step']}, {report['tokens']} tokens), "
              f"{report['batches']} micro-batches per rank")
-    lines = [title, f"{'validation set':<{width}}  {'loss':>8}  {'perplexity':>10}"]
-    lines += [f"{name:<{width}}  {loss:>8}  {ppl:>10}" for name, loss, ppl in rows]
-    return "\n".join(lines)
-
-
-def _write_json(path: Path, report: dict) -> None:
-    try:
-        path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"cannot write --json {path}: {e.strerror}") from None
+    return title + "\n" + text_table(rows, ["validation set", "loss", "perplexity"], align=("left", "right", "right"))
 

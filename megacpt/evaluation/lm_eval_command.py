@@ -10,8 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
+from megacpt.cli_helpers import positive_int
 from megacpt.errors import UserError
-from megacpt.tools.checkpoint_io import positive_int
+from megacpt.files import write_output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,9 +62,6 @@ def run(args: argparse.Namespace) -> int:
     print(make_table(results))
     if args.output:
         keep = ("results", "configs", "versions", "n-shot", "samples")
-        try:
-            Path(args.output).write_text(json.dumps({k: results[k] for k in keep if k in results}, indent=1,
-                                                    default=handle_non_serializable))
-        except OSError as e:
-            raise UserError(f"cannot write --output {args.output}: {e.strerror}") from None
+        kept = {k: results[k] for k in keep if k in results}
+        write_output(args.output, json.dumps(kept, indent=1, default=handle_non_serializable), "--output")
     return 0

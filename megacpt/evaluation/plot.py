@@ -16,7 +16,7 @@ import argparse
 import math
 from pathlib import Path
 
-from megacpt.errors import UserError
+from megacpt.cli_helpers import new_figure, save_figure, text_table
 from megacpt.stages import StageRun, run_lineage
 
 
@@ -28,11 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     histories = {str(run_dir): run_lineage(Path(run_dir)).logged for run_dir in args.run_dirs}
-    figure = build_figure(histories)
-    try:
-        figure.savefig(args.output, dpi=120)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot write --output {args.output}: {e}") from None
+    save_figure(build_figure(histories), args.output, "--output")
     print(f"wrote {args.output}")
     if args.table:
         print(format_table(histories))
@@ -57,13 +53,8 @@ def build_figure(histories: dict[str, list[StageRun]]):
 
     Data lines have gid 'run' and label RUN_DIR; stage boundaries are vertical lines with gid 'stage'.
     """
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("megacpt plot needs matplotlib: pip install 'megacpt[viz]'") from None
-
     names = validation_names(histories)
-    figure = Figure(figsize=(9, 2.6 * (1 + len(names))), layout="constrained")
+    figure = new_figure("megacpt plot", figsize=(9, 2.6 * (1 + len(names))), layout="constrained")
     axes = figure.subplots(1 + len(names), 1, sharex=True, squeeze=False)[:, 0]
     colours = [f"C{i % 10}" for i in range(len(histories))]
     for colour, (label, stages) in zip(colours, histories.items()):
@@ -113,9 +104,7 @@ def format_table(histories: dict[str, list[StageRun]]) -> str:
             cells.append("-" if final is None else f"{final:.4f}" + ("" if change is None else f" ({change:+.4f})"))
         rows.append(cells)
     tokens = ["tokens"] + [_last_tokens(stages) for stages in histories.values()]
-    widths = [max(len(row[i]) for row in [header, tokens, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell,
-                               w in zip(row, widths)).rstrip() for row in [header, tokens, *rows])
+    return text_table([tokens, *rows], headers=header)
 
 
 def _last_tokens(stages: list[StageRun]) -> str:

@@ -48,7 +48,6 @@ class Layout:
     """How one run is split over the cluster."""
 
     tensor: int
-    pipeline: int
     data: int
     zero_stage: int
     micro_batch: int
@@ -56,7 +55,7 @@ class Layout:
 
     def describe(self) -> str:
         recompute = "on" if self.activation_checkpointing else "off"
-        return (f"TP {self.tensor} x PP {self.pipeline} x DP {self.data}, ZeRO-{self.zero_stage}, "
+        return (f"TP {self.tensor} x DP {self.data}, ZeRO-{self.zero_stage}, "
                 f"micro batch {self.micro_batch}, activation checkpointing {recompute}")
 
 
@@ -202,13 +201,13 @@ def estimate(config: RunConfig, cluster: Cluster, layout: Layout) -> Estimate:
 
 def config_layout(config: RunConfig, cluster: Cluster) -> Layout:
     """The layout the config asks for on this cluster; a ConfigError when it cannot run there."""
-    tp, pp = config.parallel.tensor, config.parallel.pipeline
-    if cluster.world_size % (tp * pp):
+    tp = config.parallel.tensor
+    if cluster.world_size % tp:
         raise ConfigError("parallel.tensor", f"the world size {cluster.world_size} ({cluster.describe()}) is not "
-                          f"divisible by tensor x pipeline = {tp} x {pp}")
-    data = cluster.world_size // (tp * pp)
+                          f"divisible by parallel.tensor {tp}")
+    data = cluster.world_size // tp
     batch_arithmetic(config.train, data)
-    return Layout(tp, pp, data, zero_stage(config.deepspeed), config.train.micro_batch_size,
+    return Layout(tp, data, zero_stage(config.deepspeed), config.train.micro_batch_size,
                   config.train.activation_checkpointing)
 
 
@@ -226,11 +225,11 @@ def largest_micro_batch(config: RunConfig, cluster: Cluster, layout: Layout) -> 
 def candidate_layouts(config: RunConfig, cluster: Cluster) -> Iterator[Layout]:
     """Every layout that can run the config: TP inside a node and dividing the heads and the FFN, ZeRO at the
     config's stage or above, a micro batch that divides each rank's share of the global batch."""
-    model, pp = config.model, config.parallel.pipeline
+    model = config.model
     for tp in range(1, cluster.gpus_per_node + 1):
         if cluster.gpus_per_node % tp or model.num_attention_heads % tp or model.ffn_hidden_size % tp:
             continue
-        data = cluster.world_size // (tp * pp)
+        data = cluster.world_size // tp
         if config.train.global_batch_size % data:
             continue
         share = config.train.global_batch_size // data
@@ -238,7 +237,7 @@ def candidate_layouts(config: RunConfig, cluster: Cluster) -> Iterator[Layout]:
             for recompute in (False, True):
                 for micro in range(1, share + 1):
                     if share % micro == 0:
-                        yield Layout(tp, pp, data, stage, micro, recompute)
+                        yield Layout(tp, data, stage, micro, recompute)
 
 
 def recommend(config: RunConfig, cluster: Cluster) -> Estimate:

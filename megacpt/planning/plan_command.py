@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
-from pathlib import Path
 
+from megacpt.cli_helpers import add_set_argument, positive_float, positive_int, text_table, unit_fraction
 from megacpt.config import RunConfig, load_config
 from megacpt.errors import ConfigError, UserError
+from megacpt.files import write_output
 from megacpt.planning.capacity import (
     FIT_FRACTION,
     GB,
@@ -35,34 +36,17 @@ _PARTS = (("weights", "weights"), ("gradients", "gradients"), ("optimizer_states
           ("activations", "activations"), ("reserved", "reserved"))
 
 
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="JSON run config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="dotted.key=value",
-                        help="override a config key (repeatable)")
-    parser.add_argument("--nodes", type=_positive(int), help=f"nodes (default {DEFAULT_NODES})")
-    parser.add_argument("--gpus-per-node", type=_positive(int), help=f"GPUs per node (default {DEFAULT_GPUS_PER_NODE})")
+    add_set_argument(parser)
+    parser.add_argument("--nodes", type=positive_int, help=f"nodes (default {DEFAULT_NODES})")
+    parser.add_argument("--gpus-per-node", type=positive_int, help=f"GPUs per node (default {DEFAULT_GPUS_PER_NODE})")
     parser.add_argument("--hostfile", metavar="FILE", help="take nodes and GPUs per node from a DeepSpeed hostfile")
-    parser.add_argument("--gpu-memory-gb", type=_positive(float), default=Cluster.gpu_memory_gb,
+    parser.add_argument("--gpu-memory-gb", type=positive_float, default=Cluster.gpu_memory_gb,
                         help="memory of one GPU in GB (10^9 bytes); default %(default)g")
-    parser.add_argument("--gpu-tflops", type=_positive(float), default=Cluster.gpu_tflops,
+    parser.add_argument("--gpu-tflops", type=positive_float, default=Cluster.gpu_tflops,
                         help="peak dense bf16 TFLOP/s of one GPU; default %(default)g (H100 SXM)")
-    parser.add_argument("--mfu", type=_fraction, default=Cluster.mfu,
+    parser.add_argument("--mfu", type=unit_fraction, default=Cluster.mfu,
                         help="assumed model FLOPs utilisation; default %(default)g")
     parser.add_argument("--json", metavar="FILE", help="also write the plan to FILE as JSON")
 
@@ -79,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     largest = largest_micro_batch(config, cluster, layout)
     print(_report(args.config, config, cluster, own, largest, best))
     if args.json:
-        _write_json(Path(args.json), _plan_json(args.config, config, cluster, own, largest, best))
+        plan = _plan_json(args.config, config, cluster, own, largest, best)
+        write_output(args.json, json.dumps(plan, indent=2) + "\n", "--json")
     return 0
 
 
@@ -126,9 +111,9 @@ def _report(path: str, config: RunConfig, cluster: Cluster, own: Estimate, large
 def _memory_lines(e: Estimate, cluster: Cluster) -> list[str]:
     verdict = "fits" if e.fits else "does NOT fit"
     limit = f"limit {cluster.memory_limit_bytes / GB:g} = {FIT_FRACTION:.0%} of {cluster.gpu_memory_gb:g}"
-    return (["  memory per GPU (GB)"]
-            + [f"    {label:<18}{e.memory[key] / GB:8.2f}" for key, label in _PARTS]
-            + [f"    {'total':<18}{e.total_bytes / GB:8.2f} {verdict} ({limit})"])
+    rows = [(label, f"{e.memory[key] / GB:.2f}") for key, label in _PARTS]
+    rows.append(("total", f"{e.total_bytes / GB:.2f}", f"{verdict} ({limit})"))
+    return ["  memory per GPU (GB)", text_table(rows, indent="    ", align=("left", "right", "left"))]
 
 
 def _largest_divisor(share: int, limit: int) -> int:
@@ -156,10 +141,3 @@ def _plan_json(path: str, config: RunConfig, cluster: Cluster, own: Estimate, la
         "recommended": _estimate_json(best),
         "tokens": config.train.steps * config.train.global_batch_size * config.model.seq_length,
     }
-
-
-def _write_json(path: Path, data: dict) -> None:
-    try:
-        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"cannot write --json {path}: {e.strerror}") from None

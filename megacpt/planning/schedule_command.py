@@ -8,16 +8,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megacpt.cli_helpers import add_set_argument, new_figure, non_negative_int, require_matplotlib, save_figure
 from megacpt.config import load_config
-from megacpt.errors import UserError
+from megacpt.files import write_output
 from megacpt.schedule import check_schedule, lr_at
-
-
-def _stage_index(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,9 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--csv", required=True, metavar="FILE",
                         help="write 'step,stage,lr' for steps 0 .. train.steps - 1")
     parser.add_argument("--plot", metavar="FILE.png", help="also plot the LR against the step (needs matplotlib)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="dotted.key=value",
-                        help="override a config key (repeatable)")
-    parser.add_argument("--stage-index", type=_stage_index, default=0, metavar="N",
+    add_set_argument(parser)
+    parser.add_argument("--stage-index", type=non_negative_int, default=0, metavar="N",
                         help="stage index tau for meta schedules (0 = first stage); default 0")
 
 
@@ -36,7 +29,11 @@ def run(args: argparse.Namespace) -> int:
     steps = config.train.steps
     check_schedule(config.schedule, steps)
     lrs = [lr_at(config.schedule, steps, t, args.stage_index) for t in range(steps)]
-    _write_csv(Path(args.csv), args.stage_index, lrs)
+    if args.plot:
+        require_matplotlib("--plot")
+    # repr() keeps every digit, so the CSV reproduces lr_at exactly.
+    rows = [f"{t},{args.stage_index},{lr!r}" for t, lr in enumerate(lrs)]
+    write_output(args.csv, "\n".join(["step,stage,lr", *rows]) + "\n", "--csv")
     if args.plot:
         _plot(Path(args.plot), args.stage_index, lrs, title=f"{Path(args.config).name}: {config.schedule.style}")
     print(f"{steps} steps, stage {args.stage_index}: LR from {lrs[0]:.3g} (step 0), peak {max(lrs):.3g}, to "
@@ -44,32 +41,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_csv(path: Path, stage: int, lrs: list[float]) -> None:
-    # repr() keeps every digit, so the CSV reproduces lr_at exactly.
-    lines = ["step,stage,lr"] + [f"{t},{stage},{lr!r}" for t, lr in enumerate(lrs)]
-    try:
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"cannot write --csv {path}: {e.strerror}") from None
-
-
 def _plot(path: Path, stage: int, lrs: list[float], title: str) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'megacpt[viz]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig = new_figure("--plot", figsize=(8, 4), layout="tight")
+    ax = fig.subplots()
     ax.plot(range(len(lrs)), lrs, linewidth=1.2, label=f"stage {stage}")
     ax.set(xlabel="step within the stage", ylabel="learning rate", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as e:
-        raise UserError(f"cannot write --plot {path}: {e.strerror}") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, "--plot")

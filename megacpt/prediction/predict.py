@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from megacpt.cli_helpers import new_figure, positive_int, require_matplotlib, save_figure
 from megacpt.errors import UserError
+from megacpt.files import write_output
 from megacpt.prediction import losslaw
 from megacpt.prediction.loss_curves import planned_curve, run_curve
 
@@ -49,13 +51,6 @@ class Prediction:
     losses: np.ndarray
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--fit", nargs="+", metavar="RUN_DIR", help="fit the law on these runs' evaluation losses")
@@ -70,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write 'config,step,lr,loss' for every step of each planned stage")
     parser.add_argument("--plot", metavar="FILE.png",
                         help="plot the predicted curves above their LR curves (needs matplotlib)")
-    parser.add_argument("--starts", type=_positive_int, default=8, metavar="N",
+    parser.add_argument("--starts", type=positive_int, default=8, metavar="N",
                         help="seeded fit starts; the best wins (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fit starts (default 0)")
 
@@ -86,13 +81,15 @@ def run(args: argparse.Namespace) -> int:
         fitted = fit_runs([Path(d) for d in args.fit], args.val, args.law or "tissue", args.starts, args.seed)
         print(format_fit(fitted))
         if args.output:
-            _write(Path(args.output), json.dumps(asdict(fitted), indent=2) + "\n", "--output")
+            write_output(args.output, json.dumps(asdict(fitted), indent=2) + "\n", "--output")
     else:
         if args.output:
             raise UserError("--output saves a new fit; with --constants there is none (the file already holds them)")
         fitted = read_fit(Path(args.constants))
         if args.law and args.law != fitted.law:
             raise UserError(f"--law {args.law} contradicts {args.constants}, which holds {fitted.law} constants")
+    if args.plot:
+        require_matplotlib("--plot")
     if args.predict:
         predictions = [predict_stage(fitted, Path(c)) for c in args.predict]
         write_csv(Path(args.csv), predictions)
@@ -154,18 +151,14 @@ def write_csv(path: Path, predictions: list[Prediction]) -> None:
     for p in predictions:
         rows = zip(p.steps.tolist(), p.lrs.tolist(), p.losses.tolist())
         lines += [f"{p.label},{s},{lr!r},{loss:.6f}" for s, lr, loss in rows]
-    _write(path, "\n".join(lines) + "\n", "--csv")
+    write_output(path, "\n".join(lines) + "\n", "--csv")
 
 
 def plot_predictions(path: Path, predictions: list[Prediction], title: str,
                      observed: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
     """Predicted losses above the LR curves, one colour per stage; `observed` (label -> steps, losses) adds
     the measured evaluation losses as dots."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'megacpt[viz]'") from None
-    figure = Figure(figsize=(9, 6.5), layout="constrained")
+    figure = new_figure("--plot", figsize=(9, 6.5), layout="constrained")
     loss_ax, lr_ax = figure.subplots(2, 1, sharex=True, height_ratios=[2, 1])
     for i, p in enumerate(predictions):
         colour = f"C{i % 10}"
@@ -178,14 +171,4 @@ def plot_predictions(path: Path, predictions: list[Prediction], title: str,
     for ax in (loss_ax, lr_ax):
         ax.grid(alpha=0.3)
     loss_ax.legend(fontsize="small")
-    try:
-        figure.savefig(path, dpi=120)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot write --plot {path}: {e}") from None
-
-
-def _write(path: Path, text: str, option: str) -> None:
-    try:
-        path.write_text(text, encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"cannot write {option} {path}: {e.strerror}") from None
+    save_figure(figure, path, "--plot")

@@ -24,6 +24,7 @@ import torch
 from megacpt import checkpoint
 from megacpt.config import ModelConfig, ParallelConfig, TokenizerConfig
 from megacpt.errors import UserError
+from megacpt.files import replace_durably
 from megacpt.model import hf_mapping
 from megacpt.stages import CheckpointState, ModelSignature, read_state, write_state
 
@@ -193,14 +194,6 @@ def add_output_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
 
 
-def positive_int(text: str) -> int:
-    """argparse type for a tensor-parallel degree or a token count."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 @contextmanager
 def staged_output(output: str | Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling of `output` to write into; rename it into place only if the block succeeds."""
@@ -221,7 +214,7 @@ def staged_output(output: str | Path, overwrite: bool) -> Iterator[Path]:
     if output.exists():
         old = output.with_name(f".{output.name}.old-{os.getpid()}")
         os.replace(output, old)
-        os.replace(staging, output)
+        replace_durably(staging, output)
         shutil.rmtree(old)
     else:
-        os.replace(staging, output)
+        replace_durably(staging, output)

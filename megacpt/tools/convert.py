@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
+from megacpt.cli_helpers import positive_int
 from megacpt.config import ModelConfig, ParallelConfig, TokenizerConfig, padded_vocab_size
 from megacpt.errors import UserError
 from megacpt.model import hf_mapping
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help="local folder with config.json and the weights (safetensors or .bin, sharded or not)")
     checkpoint_io.add_output_arguments(to_megacpt,
                                        "checkpoints folder (one tag and `latest`, as init.checkpoint takes it)")
-    to_megacpt.add_argument("--tp", type=checkpoint_io.positive_int, default=1, metavar="N",
+    to_megacpt.add_argument("--tp", type=positive_int, default=1, metavar="N",
                             help="tensor-parallel degree to split for (default 1)")
     to_hf = directions.add_parser("megacpt-to-hf",
                                   help="a megacpt checkpoint -> a folder GPTNeoXForCausalLM.from_pretrained loads")

@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from megacpt.cli_helpers import positive_int
 from megacpt.config import ModelConfig
 from megacpt.errors import UserError
 from megacpt.tools import checkpoint_io
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", metavar="TEXT", help="text, encoded with the checkpoint's tokenizer")
     prompt.add_argument("--prompt-ids", metavar="1,2,3", help="token ids, comma-separated")
-    parser.add_argument("--max-new-tokens", required=True, type=checkpoint_io.positive_int, metavar="N",
+    parser.add_argument("--max-new-tokens", required=True, type=positive_int, metavar="N",
                         help="tokens to generate")
 
 

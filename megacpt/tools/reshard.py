@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megacpt.cli_helpers import positive_int
 from megacpt.config import padded_vocab_size
 from megacpt.tools import checkpoint_io
 
@@ -17,7 +18,7 @@ from megacpt.tools import checkpoint_io
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
                         help="a checkpoints folder (its `latest`) or one tag folder")
-    parser.add_argument("--tp", required=True, type=checkpoint_io.positive_int, metavar="N",
+    parser.add_argument("--tp", required=True, type=positive_int, metavar="N",
                         help="the new tensor-parallel degree")
     checkpoint_io.add_output_arguments(parser, "checkpoints folder (one tag and `latest`)")
 
