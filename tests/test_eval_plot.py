@@ -179,7 +179,8 @@ def _fake_stage(run_dir: Path, init: Path | None, steps: int, tokens_before: int
 
 
 def test_plot_follows_a_three_stage_history_to_the_steps_each_next_stage_started_from(tmp_path):
-    from megacpt.evaluation.plot import build_figure, format_table
+    from megacpt.evaluation.forgetting import forgetting_table
+    from megacpt.evaluation.plot import build_figure
 
     r0 = trained_stage(0, tmp_path / "r0", 4, global_batch_size=10, seq_length=10)
     r1 = trained_stage(1, tmp_path / "r1", 2, 4, global_batch_size=10, seq_length=10)
@@ -195,7 +196,7 @@ def test_plot_follows_a_three_stage_history_to_the_steps_each_next_stage_started
     assert sorted(line.get_xdata()[0] for line in x_axis.get_lines() if line.get_gid() == "stage") == [400, 600]
     (loss,) = (line for line in x_axis.get_lines() if line.get_gid() == "run")
     assert list(loss.get_ydata()) == [2, 4, 12, 22]  # r1's eval at step 4 came after r2's start
-    assert format_table({"r2": history}).splitlines()[-1].split() == ["x", "22.0000", "(+10.0000)"]
+    assert forgetting_table({"r2": history}).splitlines()[-1].split() == ["x", "22.0000", "(+10.0000)"]
 
 
 def test_plot_stops_following_the_history_where_the_earlier_run_is_gone(runs, tmp_path):

@@ -1,8 +1,9 @@
 """The demo's report: DIR/summary.json, DIR/forgetting.png, DIR/lr.png and a table on the console.
 
-The runs' histories (metrics.jsonl, one record per step, an arm's stage 0 included) and the table come from
-`megacpt plot`, so the demo reports exactly what a user would get from it; this module adds the demo's own
-figures, on the global step axis (stage-1 steps follow stage 0's), and the checks of the papers' claims.
+The runs' histories (metrics.jsonl, one record per step, an arm's stage 0 included) and the table are the
+ones `megacpt plot` reads and prints (`megacpt.stages`, `megacpt.evaluation.forgetting`), so the demo reports
+exactly what a user would get from it; this module adds the demo's own figures, on the global step axis
+(stage-1 steps follow stage 0's), and the checks of the papers' claims.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from megacpt.cli_helpers import new_figure
 from megacpt.demo.configs import ARMS, DemoPaths, stage1_run
 from megacpt.demo.corpora import CORPORA
-from megacpt.evaluation.plot import final_and_change, format_table
+from megacpt.evaluation.forgetting import final_and_change, forgetting_table
 from megacpt.stages import StageRun, run_lineage
 
 STAGE0_COLOR = "0.5"
@@ -63,7 +64,7 @@ def write_report(paths: DemoPaths) -> dict:
                for arm in ARMS]
     plot_forgetting(curves, paths.root / "forgetting.png")
     plot_lr(curves, paths.root / "lr.png")
-    print(format_table(history), flush=True)
+    print(forgetting_table(history), flush=True)
     print("\n".join(f"{'yes' if ok else 'NO ':>4}  "
                     f"{claim.replace('_', ' ')}" for claim, ok in summary["checks"].items()),
           flush=True)
