@@ -1,4 +1,4 @@
-"""The training loop in one process: it learns, it logs what DESIGN.md promises, it refuses bad input."""
+"""The training loop in one process: it learns, it logs its records to metrics.jsonl, it refuses bad input."""
 import json
 from pathlib import Path
 
