@@ -144,8 +144,7 @@ def load_into_engine(engine, plan: LoadPlan, world_rank: int) -> None:
     `load_state_dict` replaces every param group with the saved one, betas, eps and weight decay included,
     so the groups this stage's config built are put back afterwards (the LR is the schedule's anyway).
     """
-    optimizer = engine.basic_optimizer  # None in an engine built for evaluation only
-    groups = optimizer.param_groups if optimizer is not None else []
+    groups = engine.basic_optimizer.param_groups  # evaluation builds the same engine, optimizer included
     configured = [{k: v for k, v in group.items() if k not in _LOADED_GROUP_KEYS} for group in groups]
     path, _ = engine.load_checkpoint(
         str(plan.tag_dir.parent), tag=plan.tag_dir.name, load_module_strict=True,
