@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("megacpt.tools.convert", "convert checkpoints between Hugging Face GPT-NeoX and megacpt (verified by "
                                          "comparing logits)"),
     "reshard": ("megacpt.tools.reshard", "change a checkpoint's tensor-parallel degree (weights only)"),
+    "extend-vocab": ("megacpt.tools.extend_vocab", "grow a checkpoint's embedding and output layer for an extended "
+                                                   "tokenizer (old ids unchanged)"),
     "merge": ("megacpt.tools.merge", "weighted average of checkpoints of the same architecture (model merging)"),
     "generate": ("megacpt.tools.generate", "greedy decoding from a checkpoint, for a quick look"),
     "demo": ("megacpt.demo.experiment", "forgetting and replay end to end on CPU: prose -> code, three stage-1 arms "

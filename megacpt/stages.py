@@ -67,7 +67,24 @@ class ImportedStage(Record):
         return 0  # what the model saw before megacpt is unknown; its megacpt life starts here
 
 
-StageRecord = Annotated[TrainedStage | ImportedStage, Field(discriminator="origin")]
+class VocabExtendedStage(Record):
+    """`megacpt extend-vocab`: the embedding and output layer grown for a tokenizer's new ids, no training."""
+
+    origin: Literal["extend-vocab"] = "extend-vocab"
+    index: int = Field(ge=0)
+    name: str
+    checkpoint: str = Field(description="The checkpoint tag whose vocabulary was grown.")
+    tokenizer: str = Field(description="The extended tokenizer, as given.")
+    base_vocab_size: int = Field(gt=0, description="Pieces of the checkpoint's tokenizer (their rows are kept).")
+    vocab_size: int = Field(gt=0, description="Pieces of the extended tokenizer.")
+    init: Literal["mean", "random"] = Field(description="How the new rows started.")
+
+    @property
+    def tokens(self) -> int:
+        return 0
+
+
+StageRecord = Annotated[TrainedStage | ImportedStage | VocabExtendedStage, Field(discriminator="origin")]
 
 
 class ModelSignature(Record):
@@ -230,6 +247,9 @@ def run_lineage(run_dir: Path) -> RunLineage:
 def _stage_run(stage: StageRecord, start_tokens: int) -> StageRun:
     if isinstance(stage, ImportedStage):
         return StageRun(stage, None, start_tokens, None, f"stage {stage.index} was imported from {stage.path}")
+    if isinstance(stage, VocabExtendedStage):
+        return StageRun(stage, None, start_tokens, None, f"stage {stage.index} grew the vocabulary from "
+                        f"{stage.base_vocab_size} to {stage.vocab_size} pieces (no training)")
     run_dir = Path(stage.run_dir)
     try:
         records = [r for r in read_metrics(run_dir) if r["step"] <= stage.steps_done]

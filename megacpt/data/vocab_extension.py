@@ -73,22 +73,13 @@ def extend_tokenizer(base: str, inputs: Sequence[str], add: int, output_prefix: 
 
 def read_base(path: str) -> ModelProto:
     """The base model's proto, or a UserError naming the file when it is not a SentencePiece BPE model."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"--base {file} {'is a directory' if file.is_dir() else 'does not exist'}")
-    if file.name.endswith(".json"):
-        raise UserError(f"--base {file} is a Hugging Face tokenizer.json; extending one is not supported, only "
+    if Path(path).name.endswith(".json") and Path(path).is_file():
+        raise UserError(f"--base {path} is a Hugging Face tokenizer.json; extending one is not supported, only "
                         "SentencePiece .model files")
-    try:
-        proto = ModelProto.FromString(file.read_bytes())
-        sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
-    except Exception as e:  # protobuf's DecodeError, SentencePiece's RuntimeError, OSError
-        raise UserError(f"--base {file} is not a SentencePiece model: {e}") from None
-    if not proto.pieces:
-        raise UserError(f"--base {file} is not a SentencePiece model: it has no pieces")
+    proto = read_sentencepiece(path, "--base")
     if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
         kind = proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type)
-        raise UserError(f"--base {file} is a SentencePiece {kind} model; only BPE models are extended")
+        raise UserError(f"--base {path} is a SentencePiece {kind} model; only BPE models are extended")
     return proto
 
 
@@ -130,3 +121,47 @@ def tokens_per_byte(model: ModelProto, inputs: Sequence[str], json_key: str) -> 
         tokens += len(processor.encode(document))
         size += len(document.encode("utf-8"))
     return tokens / max(size, 1)
+
+
+def read_sentencepiece(path: str | Path, what: str) -> ModelProto:
+    """A SentencePiece model file's proto; a UserError naming `what` and the file when it is not one."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{what} {file} {'is a directory' if file.is_dir() else 'does not exist'}")
+    try:
+        proto = ModelProto.FromString(file.read_bytes())
+        sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    except Exception as e:  # protobuf's DecodeError, SentencePiece's RuntimeError, OSError
+        raise UserError(f"{what} {file} is not a SentencePiece model: {e}") from None
+    if not proto.pieces:
+        raise UserError(f"{what} {file} is not a SentencePiece model: it has no pieces")
+    return proto
+
+
+def check_extends(base: ModelProto, extended: ModelProto, extended_file: str | Path) -> None:
+    """`extended` must hold every piece of `base` at the same id, and more pieces."""
+    for i, (old, new) in enumerate(zip(base.pieces, extended.pieces)):
+        if (old.piece, old.type) != (new.piece, new.type):
+            raise UserError(f"--tokenizer {extended_file} does not extend the checkpoint's tokenizer: id {i} is "
+                            f"{new.piece!r}, the checkpoint's tokenizer has {old.piece!r} (the first "
+                            f"{len(base.pieces)} pieces must be the same)")
+    if len(extended.pieces) <= len(base.pieces):
+        raise UserError(f"--tokenizer {extended_file} has {len(extended.pieces)} pieces, no more than the "
+                        f"checkpoint's tokenizer ({len(base.pieces)}); there is nothing to add")
+
+
+def base_splits(base: ModelProto, pieces: Sequence[str]) -> list[list[int]]:
+    """The base model's ids for the text of each piece, as the base encodes it inside a text.
+
+    Pieces are already normalized (spaces are "▁"), so the base encodes them with its normalization switched
+    off and no dummy "▁" prefix: a piece "▁return" splits into the base's pieces of " return" exactly, and a
+    character the base lacks into its byte pieces.
+    """
+    plain = ModelProto()
+    plain.CopyFrom(base)
+    plain.normalizer_spec.name = "identity"
+    plain.normalizer_spec.precompiled_charsmap = b""
+    plain.normalizer_spec.add_dummy_prefix = False
+    plain.normalizer_spec.remove_extra_whitespaces = False
+    processor = sentencepiece.SentencePieceProcessor(model_proto=plain.SerializeToString())
+    return [processor.encode(piece) for piece in pieces]
