@@ -1,6 +1,7 @@
 """`megacpt extend-vocab`: a checkpoint grown for an extended tokenizer keeps every old-id logit (fp32, 1e-6),
 starts new rows as the mean of the base tokenizer's split, records the stage, exports to Hugging Face, and
 refuses a tokenizer that does not extend the checkpoint's (exit 2, nothing written). Tiny random models."""
+import json
 import random
 import shutil
 from pathlib import Path
@@ -126,14 +127,34 @@ def test_random_init_draws_new_rows_and_keeps_old_ones(tmp_path, checkpoints, ne
     assert after.state.stages[-1].init == "random"
 
 
-def test_grown_model_exports_to_hugging_face_with_the_same_logits(tmp_path, checkpoints, new_tokenizer, capsys):
-    ckpt = checkpoints[1]
-    assert cli("extend-vocab", "--checkpoint", ckpt, "--tokenizer", new_tokenizer, "--output", tmp_path / "out") == 0
-    assert cli("convert", "megacpt-to-hf", "--checkpoint", tmp_path / "out", "--output", tmp_path / "hf-out") == 0
-    assert "verified" in capsys.readouterr().out  # the converter compares all 400 logits itself (threshold 1e-4)
-    from transformers import GPTNeoXForCausalLM
+@pytest.mark.parametrize("grown", [False, True])
+def test_hf_export_loads_with_auto_classes_and_gives_megacpts_ids_and_logits(tmp_path, checkpoints, sp_model,
+                                                                            new_tokenizer, code_corpus, world,
+                                                                            capsys, grown):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    assert GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf-out").config.vocab_size == 400
+    ckpt, tokenizer = checkpoints[1], sp_model
+    if grown:
+        assert cli("extend-vocab", "--checkpoint", ckpt, "--tokenizer", new_tokenizer, "--output", tmp_path / "g") == 0
+        ckpt, tokenizer = tmp_path / "g", new_tokenizer
+    assert cli("convert", "megacpt-to-hf", "--checkpoint", ckpt, "--output", tmp_path / "hf-out") == 0
+    assert "verified" in capsys.readouterr().out
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf-out")
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-out", dtype=torch.float32).eval()
+    processor = sentencepiece.SentencePieceProcessor(model_file=tokenizer)
+    texts = [json.loads(line)["text"] for line in open(code_corpus)][:5]
+    texts += ["warmup and decay of the café über alles ☃ 中文", "  two  spaces\n\n\tand a tab  "]
+    for text in texts:
+        assert hf_tokenizer.encode(text, add_special_tokens=False) == processor.encode(text), text
+    ids = torch.tensor([processor.encode(texts[0])[:48]])
+    assert (ids.max() >= 300) == grown
+    source = checkpoint_io.load(ckpt)
+    with torch.no_grad():
+        gpt = checkpoint_io.build_model(source.model, source.weights, 1, 0, torch.device("cpu"))
+        ours = gpt(ids, torch.arange(ids.shape[1]).unsqueeze(0), None)[..., :source.model.vocab_size]
+        theirs = hf_model(ids).logits
+    assert theirs.shape[-1] == (400 if grown else 300)
+    assert (ours - theirs).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("case", ["other-tokenizer", "same-tokenizer", "not-a-model", "no-tokenizer"])

@@ -32,23 +32,24 @@ def proto(path) -> sentencepiece_model_pb2.ModelProto:
 
 def test_extension_keeps_every_base_id_and_appends_new_pieces_scored_below_the_base(sp_model, extended):
     base, ext = proto(sp_model), proto(extended.model)
-    assert (extended.base_size, extended.added, len(ext.pieces)) == (300, 40, 340)
+    added = extended.added  # at most 40: a piece that needs a new character too may not fit in the last place
+    assert extended.base_size == 300 and 35 <= added <= 40 and len(ext.pieces) == 300 + added
     for old, new in zip(base.pieces, ext.pieces):
         assert (old.piece, old.score, old.type) == (new.piece, new.score, new.type)
     appended = ext.pieces[300:]
     base_pieces = {p.piece for p in base.pieces}
-    assert len({p.piece for p in appended}) == 40 and not base_pieces & {p.piece for p in appended}
+    assert len({p.piece for p in appended}) == added and not base_pieces & {p.piece for p in appended}
     scores = [p.score for p in appended]
     assert max(scores) < min(p.score for p in base.pieces)
-    assert scores == sorted(scores, reverse=True) and len(set(scores)) == 40
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == added
 
 
 def test_every_appended_piece_joins_two_symbols_that_exist_before_it(sp_model, extended):
-    """SentencePiece's BPE encoder only forms a piece by joining two symbols it can already form."""
+    """SentencePiece's BPE encoder only forms a piece by joining two symbols it can already form; Hugging Face's
+    BPE needs both to be pieces."""
     known = {p.piece for p in proto(sp_model).pieces}
     for piece in [p.piece for p in proto(extended.model).pieces[300:]]:
-        formable = lambda s: len(s) == 1 or s in known  # noqa: E731 (a single character is always a symbol)
-        assert len(piece) == 1 or any(formable(piece[:k]) and formable(piece[k:]) for k in range(1, len(piece))), piece
+        assert len(piece) == 1 or any(piece[:k] in known and piece[k:] in known for k in range(1, len(piece))), piece
         known.add(piece)
 
 

@@ -10,10 +10,12 @@ Why a prefix of the merge order. SentencePiece's BPE encoder starts from charact
 the adjacent pair whose concatenation is a piece with the highest score; a piece can only come out of the
 encoder if it is the join of two symbols the encoder can already form. The new model's pieces are sorted by
 score, which is its merge order: each merged piece joins two pieces merged before it (or single
-characters). Taking the shortest prefix of that order holding N pieces the base lacks therefore guarantees
-that both parts of every appended piece are in the base or appended before it, so every appended piece is
-reachable. Appended pieces get scores below every base score, in the new model's order: the base's merges
-keep their priority, and among the new ones the new model's order holds.
+characters). Taking a prefix of that order, with each character the base lacks appended before the first
+piece that holds it, therefore guarantees that both parts of every appended piece are in the base or
+appended before it: every appended piece is reachable, and the BPE merges that Hugging Face's converter
+derives from the pieces (each piece from two shorter pieces) reproduce SentencePiece's encoding. Appended
+pieces get scores below every base score, in the new model's order: the base's merges keep their priority,
+and among the new ones the new model's order holds.
 
 Hugging Face tokenizer.json bases are not extended (their merges and added tokens need a different edit).
 """
@@ -97,18 +99,21 @@ def new_pieces(model: ModelProto) -> list[str]:
 
 
 def append_pieces(base: ModelProto, candidates: Sequence[str], add: int) -> ModelProto:
-    """`base` with the first `add` candidates it lacks appended, scored below every base score in order."""
+    """`base` with the candidates it lacks appended in order, each after those of its characters the base lacks,
+    up to `add` pieces in all; scored below every base score, in order."""
     out = ModelProto()
     out.CopyFrom(base)
     known = {p.piece for p in base.pieces}
     score = min(p.score for p in base.pieces)
     for piece in candidates:
-        if len(out.pieces) - len(base.pieces) == add:
+        missing = list(dict.fromkeys(c for c in piece if c not in known))
+        missing += [piece] if piece not in known and piece not in missing else []
+        if len(out.pieces) - len(base.pieces) + len(missing) > add:
             break
-        if piece not in known:
-            known.add(piece)
+        for new in missing:
+            known.add(new)
             score -= 1.0
-            out.pieces.add(piece=piece, score=score, type=NORMAL)
+            out.pieces.add(piece=new, score=score, type=NORMAL)
     out.trainer_spec.vocab_size = len(out.pieces)
     return out
 

@@ -118,6 +118,8 @@ def megacpt_to_hf(path: Path, output: Path, overwrite: bool, device: torch.devic
         if section is not None and section.type == "hf":
             for name, file in checkpoint_io.tokenizer_files(section).items():
                 shutil.copyfile(file, staging / name)
+        elif section is not None and section.type == "sentencepiece":
+            save_sentencepiece_as_hf(Path(section.model), staging)
         elif section is not None:
             print(f"note: the checkpoint's {section.type} tokenizer has no Hugging Face form; no tokenizer written")
         if device is None:
@@ -195,6 +197,36 @@ def hf_config(model: ModelConfig, eod: int | None):
         initializer_range=model.init_std, tie_word_embeddings=False, bos_token_id=eod, eos_token_id=eod,
         architectures=["GPTNeoXForCausalLM"],
     )
+
+
+def save_sentencepiece_as_hf(model_file: Path, folder: Path) -> None:
+    """The SentencePiece model as a Hugging Face fast tokenizer (tokenizer.json and its config) in `folder`.
+
+    transformers' own converter builds it from the model's pieces, scores and normalizer spec; it is then
+    checked to encode a text made of every normal piece (and some whitespace) exactly as SentencePiece does.
+    Unlike SentencePiece, the Hugging Face tokenizer reads the literal text of its special tokens (`</s>`)
+    as those tokens, as every Hugging Face tokenizer does.
+    """
+    import sentencepiece
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    from megacpt.data.vocab_extension import read_sentencepiece
+
+    if not hasattr(SpmConverter, "build_tokenizer_from_spm_proto"):
+        print("note: this transformers version cannot convert a SentencePiece model by itself (transformers 5 can); "
+              "no tokenizer written")
+        return
+    proto = read_sentencepiece(model_file, "the checkpoint's tokenizer")
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, {p.piece: i for i, p in enumerate(proto.pieces)},
+                                                          legacy=True)
+    special = {"unk_token": proto.trainer_spec.unk_id, "eos_token": proto.trainer_spec.eos_id}
+    PreTrainedTokenizerFast(tokenizer_object=backend, **{name: proto.pieces[i].piece for name, i in special.items()
+                                                        if i >= 0}).save_pretrained(folder)
+    processor = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    text = "  " + " ".join(p.piece.replace("▁", " ") for p in proto.pieces if p.type == p.NORMAL) + "\n\tend  "
+    if AutoTokenizer.from_pretrained(folder).encode(text, add_special_tokens=False) != processor.encode(text):
+        raise VerificationFailed(f"the Hugging Face form of {model_file} encodes text differently from SentencePiece")
 
 
 def save_hf(folder: Path, hf_state: dict[str, torch.Tensor], config) -> None:
