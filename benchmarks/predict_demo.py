@@ -54,7 +54,7 @@ def config(work: Path, name: str, source: str, schedule: dict, steps: int, init:
                  "cache_dir": str(work / "cache")},
         "schedule": schedule,
         "train": {"steps": steps, "global_batch_size": 8, "micro_batch_size": 8, "log_interval": 1,
-                  "eval_interval": max(steps // 15, 1), "eval_batches": 4, "save_interval": 0},
+                  "eval_interval": max(steps // 15, 1), "eval_samples": 32, "save_interval": 0},
     }
     if init:
         raw["init"] = {"checkpoint": init, "mode": "new_stage"}

@@ -231,7 +231,13 @@ class TrainConfig(Section):
     eval_interval: int = Field(0, ge=0,
                                description="Steps between evaluations on every validation set; 0 evaluates only at the "
                                            "end.")
-    eval_batches: int = Field(4, gt=0, description="Micro-batches per validation set per evaluation.")
+    eval_samples: int = Field(64, gt=0,
+                              description="Sequences per validation set per evaluation: the first eval_samples of "
+                                          "each validation stream, whatever the world size; the eval record's "
+                                          "eval_tokens says how many tokens they scored.")
+    eval_batches: int | None = Field(None, gt=0,
+                                     description="Deprecated alias: eval_samples = eval_batches x micro_batch_size "
+                                                 "(at one data-parallel rank, as it used to be).")
     save_interval: int = Field(0, ge=0, description="Steps between checkpoints; 0 saves only at the end.")
     activation_checkpointing: bool = Field(False,
                                            description="Recompute each layer in the backward pass (megatron-core full "
@@ -239,6 +245,17 @@ class TrainConfig(Section):
     max_skipped_steps: int = Field(10, gt=0,
                                    description="Stop after this many consecutive steps with a non-finite loss or grad "
                                                "norm.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _eval_batches_alias(cls, data):
+        """The deprecated eval_batches becomes eval_samples (and is dropped, so a saved config reloads)."""
+        if isinstance(data, dict) and data.get("eval_batches") is not None:
+            if "eval_samples" in data:
+                raise ValueError("set train.eval_samples only; train.eval_batches is its deprecated alias")
+            data = {**data, "eval_samples": data["eval_batches"] * data.get("micro_batch_size", 1),
+                    "eval_batches": None}
+        return data
 
 
 class InitConfig(Section):

@@ -5,32 +5,47 @@ from __future__ import annotations
 
 import torch
 
-from megacpt.data.loader import BatchStream
+from megacpt.data.loader import collate
+
+
+def token_losses(model, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of the next-token losses over the unmasked tokens of one micro-batch, and their number."""
+    per_token = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
+    mask = mb["loss_mask"].float()
+    return (per_token.float() * mask).sum(), mask.sum()
 
 
 def micro_batch_loss(model, mb: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token loss over the unmasked tokens of one micro-batch (model: engine or GPTModel)."""
-    per_token = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
-    mask = mb["loss_mask"].float()
-    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
+    total, count = token_losses(model, mb)
+    return total / count.clamp(min=1)
 
 
 @torch.no_grad()
-def validation_losses(model, datasets: dict, batches: int, micro_batch_size: int, data_rank: int,
-                      data_size: int, device: torch.device, group=None) -> dict[str, float]:
-    """Mean loss over the first `batches` micro-batches of every rank, for each dataset, averaged over ranks.
+def validation_losses(model, datasets: dict, num_samples: int, micro_batch_size: int, data_rank: int,
+                      data_size: int, device: torch.device, group=None) -> tuple[dict[str, float], dict[str, int]]:
+    """Mean loss per scored token over the first `num_samples` samples of each dataset, and the tokens scored.
 
-    Every evaluation reads the same samples (the start of each validation stream), so numbers taken at
-    different steps or by different commands are comparable.
+    The samples are cut into micro-batches (the last may be short) dealt round-robin to the data-parallel
+    ranks, and the sums are added over ranks: the same samples and the same number whatever the world size,
+    and every evaluation reads the start of each validation stream, so numbers taken at different steps or
+    by different commands are comparable.
     """
     was_training = model.training
     model.eval()
-    results = {}
-    per_step = micro_batch_size * data_size
+    losses, tokens = {}, {}
+    chunks = [range(start, min(start + micro_batch_size, num_samples))
+              for start in range(0, num_samples, micro_batch_size)]
+    rounds = -(-len(chunks) // data_size)  # every rank runs as many forward passes (ZeRO-3 gathers in each)
     for name, dataset in datasets.items():
-        stream = BatchStream(dataset, batches * per_step, micro_batch_size, data_rank, data_size, device)
-        loss = torch.stack([micro_batch_loss(model, mb) for mb in stream.next_step()]).mean()
-        torch.distributed.all_reduce(loss, group=group)
-        results[name] = loss.item() / data_size
+        sums = torch.zeros(2, dtype=torch.float64, device=device)
+        for r in range(rounds):
+            k = r * data_size + data_rank
+            total, count = token_losses(model, collate([dataset[i] for i in chunks[min(k, len(chunks) - 1)]], device))
+            if k < len(chunks):
+                sums += torch.stack([total.double(), count.double()])
+        torch.distributed.all_reduce(sums, group=group)
+        losses[name] = (sums[0] / sums[1].clamp(min=1)).item()
+        tokens[name] = int(sums[1].item())
     model.train(was_training)
-    return results
+    return losses, tokens

@@ -156,8 +156,7 @@ def build_data(config: RunConfig, world, stages: list[StageRecord]):
                                      earlier_stages=stages[:-1], **common)
     stream = BatchStream(train_data, config.train.global_batch_size, config.train.micro_batch_size,
                          world.data_rank, world.data_size, world.device)
-    eval_samples = config.train.eval_batches * config.train.micro_batch_size * world.data_size
-    return stream, build_validation_datasets(config.data, eval_samples, **common)
+    return stream, build_validation_datasets(config.data, config.train.eval_samples, **common)
 
 
 def restore(plan: checkpoint.LoadPlan | None, engine, scheduler, stream, world_rank: int) -> int:
@@ -252,12 +251,12 @@ class TrainingLoop:
         return total / len(micro_batches)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        results = validation_losses(self.engine, self.val_data, self.config.train.eval_batches,
-                                    self.config.train.micro_batch_size, self.world.data_rank,
-                                    self.world.data_size, self.world.device, _dp_group())
+        results, tokens = validation_losses(self.engine, self.val_data, self.config.train.eval_samples,
+                                            self.config.train.micro_batch_size, self.world.data_rank,
+                                            self.world.data_size, self.world.device, _dp_group())
         if results:
             self.metrics.write({"step": step, "stage": self.stages[-1].index, "tokens": self.total_tokens(),
-                                "eval": results})
+                                "eval": results, "eval_tokens": tokens})
             self.metrics.print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
         return results
 

@@ -67,15 +67,15 @@ def test_eval_equals_the_training_loops_evaluation_at_the_same_step(runs, capsys
     assert losses == pytest.approx(_evals(runs[f"stage{stage}"])[step], rel=1e-6, abs=0)
 
 
-def test_eval_data_picks_or_adds_validation_sets_and_batches_changes_the_sample_count(runs, capsys, pattern_data):
+def test_eval_data_picks_or_adds_validation_sets_and_samples_changes_the_sample_count(runs, capsys, pattern_data):
     checkpoint = runs["stage0"] / "checkpoints" / "step00000006"
     report = _eval_json(capsys, runs["config0"], "--checkpoint", checkpoint, "--data", "b_val",
                         f"noise={pattern_data['noise']}")
     assert list(report["results"]) == ["b_val", "noise"]
     assert report["results"]["b_val"]["loss"] == pytest.approx(_evals(runs["stage0"])[6]["b_val"], rel=1e-6, abs=0)
     assert report["results"]["noise"]["loss"] > math.log(256) - 1  # random tokens stay near uniform
-    fewer = _eval_json(capsys, runs["config0"], "--checkpoint", checkpoint, "--data", "a_val", "--batches", "1")
-    assert fewer["batches"] == 1
+    fewer = _eval_json(capsys, runs["config0"], "--checkpoint", checkpoint, "--data", "a_val", "--samples", "3")
+    assert fewer["samples"] == 3 and fewer["results"]["a_val"]["tokens"] == 3 * 64
     assert fewer["results"]["a_val"]["loss"] != pytest.approx(_evals(runs["stage0"])[6]["a_val"])
 
 
@@ -109,17 +109,25 @@ def test_eval_refuses_a_missing_checkpoint_and_a_config_without_validation_sets(
 @pytest.mark.launcher
 @pytest.mark.parametrize("layout", ["tp2", "dp2"])
 def test_eval_under_the_launcher_equals_the_loops_evaluation(runs, tmp_path, layout):
-    """TP 2: the resharded step-6 weights. DP 2: two ranks of 2 micro-batches read the one process's 4."""
+    """TP 2: the resharded step-6 weights. DP 2: 5 samples in micro-batches of 2, dealt to two ranks (the
+    second also runs a forward it does not count), give one process's numbers on the same 5 samples."""
     out = tmp_path / "eval.json"
     if layout == "tp2":
         assert main(["reshard", "--checkpoint", str(runs["stage0"] / "checkpoints"), "--tp", "2", "--output",
                      str(tmp_path / "tp2")]) == 0
-        args, step = ["--checkpoint", str(tmp_path / "tp2"), "--set", "parallel.tensor=2"], 6
+        args = ["--checkpoint", str(tmp_path / "tp2"), "--set", "parallel.tensor=2"]
     else:
-        args, step = ["--checkpoint", str(runs["stage0"] / "checkpoints" / "step00000003"), "--batches", "2"], 3
+        args = ["--checkpoint", str(runs["stage0"] / "checkpoints" / "step00000003"), "--samples", "5"]
     assert_ok(deepspeed_launch(2, ["megacpt", "eval", runs["config0"], *args, "--json", str(out)]))
-    losses = {name: r["loss"] for name, r in json.loads(out.read_text())["results"].items()}
-    assert losses == pytest.approx(_evals(runs["stage0"])[step], rel=1e-5)
+    results = json.loads(out.read_text())["results"]
+    if layout == "tp2":
+        expected = {name: {"loss": loss, "tokens": 64 * 64} for name, loss in _evals(runs["stage0"])[6].items()}
+    else:
+        assert main(["eval", runs["config0"], *args, "--json", str(tmp_path / "one.json")]) == 0
+        expected = json.loads((tmp_path / "one.json").read_text())["results"]
+    for name, result in results.items():
+        assert result["loss"] == pytest.approx(expected[name]["loss"], rel=1e-5)
+        assert result["tokens"] == expected[name]["tokens"]
 
 
 # ------------------------------------------------------------------------------------ megacpt plot

@@ -26,6 +26,7 @@ def test_training_on_a_repeated_pattern_brings_the_loss_down(tmp_path, pattern_d
     assert last["tokens"] == 30 * 4 * 64 and last["samples"] == {"a": 30 * 4}
     evals = [r for r in records if "eval" in r]
     assert evals and evals[-1]["step"] == 30 and evals[-1]["eval"]["a_val"] < 1.5
+    assert evals[-1]["eval_tokens"] == {"a_val": 64 * 64}  # train.eval_samples' default of 64 sequences of 64
     resolved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert resolved["model"]["num_layers"] == 2  # preset expanded
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step00000030"

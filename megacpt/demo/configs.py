@@ -29,7 +29,7 @@ class DemoSize:
     stage0_steps: int
     stage1_steps: int
     evals_per_stage: int
-    eval_batches: int
+    eval_samples: int  # validation sequences per set per evaluation
     saves_per_stage: int  # checkpoints during a stage, so an interrupted stage resumes near where it stopped
     max_lr: float = 2e-3
     min_lr_ratio: float = 0.1  # cosine decays to 10% of the peak, as in both papers
@@ -39,10 +39,10 @@ class DemoSize:
 
 FULL = DemoSize(corpus_chars=None, vocab_size=2048, num_layers=4, hidden_size=192, num_attention_heads=6,
                 seq_length=128, global_batch_size=16, stage0_steps=300, stage1_steps=150, evals_per_stage=10,
-                eval_batches=4, saves_per_stage=3)
+                eval_samples=64, saves_per_stage=3)
 QUICK = DemoSize(corpus_chars=1_000_000, vocab_size=2048, num_layers=4, hidden_size=192, num_attention_heads=6,
                  seq_length=128, global_batch_size=8, stage0_steps=120, stage1_steps=60, evals_per_stage=5,
-                 eval_batches=2, saves_per_stage=1)
+                 eval_samples=16, saves_per_stage=1)
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def _base(paths: DemoPaths, size: DemoSize, run: str, steps: int, seed: int) -> 
         },
         "train": {"steps": steps, "global_batch_size": size.global_batch_size,
                   "micro_batch_size": size.global_batch_size, "seed": seed, "log_interval": 1,
-                  "eval_interval": _interval(steps, size.evals_per_stage), "eval_batches": size.eval_batches,
+                  "eval_interval": _interval(steps, size.evals_per_stage), "eval_samples": size.eval_samples,
                   "save_interval": _interval(steps, size.saves_per_stage + 1) if size.saves_per_stage else 0},
         "checkpoint": {"keep_last": 1},
     }

@@ -1,12 +1,13 @@
 """`megacpt eval CONFIG --checkpoint DIR`: loss and perplexity of a checkpoint on each validation set.
 
-The numbers are the training loop's own: the same validation datasets (same sample counts for the same
-data-parallel size), the same `validation_losses`, and the engine built and loaded by the loop's own code
-(`engine.build_engine`, then `checkpoint.plan_init` and `load_into_engine` as for a new stage on these
-weights), so parameter groups and precision (bf16 on GPU) cannot differ from training. Evaluating the checkpoint of
-step s gives exactly the `eval` record of step s in metrics.jsonl. One process or under the deepspeed
-launcher (tensor parallel as the config says, the rest data parallel). It trains nothing and writes no
-metrics; only the validation datasets' index cache is written (to the config's data cache, as training does).
+The numbers are the training loop's own: the same validation samples (train.eval_samples, or --samples,
+whatever the world size), the same `validation_losses`, and the engine built and loaded by the loop's own
+code (`engine.build_engine`, then `checkpoint.plan_init` and `load_into_engine` as for a new stage on these
+weights), so parameter groups and precision (bf16 on GPU) cannot differ from training. Evaluating the
+checkpoint of step s gives exactly the `eval` record of step s in metrics.jsonl. One process or under the
+deepspeed launcher (tensor parallel as the config says, the rest data parallel). It trains nothing and writes
+no metrics; only the validation datasets' index cache is written (to the config's data cache, as training
+does).
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="JSON run config (model, parallel, data.validation, train.micro_batch_size)")
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
                         help="a checkpoints folder (its `latest`) or one tag folder")
-    parser.add_argument("--batches", type=positive_int, metavar="N",
-                        help="micro-batches per validation set per data-parallel rank (default: train.eval_batches)")
+    parser.add_argument("--samples", type=positive_int, metavar="N",
+                        help="sequences per validation set, whatever the world size (default: train.eval_samples)")
     parser.add_argument("--data", nargs="+", metavar="NAME[=PREFIX]",
                         help="validation sets to evaluate instead of all of data.validation: NAME picks one of the "
                              "config's, NAME=PREFIX adds an indexed dataset")
@@ -37,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     config.data.validation = select_validation(config.data.validation, args.data)
-    if args.batches:
-        config.train.eval_batches = args.batches
+    if args.samples:
+        config.train.eval_samples = args.samples
     config.init = InitConfig(checkpoint=args.checkpoint)  # the weights only, as a new stage loads them
     plan = checkpoint.plan_init(config, key="--checkpoint")
     checkpoint.check_architecture(config, plan.state, plan.tag_dir)
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if results is not None:
         state = plan.state
         report = {"checkpoint": str(plan.tag_dir), "step": state.step, "tokens": state.tokens,
-                  "batches": config.train.eval_batches, "results": results}
+                  "samples": config.train.eval_samples, "results": results}
         print(format_report(report))
         if args.json:
             write_output(args.json, json.dumps(report, indent=1) + "\n", "--json")
@@ -98,19 +99,23 @@ def evaluate_checkpoint(config: RunConfig, plan: checkpoint.LoadPlan) -> dict[st
     engine, _, _ = build_engine(config, world)
     checkpoint.load_into_engine(engine, plan, world.rank)
     train = config.train
-    datasets = build_validation_datasets(config.data, train.eval_batches * train.micro_batch_size * world.data_size,
+    datasets = build_validation_datasets(config.data, train.eval_samples,
                                          config.model.seq_length, str(config.data_cache_dir), config.model.vocab_size,
                                          eod_id(config.tokenizer))
-    losses = validation_losses(engine, datasets, train.eval_batches, train.micro_batch_size, world.data_rank,
-                               world.data_size, world.device, parallel_state.get_data_parallel_group())
+    losses, tokens = validation_losses(engine, datasets, train.eval_samples, train.micro_batch_size,
+                                       world.data_rank, world.data_size, world.device,
+                                       parallel_state.get_data_parallel_group())
     if not world.is_main:
         return None
-    return {name: {"loss": loss, "perplexity": math.exp(loss)} for name, loss in losses.items()}
+    return {name: {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens[name]}
+            for name, loss in losses.items()}
 
 
 def format_report(report: dict) -> str:
-    rows = [(name, f"{r['loss']:.4f}", f"{r['perplexity']:.3f}") for name, r in report["results"].items()]
+    rows = [(name, f"{r['loss']:.4f}", f"{r['perplexity']:.3f}", f"{r['tokens']:,}")
+            for name, r in report["results"].items()]
     title = (f"checkpoint {report['checkpoint']} (step {report['step']}, {report['tokens']} tokens), "
-             f"{report['batches']} micro-batches per rank")
-    return title + "\n" + text_table(rows, ["validation set", "loss", "perplexity"], align=("left", "right", "right"))
+             f"{report['samples']} sequences per validation set")
+    return title + "\n" + text_table(rows, ["validation set", "loss", "perplexity", "tokens"],
+                                     align=("left", "right", "right", "right"))
 
