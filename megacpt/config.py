@@ -243,8 +243,8 @@ class TrainConfig(Section):
                                            description="Recompute each layer in the backward pass (megatron-core full "
                                                        "recompute).")
     max_skipped_steps: int = Field(10, gt=0,
-                                   description="Stop after this many consecutive steps with a non-finite loss or grad "
-                                               "norm.")
+                                   description="Stop after this many consecutive skipped steps (a non-finite loss or "
+                                               "grad norm, or an fp16 overflow).")
 
     @model_validator(mode="before")
     @classmethod

@@ -3,7 +3,8 @@
 DeepSpeed skips steps only for fp16 overflow. megacpt wraps the innermost optimizer's `step` (the torch
 AdamW that every DeepSpeed wrapper, ZeRO or not, finally calls) so that a non-finite loss or gradient on
 any rank leaves the weights and Adam's moments untouched on every rank. A skipped step still counts as a
-step of the stage: the schedule and the data move on, the model does not.
+step of the stage: the schedule and the data move on, the model does not. The loop counts DeepSpeed's
+fp16-overflow steps the same way (`count_skipped`): they consumed their batch too.
 
 The same one-element-per-question all-reduce also tells every rank whether any rank received a stop
 signal, so the loop needs no second collective (and no second host sync) per step.
@@ -35,6 +36,11 @@ class StepGuard:
             return torch.ones((), dtype=torch.bool, device=self.device)
         return torch.isfinite(torch.stack(torch._foreach_norm(grads)).to(self.device)).all()
 
+    def count_skipped(self) -> None:
+        """One more step without an update: skipped here, or by DeepSpeed on an fp16 overflow."""
+        self.skipped_in_a_row += 1
+        self.skipped_total += 1
+
     def _guarded_step(self, *args, **kwargs):
         ok = (self.loss_is_finite & self._gradients_finite()).float()
         stop = torch.tensor(1.0 if self.stop_requested() else 0.0, device=self.device)
@@ -43,8 +49,7 @@ class StepGuard:
         all_finite, minus_stop = flags.tolist()
         self.stop_agreed = minus_stop < 0
         if all_finite < 1:
-            self.skipped_in_a_row += 1
-            self.skipped_total += 1
+            self.count_skipped()
             return None
         self.skipped_in_a_row = 0
         return self._step(*args, **kwargs)

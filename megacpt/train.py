@@ -205,8 +205,7 @@ class TrainingLoop:
         start_t = self.start_t
         if start_t > 0:
             self.metrics.print(f"resuming stage {self.stages[-1].index} at step {start_t}/{cfg.steps}")
-        while self.scheduler.t < cfg.steps:
-            step = self.scheduler.t
+        for step in range(start_t, cfg.steps):  # the loop's own count: one global batch per step
             lr = self.scheduler.current_lr()
             loss = self.train_step()
             losses.append(loss)
@@ -222,10 +221,9 @@ class TrainingLoop:
             if diverged:
                 raise UserError(
                     f"{self.guard.skipped_in_a_row} consecutive steps up to step {done} had a non-finite loss or "
-                    f"gradient (train.max_skipped_steps = {cfg.max_skipped_steps}); stopping without saving. The last "
-                    f"good checkpoint in {checkpoint.checkpoint_dir(self.config.run_dir)} is kept; lower "
-                    "schedule.max_lr "
-                    f"or check the data")
+                    f"gradient or an fp16 overflow (train.max_skipped_steps = {cfg.max_skipped_steps}); stopping "
+                    f"without saving. The last good checkpoint in {checkpoint.checkpoint_dir(self.config.run_dir)} "
+                    "is kept; lower schedule.max_lr or check the data")
             if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.steps:
                 self.evaluate(done)
             stop = self.guard.stop_agreed  # every rank agrees (decided in the step's one all-reduce)
@@ -248,6 +246,11 @@ class TrainingLoop:
             if i == len(micro_batches) - 1:
                 self.guard.loss_is_finite = torch.isfinite(total)
             self.engine.step()
+        if not self.engine.was_step_applied():
+            # fp16 overflow: DeepSpeed skipped the update and the LR step, but the batch is consumed. The step
+            # counts as skipped, as a non-finite one does, and the schedule moves on with the data.
+            self.scheduler.step()
+            self.guard.count_skipped()
         return total / len(micro_batches)
 
     def evaluate(self, step: int) -> dict[str, float]:

@@ -240,6 +240,56 @@ def test_diverging_run_skips_non_finite_steps_then_stops_keeping_the_last_good_c
     assert read_state(tmp_path / "run" / "checkpoints" / good).step < train[-1]["step"]
 
 
+def _overflow_on(monkeypatch, calls: set[int]) -> None:
+    """DeepSpeed's fp16 overflow path, which this CPU cannot run in fp16: on the given optimizer-step calls the
+    optimizer sets `overflow` and leaves the weights alone, as DeepSpeed's fp16 optimizers do, and the engine
+    then skips the LR scheduler's step. Wrapped outside the step guard, as the fp16 optimizer wraps it."""
+    from megacpt.step_guard import StepGuard
+
+    real_init = StepGuard.__init__
+
+    def init(self, optimizer, *args, **kwargs):
+        real_init(self, optimizer, *args, **kwargs)
+        guarded, count = optimizer.step, [0]
+
+        def step(*a, **k):
+            count[0] += 1
+            optimizer.overflow = count[0] in calls
+            return None if optimizer.overflow else guarded(*a, **k)
+
+        optimizer.step = step
+
+    monkeypatch.setattr(StepGuard, "__init__", init)
+
+
+def test_fp16_overflow_steps_consume_their_batch_and_count_as_skipped(tmp_path, pattern_data, monkeypatch):
+    """Steps 3 and 4 overflow: every step 1..8 is logged once at its own LR, the stage reads exactly 8 global
+    batches, and the two steps count as skipped."""
+    from megacpt.config import ScheduleConfig
+    from megacpt.schedule import lr_at
+
+    schedule = {"style": "cosine", "max_lr": 3e-3, "min_lr": 3e-4, "warmup": 2}
+    config = _config(tmp_path, "run", pattern_data, train={"steps": 8, "save_interval": 0}, schedule=schedule)
+    _overflow_on(monkeypatch, {3, 4})
+    assert main(["train", write_config(tmp_path / "c.json", config)]) == 0
+    train = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert [r["lr"] for r in train] == [lr_at(ScheduleConfig(**schedule), 8, t) for t in range(8)]
+    assert [r["skipped_steps"] for r in train] == [0, 0, 1, 2, 2, 2, 2, 2]
+    assert sum(train[-1]["samples"].values()) == 8 * 8
+    state = read_state(tmp_path / "run" / "checkpoints" / "step00000008")
+    assert state.step == 8 and state.scheduler.t == 8 and state.data.consumed_samples == 8 * 8
+
+
+def test_consecutive_fp16_overflows_stop_with_a_clear_message(tmp_path, pattern_data, monkeypatch, capsys):
+    config = _config(tmp_path, "run", pattern_data, train={"steps": 8, "save_interval": 0, "max_skipped_steps": 3})
+    _overflow_on(monkeypatch, set(range(1, 9)))
+    assert main(["train", write_config(tmp_path / "c.json", config)]) == 2
+    err = capsys.readouterr().err
+    assert "3 consecutive steps up to step 3" in err and "fp16 overflow" in err
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1, 2, 3]
+
+
 def _optimizer_file_state(tag_dir: Path, zero: int) -> tuple[list[dict], list[tuple[torch.Tensor, ...]]]:
     """(param groups, [(flat fp32 params, exp_avg, exp_avg_sq, step) per group]) of a one-rank checkpoint."""
     if zero == 0:
