@@ -59,19 +59,56 @@ def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: 
     raise TimeoutError(f"no training record for step {step} in {run_dir} after {timeout} s")
 
 
+
+def signal_mask(pid: int, field: str) -> int:
+    """A signal set of process PID from /proc: field "SigBlk" (blocked) or "SigCgt" (caught by a handler)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def wait_for_signals(proc: subprocess.Popen, field: str, *signals: int, timeout: float = 60) -> None:
+    """Wait until PROC blocks (field "SigBlk") or catches ("SigCgt") all of SIGNALS, i.e. a signal sent now is
+    held or handled, not fatal."""
+    import time
+
+    bits = sum(1 << (sig - 1) for sig in signals)
+    deadline = time.monotonic() + timeout
+    while signal_mask(proc.pid, field) & bits != bits:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"process {proc.pid} never set {field} for {signals} (exit {proc.poll()})")
+        time.sleep(0.005)
+
+
+def signal_tree(pid: int, sig: int) -> None:
+    """Send SIG to PID and all its descendants, as SLURM signals every process of a job step (and as a test
+    cleans up: the launchers put the ranks in a process group of their own)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        try:
+            process.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
 HOLD_SIGNALS = Path(__file__).resolve().parents[1] / "launch" / "hold_signals.py"
 
 
 def start_held(args: list[str]) -> subprocess.Popen:
     """`python -m megacpt ARGS` started as the launch scripts start every rank: USR1 and TERM blocked
-    (launch/hold_signals.py) until `megacpt train` installs its handler. Returns once the blocking is in place
-    (the helper has exec'ed Python on megacpt), so a signal sent now is held, not fatal."""
-    import time
+    (launch/hold_signals.py) until `megacpt train` installs its handler. Returns once they are blocked, so a
+    signal sent now is held, not fatal."""
+    import signal
 
     proc = subprocess.Popen([sys.executable, str(HOLD_SIGNALS), "USR1,TERM", sys.executable, "-m", "megacpt", *args],
                             env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    cmdline = Path(f"/proc/{proc.pid}/cmdline")
-    while proc.poll() is None and b"megacpt" not in cmdline.read_bytes().split(b"\0")[:3]:
-        time.sleep(0.005)
+    wait_for_signals(proc, "SigBlk", signal.SIGUSR1, signal.SIGTERM)
     return proc

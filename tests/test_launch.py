@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from datagen import read_metrics, tiny_config, write_config
-from launch import assert_ok, clean_env, free_port, wait_for_step
+from launch import assert_ok, clean_env, free_port, signal_tree, wait_for_signals, wait_for_step
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 TEN_B = "configs/ibrahim_10b_cpt_cosine.json"
+SMALL = str(REPO / "configs/gupta_pythia410m_cpt_lr3e-4.json")
 
 FAKE_SCONTROL = """#!/bin/sh
 # scontrol for tests: logs its arguments; `show hostnames LIST` prints $FAKE_HOSTS one a line.
@@ -36,7 +37,7 @@ while args[0].startswith("--"):
         nodes = int(value)
     elif key in ("--ntasks-per-node", "--ntasks"):
         per_node = int(value)
-    else:
+    elif key != "--cpus-per-task":
         sys.exit("fake srun: unexpected option " + key)
 tasks = [subprocess.Popen(args, env=dict(os.environ, SLURM_NODEID=str(n), SLURM_LOCALID=str(t),
                                          SLURM_PROCID=str(n * per_node + t), SLURM_NTASKS=str(nodes * per_node),
@@ -47,7 +48,7 @@ sys.exit(max(task.wait() for task in tasks))
 
 # What the scripts read besides SLURM's own variables; none may leak in from the environment of the tests.
 SCRIPT_KNOBS = ("GPUS_PER_NODE", "HOSTFILE", "GPU_MEMORY_GB", "PYTHON", "DEEPSPEED", "NO_SSH", "MEGACPT_DRY_RUN",
-                "MEGACPT_LAUNCH_DIR")
+                "MEGACPT_LAUNCH_DIR", "STOP_FORWARD_DELAY")
 
 
 def script_env(**extra: str) -> dict:
@@ -63,9 +64,10 @@ def slurm_env(tmp_path: Path, hosts: list[str], gpus_per_node: int, **extra: str
     for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    env = script_env(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu-node-[01-02]", SLURM_SUBMIT_DIR=str(REPO),
-                     FAKE_HOSTS=" ".join(hosts), FAKE_SLURM_LOG=str(tmp_path / "scontrol.log"),
-                     GPUS_PER_NODE=str(gpus_per_node), HOSTFILE=str(tmp_path / "hostfile"), **extra)
+    env = script_env(**{"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu-node-[01-02]", "SLURM_SUBMIT_DIR": str(REPO),
+                        "FAKE_HOSTS": " ".join(hosts), "FAKE_SLURM_LOG": str(tmp_path / "scontrol.log"),
+                        "SLURM_CPUS_ON_NODE": "16", "GPUS_PER_NODE": str(gpus_per_node),
+                        "HOSTFILE": str(tmp_path / "hostfile"), **extra})
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     return env
 
@@ -86,14 +88,15 @@ HOSTS = ["gpu-node-01", "gpu-node-02"]
 ARGS = [TEN_B, "--set", "train.steps=10"]
 FORMS = {
     "one launcher over ssh": ("slurm_deepspeed.sbatch", {}, (
-        "srun --nodes=1 --ntasks=1 {launch}/deepspeed.sh --hostfile {hostfile} --master_addr gpu-node-01 "
-        "--master_port 24242 --module megacpt train configs/ibrahim_10b_cpt_cosine.json --set train.steps=10")),
-    "one launcher per node": ("slurm_deepspeed.sbatch", {"NO_SSH": "1"}, (
-        "srun --nodes=2 --ntasks-per-node=1 {launch}/deepspeed.sh --hostfile {hostfile} --master_addr gpu-node-01 "
-        "--master_port 24242 --no_ssh --module megacpt train configs/ibrahim_10b_cpt_cosine.json "
+        "srun --nodes=1 --ntasks=1 --cpus-per-task=16 {launch}/deepspeed.sh --hostfile {hostfile} --master_addr "
+        "gpu-node-01 --master_port 24242 --module megacpt train configs/ibrahim_10b_cpt_cosine.json "
         "--set train.steps=10")),
+    "one launcher per node": ("slurm_deepspeed.sbatch", {"NO_SSH": "1"}, (
+        "srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=16 {launch}/deepspeed.sh --hostfile {hostfile} "
+        "--master_addr gpu-node-01 --master_port 24242 --no_ssh --module megacpt train "
+        "configs/ibrahim_10b_cpt_cosine.json --set train.steps=10")),
     "one task per gpu": ("slurm_srun_tasks.sbatch", {}, (
-        "srun --nodes=2 --ntasks-per-node=8 {launch}/task.sh configs/ibrahim_10b_cpt_cosine.json "
+        "srun --nodes=2 --ntasks-per-node=8 --cpus-per-task=2 {launch}/task.sh configs/ibrahim_10b_cpt_cosine.json "
         "--set train.steps=10")),
 }
 
@@ -106,7 +109,7 @@ def test_slurm_script_writes_the_hostfile_and_assembles_the_exact_command(tmp_pa
     hostfile = tmp_path / "hostfile"
     assert dry_run_lines(result) == ["would run: " + command.format(launch=LAUNCH, hostfile=hostfile)]
     assert (tmp_path / "scontrol.log").read_text() == "show hostnames gpu-node-[01-02]\n"
-    assert ("megacpt launch: job 4242 on 2 node(s) x 8 GPUs (gpu-node-01 gpu-node-02), "
+    assert ("megacpt launch: job 4242 on 2 node(s) x 8 ranks, 16 CPUs each node (gpu-node-01 gpu-node-02), "
             "master gpu-node-01:24242") in result.stdout
     assert "2 nodes x 8 GPUs = 16" in result.stdout  # the preflight plan ran on this cluster
     if script == "slurm_deepspeed.sbatch":
@@ -124,6 +127,45 @@ def test_slurm_script_refuses_a_bad_allocation_before_launching(tmp_path, script
     assert not dry_run_lines(result) and "Traceback" not in result.stderr
     for word in words:
         assert word in result.stderr
+
+
+def test_one_node_needs_no_ssh_and_the_hostfile_leaves_no_trace(tmp_path):
+    """On one node the deepspeed script runs the launcher with --no_ssh (DeepSpeed would otherwise check the
+    host over ssh), with all the node's CPUs; its hostfile goes to TMPDIR, not the submit directory, and is
+    gone when the script ends."""
+    submit_dir, tmpdir = tmp_path / "submit", tmp_path / "tmp"
+    submit_dir.mkdir(), tmpdir.mkdir()
+    env = slurm_env(tmp_path, ["node-a"], 2, MEGACPT_DRY_RUN="1", TMPDIR=str(tmpdir), SLURM_CPUS_ON_NODE="6")
+    del env["HOSTFILE"]
+    result = sbatch("slurm_deepspeed.sbatch", [SMALL], env, cwd=submit_dir)
+    assert_ok(result)
+    assert dry_run_lines(result) == [
+        f"would run: srun --nodes=1 --ntasks-per-node=1 --cpus-per-task=6 {LAUNCH}/deepspeed.sh --hostfile "
+        f"{tmpdir}/megacpt-hostfile-4242 --master_addr node-a --master_port 24242 --no_ssh --module megacpt train "
+        f"{SMALL}"]
+    assert not any(submit_dir.iterdir()) and not any(tmpdir.iterdir())
+
+
+@pytest.mark.parametrize("script, extra, words", [
+    ("slurm_srun_tasks.sbatch", {"SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_ON_NODE": "4"},
+     ["would run: srun --nodes=1 --ntasks-per-node=2 --cpus-per-task=2 "]),
+    ("slurm_srun_tasks.sbatch", {"SLURM_NTASKS_PER_NODE": "2", "SLURM_GPUS_ON_NODE": "4"},
+     ["would run: srun --nodes=1 --ntasks-per-node=4 --cpus-per-task=4 "]),
+    ("slurm_deepspeed.sbatch", {"SLURM_NTASKS_PER_NODE": "1"},
+     ["GPUS_PER_NODE is ''; set it", "on a partition without GPUs the CPU processes"]),
+    ("slurm_srun_tasks.sbatch", {"SLURM_NTASKS_PER_NODE": "32"}, ["32 ranks per node but only 16 CPUs each node"]),
+])
+def test_ranks_per_node_without_gpus(tmp_path, script, extra, words):
+    """A partition without GPUs: the per-task script runs the job's tasks per node, each with its share of the
+    CPUs (GPUs, when the job has them, decide instead); the deepspeed script asks for GPUS_PER_NODE."""
+    env = slurm_env(tmp_path, ["node-a"], 0, MEGACPT_DRY_RUN="1", **extra)
+    del env["GPUS_PER_NODE"]
+    result = sbatch(script, [SMALL], env)
+    assert "Traceback" not in result.stderr
+    output = result.stdout + result.stderr
+    for word in words:
+        assert word in output
+    assert result.returncode == (0 if words[0].startswith("would run") else 2), output[-3000:]
 
 
 def test_slurm_script_outside_a_job_is_an_error(tmp_path):
@@ -222,23 +264,65 @@ def test_one_srun_task_per_gpu_trains_like_one_node(tmp_path, make_config, one_n
     cpu_threads_each(result.stdout + result.stderr, 2)
 
 
-@pytest.mark.launcher
-def test_usr1_to_the_launcher_group_checkpoints_and_exits_0(make_config):
-    """USR1 to the whole process group, as SLURM's --signal sends it to a job step: the launchers ignore it,
-    the ranks finish their step, save and exit 0 (resuming from that checkpoint is test_checkpoint.py's)."""
-    steps = 40
-    config = make_config("signal", steps=steps)
-    run_dir = Path(json.loads(Path(config).read_text())["run_dir"])
+def start_local(config: str) -> subprocess.Popen:
+    """launch/local.sh 2 CONFIG in a session of its own, once it catches the stop signals (a signal sent
+    earlier would find bash with its default action)."""
     run = subprocess.Popen([str(LAUNCH / "local.sh"), "2", config], env=script_env(MASTER_PORT=str(free_port())),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for_signals(run, "SigCgt", signal.SIGUSR1, signal.SIGTERM)
+    return run
+
+
+def finish(run: subprocess.Popen) -> str:
     try:
-        wait_for_step(run_dir, 2, run)
-        os.killpg(run.pid, signal.SIGUSR1)
-        output, _ = run.communicate(timeout=300)
+        return run.communicate(timeout=600)[0]
     finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
+        signal_tree(run.pid, signal.SIGKILL)
+
+
+def per_step_losses(config_path: str) -> dict[int, float]:
+    """The loss of each step; a resumed run logs again the steps after its checkpoint, the last record wins."""
+    run_dir = json.loads(Path(config_path).read_text())["run_dir"]
+    return {record["step"]: record["loss"] for record in read_metrics(run_dir) if "loss" in record}
+
+
+@pytest.mark.launcher
+@pytest.mark.parametrize("sig, to_all", [(signal.SIGUSR1, True), (signal.SIGTERM, False)],
+                         ids=["USR1 to every process", "TERM to the launcher"])
+def test_a_stop_to_the_launcher_checkpoints_exits_0_and_the_rerun_continues_exactly(make_config, one_node_losses,
+                                                                                    sig, to_all):
+    """USR1 to every process of the launch (as SLURM signals a job step), or TERM to the launcher alone
+    (`kill PID`; DeepSpeed's runner would die of it and leave the ranks training): the deepspeed launcher's
+    processes do not act on it, the ranks finish their step, save and exit 0, everything exits 0, and running
+    the same command again continues exactly as the uninterrupted run."""
+    config = make_config(f"stop_{sig.name}")
+    run_dir = Path(json.loads(Path(config).read_text())["run_dir"])
+    run = start_local(config)
+    wait_for_step(run_dir, 1, run)
+    (signal_tree if to_all else os.kill)(run.pid, sig)
+    output = finish(run)
     assert run.returncode == 0, output[-4000:]
     stopped_at = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step"))
-    assert 2 <= stopped_at < steps
-    assert max(r["step"] for r in read_metrics(run_dir) if "loss" in r) == stopped_at
+    assert 1 <= stopped_at < len(one_node_losses) and f"saved a checkpoint at step {stopped_at}, exiting" in output
+    assert max(per_step_losses(config)) == stopped_at
+    output = finish(start_local(config))
+    assert f"resuming stage 0 at step {stopped_at}/" in output
+    assert list(per_step_losses(config).values()) == one_node_losses
+
+
+@pytest.mark.launcher
+def test_a_stop_before_the_ranks_exist_reaches_them_and_ends_the_run_before_its_first_step(make_config,
+                                                                                           one_node_losses):
+    """USR1 to the launcher as it starts, before any rank is forked: launch/deepspeed.sh passes it on until
+    the launcher exits, the ranks hold it until their handler is installed, and the run stops before its first
+    step with exit 0 and nothing saved; the same command then trains exactly like an undisturbed run."""
+    config = make_config("startup")
+    run_dir = Path(json.loads(Path(config).read_text())["run_dir"])
+    run = start_local(config)
+    os.kill(run.pid, signal.SIGUSR1)
+    output = finish(run)
+    assert run.returncode == 0, output[-4000:]
+    assert "before step 1, the first of this run: no step trained, nothing new to save" in output
+    assert not (run_dir / "checkpoints").exists()
+    assert_ok_output = finish(start_local(config))
+    assert list(per_step_losses(config).values()) == one_node_losses, assert_ok_output[-3000:]
