@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from megacpt.stages import read_state
+
 from datagen import read_metrics, tiny_config, write_config
 from launch import assert_ok, clean_env, free_port, wait_for_step
 
@@ -211,7 +213,7 @@ def stopped_at(config: str) -> int:
     checkpoints = run_dir(config) / "checkpoints"
     tag = checkpoints / (checkpoints / "latest").read_text().strip()
     step = int(tag.name.removeprefix("step"))
-    assert json.loads((tag / "megacpt_state.json").read_text())["step"] == step
+    assert read_state(tag).step == step
     assert (tag / "mp_rank_00_model_states.pt").is_file()
     return step
 
