@@ -68,7 +68,7 @@ preflight() {
 
 # The launch, in the background, so that this shell can wait for it and take a stop meanwhile: a USR1 or TERM
 # of its own (`--signal=B:USR1@...`, `scancel --batch --signal=USR1`) becomes USR1 to srun, which forwards it
-# to every process of the job step (launch/stop_signals.sh). Not TERM: srun answers TERM by killing the step.
+# to every process of the job step (launch/stop_signals.sh). Not TERM: srun takes it as an order to end the step.
 # The TERM of scancel, a requeue or the time limit reaches the job step from SLURM itself. A stop that comes
 # before srun has run for STOP_FORWARD_DELAY seconds (default 3) waits until then: srun would deliver it the
 # moment the step's tasks start, before their shells have set the traps that make them survive it.
