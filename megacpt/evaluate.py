@@ -3,8 +3,11 @@ numbers of continual pretraining. Shared by the training loop and `megacpt eval`
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from megacpt.data.datasets import validation_bytes
 from megacpt.data.loader import collate
 
 
@@ -49,3 +52,19 @@ def validation_losses(model, datasets: dict, num_samples: int, micro_batch_size:
         tokens[name] = int(sums[1].item())
     model.train(was_training)
     return losses, tokens
+
+
+def bits_per_byte(losses: dict[str, float], datasets: dict, num_samples: int) -> dict[str, float]:
+    """Bits per byte of each validation set whose data records document bytes (PREFIX.bytes.npy).
+
+    The summed loss of the evaluated tokens in nats over ln 2 x the bytes of the text they encode: a number
+    that does not depend on the tokenizer, so models with different tokenizers compare on the same text.
+    `losses` are per-token means over the same `num_samples` samples (every label token counts).
+    """
+    out = {}
+    for name, loss in losses.items():
+        counted = validation_bytes(datasets[name], num_samples)
+        if counted is not None:
+            tokens, size = counted
+            out[name] = loss * tokens / (math.log(2) * size)
+    return out

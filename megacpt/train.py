@@ -20,7 +20,7 @@ from megacpt import checkpoint
 from megacpt.cli_helpers import add_set_argument
 from megacpt.config import RunConfig, dump_config, load_config
 from megacpt.errors import UserError
-from megacpt.evaluate import micro_batch_loss, validation_losses
+from megacpt.evaluate import bits_per_byte, micro_batch_loss, validation_losses
 from megacpt.metrics import MetricsWriter, Throughput, format_duration
 from megacpt.stages import (
     CheckpointState,
@@ -258,9 +258,11 @@ class TrainingLoop:
                                             self.config.train.micro_batch_size, self.world.data_rank,
                                             self.world.data_size, self.world.device, _dp_group())
         if results:
+            bpb = bits_per_byte(results, self.val_data, self.config.train.eval_samples)
             self.metrics.write({"step": step, "stage": self.stages[-1].index, "tokens": self.total_tokens(),
-                                "eval": results, "eval_tokens": tokens})
-            self.metrics.print(f"eval step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+                                "eval": results, "eval_tokens": tokens, **({"eval_bpb": bpb} if bpb else {})})
+            self.metrics.print(f"eval step {step}: " + "  ".join(
+                f"{k} {v:.4f}" + (f" ({bpb[k]:.4f} bits/byte)" if k in bpb else "") for k, v in results.items()))
         return results
 
     def log_train(self, step: int, lr: float, loss: float, grad_norm, throughput: Throughput, start_t: int) -> None:

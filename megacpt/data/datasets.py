@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megacpt.config import DataConfig
+from megacpt.data.documents import DOCUMENT_BYTES_SUFFIX
 from megacpt.errors import UserError
 from megacpt.stages import StageRecord, TrainedStage
 
@@ -216,3 +217,36 @@ def build_validation_datasets(data: DataConfig, num_samples: int, seq_length: in
         config = _gpt_config(([val.prefix], None), seq_length, data.seed, cache_dir, vocab_size, eod)
         out[val.name] = _build(config, num_samples)
     return out
+
+
+def validation_bytes(dataset, num_samples: int) -> tuple[int, float] | None:
+    """(label tokens, UTF-8 bytes of the text they encode) of samples 0..num_samples-1 of a validation GPTDataset,
+    or None when its data has no PREFIX.bytes.npy (preprocessed before megacpt recorded bytes).
+
+    A sample is a window of seq_length + 1 tokens across documents; its seq_length labels are all of it but the
+    first token. Each label token is counted as its document's bytes per token (document bytes / document
+    tokens), so the bytes of a sample are exact for every document the evaluated samples hold entirely and a
+    document-average share for a document cut by a window edge: exact in total when windows tile whole
+    documents, and within the byte-per-token variation inside a document otherwise.
+    """
+    path = dataset.dataset.path_prefix + DOCUMENT_BYTES_SUFFIX
+    if not os.path.isfile(path):
+        return None
+    doc_bytes = np.load(path)
+    doc_tokens = dataset.dataset.sequence_lengths
+    if len(doc_bytes) != len(doc_tokens):
+        raise UserError(f"{path} has {len(doc_bytes)} documents, {dataset.dataset.path_prefix}.idx has "
+                        f"{len(doc_tokens)}; preprocess the data again")
+    per_token = doc_bytes / np.maximum(doc_tokens, 1)
+    documents, samples = dataset.document_index, dataset.sample_index
+    tokens, size = 0, 0.0
+    for i in range(num_samples):
+        j = dataset.shuffle_index[i]
+        (first, first_offset), (last, last_offset) = samples[j], samples[j + 1]
+        for k in range(first, last + 1):
+            doc = documents[k]
+            start = first_offset + 1 if k == first else 0  # the window's first token is no label
+            stop = last_offset + 1 if k == last else doc_tokens[doc]
+            tokens += int(stop - start)
+            size += (stop - start) * per_token[doc]
+    return tokens, size

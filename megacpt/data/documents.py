@@ -26,6 +26,9 @@ except ImportError:
     zstandard = None
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+# PREFIX.bytes.npy beside a dataset's PREFIX.bin/.idx: the UTF-8 bytes of each document's text (int64), written by
+# `megacpt preprocess` so that validation can report bits per byte.
+DOCUMENT_BYTES_SUFFIX = ".bytes.npy"
 TEXT_SUFFIXES = (".txt",)
 _READ_ERRORS = (OSError, EOFError, zlib.error) + ((zstandard.ZstdError,) if zstandard else ())
 

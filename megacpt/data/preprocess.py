@@ -1,5 +1,7 @@
 """`megacpt preprocess`: tokenize jsonl/txt documents into a Megatron indexed dataset (PREFIX.bin / PREFIX.idx).
 
+Beside them, PREFIX.bytes.npy holds the UTF-8 bytes of each written document's text, for bits per byte.
+
 Reading is documents.py's job and tokenizing tokenizers.py's; this module runs the tokenizer over a pool of
 worker processes and writes through megatron-core's `IndexedDatasetBuilder`, one indexed document per input
 document, in input order whatever the worker count. A document that tokenizes to nothing is skipped and
@@ -23,7 +25,7 @@ import numpy as np
 
 from megacpt.cli_helpers import positive_int
 from megacpt.config import TokenizerConfig
-from megacpt.data.documents import iter_documents
+from megacpt.data.documents import DOCUMENT_BYTES_SUFFIX, iter_documents
 from megacpt.data.output_files import atomic_outputs
 from megacpt.data.tokenizers import Tokenizer, build_tokenizer
 from megacpt.errors import UserError
@@ -40,7 +42,7 @@ class PreprocessResult:
     empty_skipped: int
     tokens: int
     seconds: float
-    files: tuple[str, str]
+    files: tuple[str, ...]  # PREFIX.bin, PREFIX.bytes.npy, PREFIX.idx
 
     @property
     def tokens_per_s(self) -> float:
@@ -49,7 +51,7 @@ class PreprocessResult:
     def summary(self) -> str:
         skipped = f"; skipped {self.empty_skipped:,} empty documents" if self.empty_skipped else ""
         return (f"preprocess: wrote {self.documents:,} documents, {self.tokens:,} tokens in {self.seconds:.1f} s "
-                f"({self.tokens_per_s:,.0f} tokens/s) to {self.files[0]} and {self.files[1]}{skipped}")
+                f"({self.tokens_per_s:,.0f} tokens/s) to {', '.join(self.files)}{skipped}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer-type", required=True, choices=["sentencepiece", "hf", "byte"])
     parser.add_argument("--tokenizer-model", metavar="PATH",
                         help="the .model file (sentencepiece) or tokenizer.json (hf); not used by byte")
-    parser.add_argument("--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
+    parser.add_argument("--output-prefix", required=True, metavar="PREFIX",
+                        help="writes PREFIX.bin, PREFIX.idx and PREFIX.bytes.npy")
     parser.add_argument("--workers", type=positive_int, default=1, metavar="N",
                         help="tokenizer processes; 1 tokenizes in this process (default)")
     parser.add_argument("--json-key", default="text", metavar="KEY",
@@ -110,34 +113,41 @@ def preprocess(
     Inputs, tokenizer and outputs are checked first."""
     texts = iter_documents(inputs, json_key)
     tokenizer = build_tokenizer(tokenizer_config)
-    with atomic_outputs(output_prefix, (".bin", ".idx"), overwrite) as temp_prefix:
+    with atomic_outputs(output_prefix, (".bin", DOCUMENT_BYTES_SUFFIX, ".idx"), overwrite) as temp_prefix:
         optimal_dtype, builder_class = _megatron_builder()
         encoder = _DocumentEncoder(tokenizer, append_eod, optimal_dtype(tokenizer.vocab_size))
         print(f"preprocess: {tokenizer.describe()}; {np.dtype(encoder.dtype).name} tokens; {workers} worker(s)",
               file=log, flush=True)
         start = time.monotonic()
         builder = builder_class(temp_prefix + ".bin", dtype=encoder.dtype)
-        with _encoded(texts, encoder, tokenizer_config, workers) as arrays:
-            documents, empty, tokens = _add_documents(builder, arrays, start, log)
+        with _encoded(texts, encoder, tokenizer_config, workers) as encoded:
+            documents, empty, tokens, sizes = _add_documents(builder, encoded, start, log)
         if documents == 0:
             inputs_text = ", ".join(map(str, inputs))
             raise UserError(f"no documents to write: all {empty} documents of {inputs_text} are empty after "
                             "tokenization"
                             if empty else f"no documents in {inputs_text}")
+        np.save(temp_prefix + DOCUMENT_BYTES_SUFFIX, np.asarray(sizes, dtype=np.int64))
         builder.finalize(temp_prefix + ".idx")
     seconds = time.monotonic() - start
-    return PreprocessResult(documents, empty, tokens, seconds, (output_prefix + ".bin", output_prefix + ".idx"))
+    return PreprocessResult(documents, empty, tokens, seconds,
+                            tuple(output_prefix + suffix for suffix in (".bin", DOCUMENT_BYTES_SUFFIX, ".idx")))
 
 
-def _add_documents(builder, arrays: Iterable[np.ndarray], start: float, log: TextIO) -> tuple[int, int, int]:
-    """Add each non-empty array as one document, reporting progress; returns (documents, empty skipped, tokens)."""
+def _add_documents(builder, encoded: Iterable[tuple[np.ndarray, int]], start: float,
+                   log: TextIO) -> tuple[int, int, int, list[int]]:
+    """Add each non-empty array as one document, reporting progress.
+
+    Returns (documents, empty skipped, tokens, UTF-8 bytes of each written document's text)."""
     documents = empty = tokens = 0
+    sizes = []
     next_report = start + PROGRESS_SECONDS
-    for array in arrays:
+    for array, size in encoded:
         if array.size == 0:
             empty += 1
             continue
         builder.add_document(array, [array.size])
+        sizes.append(size)
         documents += 1
         tokens += array.size
         now = time.monotonic()
@@ -145,7 +155,7 @@ def _add_documents(builder, arrays: Iterable[np.ndarray], start: float, log: Tex
             next_report = now + PROGRESS_SECONDS
             print(f"preprocess: {documents:,} documents, {tokens:,} tokens, {tokens / (now - start):,.0f} tokens/s",
                   file=log, flush=True)
-    return documents, empty, tokens
+    return documents, empty, tokens, sizes
 
 
 class _DocumentEncoder:
@@ -156,17 +166,18 @@ class _DocumentEncoder:
         self.append_eod = append_eod
         self.dtype = dtype
 
-    def __call__(self, text: str) -> np.ndarray:
+    def __call__(self, text: str) -> tuple[np.ndarray, int]:
+        """The document's token array and the UTF-8 bytes of its text."""
         ids = self.tokenizer.encode(text)
         if ids and self.append_eod:
             ids = [*ids, self.tokenizer.eod_id]
-        return np.asarray(ids, dtype=self.dtype)
+        return np.asarray(ids, dtype=self.dtype), len(text.encode("utf-8"))
 
 
 @contextmanager
 def _encoded(texts: Iterable[str], encoder: _DocumentEncoder, config: TokenizerConfig,
-             workers: int) -> Iterator[Iterator[np.ndarray]]:
-    """Token arrays of `texts` in input order: in this process, or from a pool of `workers` processes.
+             workers: int) -> Iterator[Iterator[tuple[np.ndarray, int]]]:
+    """(token array, bytes) of `texts` in input order: in this process, or from a pool of `workers` processes.
 
     Workers are spawned, not forked: the parent has torch and its threads loaded by now, and a spawned worker
     imports only the tokenizer. Each builds its own tokenizer from `config`.
@@ -189,7 +200,7 @@ def _start_worker(config: TokenizerConfig, append_eod: bool, dtype: type[np.numb
     _worker_encoder = _DocumentEncoder(build_tokenizer(config), append_eod, dtype)
 
 
-def _encode_in_worker(text: str) -> np.ndarray:
+def _encode_in_worker(text: str) -> tuple[np.ndarray, int]:
     return _worker_encoder(text)
 
 

@@ -1,4 +1,4 @@
-"""`megacpt eval CONFIG --checkpoint DIR`: loss and perplexity of a checkpoint on each validation set.
+"""`megacpt eval CONFIG --checkpoint DIR`: loss, perplexity and bits per byte of a checkpoint on each validation set.
 
 The numbers are the training loop's own: the same validation samples (train.eval_samples, or --samples,
 whatever the world size), the same `validation_losses`, and the engine built and loaded by the loop's own
@@ -93,7 +93,7 @@ def evaluate_checkpoint(config: RunConfig, plan: checkpoint.LoadPlan) -> dict[st
     from megacpt.data.tokenizers import eod_id
     from megacpt.distributed import setup_world
     from megacpt.engine import build_engine
-    from megacpt.evaluate import validation_losses
+    from megacpt.evaluate import bits_per_byte, validation_losses
 
     world = setup_world(config.parallel.tensor, config.train.seed)
     engine, _, _ = build_engine(config, world)
@@ -107,15 +107,17 @@ def evaluate_checkpoint(config: RunConfig, plan: checkpoint.LoadPlan) -> dict[st
                                        parallel_state.get_data_parallel_group())
     if not world.is_main:
         return None
-    return {name: {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens[name]}
+    bpb = bits_per_byte(losses, datasets, train.eval_samples)
+    return {name: {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens[name],
+                   **({"bpb": bpb[name]} if name in bpb else {})}
             for name, loss in losses.items()}
 
 
 def format_report(report: dict) -> str:
-    rows = [(name, f"{r['loss']:.4f}", f"{r['perplexity']:.3f}", f"{r['tokens']:,}")
-            for name, r in report["results"].items()]
+    rows = [(name, f"{r['loss']:.4f}", f"{r['perplexity']:.3f}", f"{r['tokens']:,}",
+             f"{r['bpb']:.4f}" if "bpb" in r else "-") for name, r in report["results"].items()]
     title = (f"checkpoint {report['checkpoint']} (step {report['step']}, {report['tokens']} tokens), "
              f"{report['samples']} sequences per validation set")
-    return title + "\n" + text_table(rows, ["validation set", "loss", "perplexity", "tokens"],
-                                     align=("left", "right", "right", "right"))
+    return title + "\n" + text_table(rows, ["validation set", "loss", "perplexity", "tokens", "bits/byte"],
+                                     align=("left", "right", "right", "right", "right"))
 

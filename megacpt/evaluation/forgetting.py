@@ -22,26 +22,30 @@ def validation_names(histories: dict[str, list[StageRun]]) -> list[str]:
     return list(names)
 
 
-def final_and_change(stages: list[StageRun], name: str) -> tuple[float | None, float | None]:
-    """The run's last loss on `name` and its change since the stage began (None where unknown)."""
-    own = [r["eval"][name] for r in stages[-1].evals if name in r["eval"]]
-    before = [r["eval"][name] for s in stages[:-1] for r in s.evals if name in r["eval"]]
+def final_and_change(stages: list[StageRun], name: str, key: str = "eval") -> tuple[float | None, float | None]:
+    """The run's last loss on `name` and its change since the stage began (None where unknown); `key`
+    "eval_bpb" gives bits per byte instead of loss per token."""
+    own = [r[key][name] for r in stages[-1].evals if name in r.get(key, {})]
+    before = [r[key][name] for s in stages[:-1] for r in s.evals if name in r.get(key, {})]
     final = own[-1] if own else None
     change = final - before[-1] if final is not None and before else None
     return final, change
 
 
 def forgetting_table(histories: dict[str, list[StageRun]]) -> str:
-    """Rows: validation sets; columns: runs; cells: final loss (change since the stage began)."""
+    """Rows: validation sets (loss per token, then bits per byte where the data records bytes); columns: runs;
+    cells: final value (change since the stage began)."""
     names = validation_names(histories)
     header = ["validation set"] + list(histories)
     rows = []
-    for name in names:
-        cells = [name]
-        for stages in histories.values():
-            final, change = final_and_change(stages, name)
-            cells.append("-" if final is None else f"{final:.4f}" + ("" if change is None else f" ({change:+.4f})"))
-        rows.append(cells)
+    for key, suffix in (("eval", ""), ("eval_bpb", " bits/byte")):
+        for name in names:
+            cells = [name + suffix]
+            for stages in histories.values():
+                final, change = final_and_change(stages, name, key)
+                cells.append("-" if final is None else f"{final:.4f}" + ("" if change is None else f" ({change:+.4f})"))
+            if key == "eval" or any(cell != "-" for cell in cells[1:]):
+                rows.append(cells)
     tokens = ["tokens"] + [_last_tokens(stages) for stages in histories.values()]
     return text_table([tokens, *rows], headers=header)
 
