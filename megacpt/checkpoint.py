@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
+from megacpt import elastic
 from megacpt.config import InitConfig, RunConfig
+from megacpt.elastic import Layout
 from megacpt.errors import ConfigError, UserError
 from megacpt.files import write_atomic
 from megacpt.stages import (
@@ -58,14 +60,20 @@ def resolve_tag(path: str | Path, key: str = "init.checkpoint") -> Path:
                     f"'{LATEST}')")
 
 
-def check_architecture(config: RunConfig, state: CheckpointState, tag_dir: Path) -> None:
-    """A readable error when the checkpoint's model differs from the config's (instead of a tensor-copy trace)."""
+LAYOUT_KEYS = ("padded_vocab_size", "tensor_parallel")
+
+
+def check_architecture(config: RunConfig, state: CheckpointState, tag_dir: Path, other_layout: bool = False) -> None:
+    """A readable error when the checkpoint's model differs from the config's (instead of a tensor-copy trace).
+
+    `other_layout`: the load goes through the universal form (elastic.py), which changes tensor parallelism."""
     saved = state.model.model_dump()
     wanted = ModelSignature.of(config.model, config.parallel.tensor).model_dump()
-    diffs = [f"{k}: checkpoint {saved[k]} vs config {v}" for k, v in wanted.items() if saved[k] != v]
+    diffs = [f"{k}: checkpoint {saved[k]} vs config {v}" for k, v in wanted.items()
+             if saved[k] != v and not (other_layout and k in LAYOUT_KEYS)]
     if diffs:
         tp_differs = saved["tensor_parallel"] != wanted["tensor_parallel"]
-        hint = " (change the TP degree with `megacpt reshard`)" if tp_differs else ""
+        hint = " (without optimizer state, change the TP degree with `megacpt reshard`)" if tp_differs else ""
         raise UserError(f"checkpoint {tag_dir} does not match the config's model: {'; '.join(diffs)}{hint}")
 
 
@@ -79,6 +87,37 @@ class LoadPlan:
     load_optimizer: bool
     load_scheduler: bool
     load_data_position: bool
+    universal: Path | None = None  # the tag's universal form, when it was saved in another layout
+
+
+def follow_layout(plan: LoadPlan, current: Layout, padded_vocab_size: int, is_main: bool) -> str | None:
+    """Point the plan at the tag's universal form when its optimizer state is laid out for another world.
+
+    Global rank 0 converts the tag once (every rank waits for it); returns what happened, for the log. A load
+    without optimizer state needs nothing: DeepSpeed loads the weights of any data-parallel size or ZeRO stage.
+    """
+    if not plan.load_optimizer:
+        return None
+    saved = elastic.saved_layout(plan.tag_dir, plan.state.model.tensor_parallel)
+    if saved is not None and saved.loads_as(current):
+        return None
+    if current.zero_stage > 2:
+        raise UserError(f"checkpoint {plan.tag_dir} was saved at {saved}; ZeRO stage 3 cannot load it on another "
+                        "layout: use ZeRO stage 0, 1 or 2, or the checkpoint's own layout")
+    rows = min(plan.state.model.padded_vocab_size, padded_vocab_size)
+    outcome = [None]
+    if is_main:
+        try:
+            outcome = [elastic.ensure_universal(plan.tag_dir, saved, rows)[1]]
+        except UserError as e:
+            outcome = [str(e)]
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], str):
+        raise UserError(outcome[0])
+    plan.universal = plan.tag_dir / elastic.UNIVERSAL
+    done = "converted it to DeepSpeed's universal form in" if outcome[0] else "loading its universal form from"
+    saved_as = f"was saved at {saved}" if saved else "holds its optimizer state in universal form only"
+    return f"checkpoint {plan.tag_dir.name} {saved_as}, this run is {current}: {done} {plan.universal}"
 
 
 def plan_load(config: RunConfig) -> LoadPlan | None:
@@ -137,26 +176,37 @@ def check_init_combination(init: InitConfig, state: CheckpointState, config: Run
 _LOADED_GROUP_KEYS = ("params", "step")
 
 
-def load_into_engine(engine, plan: LoadPlan, world_rank: int) -> None:
+def load_into_engine(engine, plan: LoadPlan, world) -> None:
     """Load the weights (and, per the plan, the optimizer) through DeepSpeed; restore this rank's RNG on resume.
 
     A kept optimizer brings Adam's moments and step counts, never its hyperparameters: torch's (and ZeRO's)
     `load_state_dict` replaces every param group with the saved one, betas, eps and weight decay included,
     so the groups this stage's config built are put back afterwards (the LR is the schedule's anyway).
+    From a universal form, ZeRO 1/2 engines load through DeepSpeed (configured with `load_universal`), ZeRO 0
+    ones through elastic.py; the RNG files then belong to other ranks, so dropout draws anew.
     """
     groups = engine.basic_optimizer.param_groups  # evaluation builds the same engine, optimizer included
     configured = [{k: v for k, v in group.items() if k not in _LOADED_GROUP_KEYS} for group in groups]
+    if plan.universal is not None and engine.zero_optimization_stage() == 0:
+        elastic.load_unpartitioned(engine, plan.universal, world.tensor_rank, world.tensor_size)
+    else:
+        _load_through_deepspeed(engine, plan)
+    # a load replaces the param group dicts
+    for group, hyperparameters in zip(engine.basic_optimizer.param_groups, configured, strict=True):
+        group.update(hyperparameters)
+    rng_file = plan.tag_dir / f"rng_rank{world.rank}.pt"
+    if plan.resume and plan.universal is None and rng_file.is_file():
+        set_rng_states(torch.load(rng_file, weights_only=True))
+
+
+def _load_through_deepspeed(engine, plan: LoadPlan) -> None:
+    where = plan.universal or plan.tag_dir
     path, _ = engine.load_checkpoint(
-        str(plan.tag_dir.parent), tag=plan.tag_dir.name, load_module_strict=True,
+        str(where.parent), tag=where.name, load_module_strict=True,
         load_optimizer_states=plan.load_optimizer, load_lr_scheduler_states=False,
         load_module_only=not plan.load_optimizer)
     if path is None:
-        raise UserError(f"DeepSpeed found no checkpoint files in {plan.tag_dir}")
-    for group, hyperparameters in zip(groups, configured, strict=True):
-        group.update(hyperparameters)
-    rng_file = plan.tag_dir / f"rng_rank{world_rank}.pt"
-    if plan.resume and rng_file.is_file():
-        set_rng_states(torch.load(rng_file, weights_only=True))
+        raise UserError(f"DeepSpeed found no checkpoint files in {where}")
 
 
 def rng_states() -> dict:

@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                               "cluster"),
     "convert": ("megacpt.tools.convert", "convert checkpoints between Hugging Face GPT-NeoX and megacpt (verified by "
                                          "comparing logits)"),
-    "reshard": ("megacpt.tools.reshard", "change a checkpoint's tensor-parallel degree (weights only)"),
+    "reshard": ("megacpt.tools.reshard", "change a checkpoint's tensor-parallel degree (weights and optimizer state)"),
     "extend-vocab": ("megacpt.tools.extend_vocab", "grow a checkpoint's embedding and output layer for an extended "
                                                    "tokenizer (old ids unchanged)"),
     "merge": ("megacpt.tools.merge", "weighted average of checkpoints of the same architecture (model merging)"),

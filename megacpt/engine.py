@@ -15,9 +15,18 @@ from megacpt.config import ConfigError, RunConfig, batch_arithmetic
 DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}}
 
 
-def deepspeed_config(config: RunConfig, data_parallel: int) -> dict:
-    """The native DeepSpeed config for this run on this machine (fp32 where there is no GPU)."""
-    return _without_gpu_precision(derived_deepspeed_config(config, data_parallel))
+def deepspeed_config(config: RunConfig, data_parallel: int, load_universal: bool = False) -> dict:
+    """The native DeepSpeed config for this run on this machine (fp32 where there is no GPU).
+
+    `load_universal`: the engine loads a universal checkpoint (a ZeRO 1/2 resume on another layout)."""
+    ds = _without_gpu_precision(derived_deepspeed_config(config, data_parallel))
+    if load_universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
 def _without_gpu_precision(ds: dict) -> dict:
@@ -73,26 +82,35 @@ def _offloads_optimizer(ds: dict) -> bool:
     return offload.get("device", "none") != "none"
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def decays(ndim: int) -> bool:
     """Weight decay on matrices only; biases and LayerNorm parameters are not decayed (as in GPT-NeoX)."""
+    return ndim >= 2
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The decayed parameters, then the others (the order their optimizer state is numbered in)."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            (decay if decays(param.ndim) else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(config: RunConfig, world, scheduler_factory=None):
+def build_engine(config: RunConfig, world, scheduler_factory=None, load_universal: bool = False):
     """The megatron-core model of `config` inside its DeepSpeed engine: (engine, optimizer, scheduler).
 
-    Training and `megacpt eval` both build it here, so their parameter groups and precision are the same."""
+    Training and `megacpt eval` both build it here, so their parameter groups and precision are the same. The
+    model carries the `universal_checkpoint_info` that DeepSpeed saves with every checkpoint (elastic.py)."""
     from megacpt.distributed import MegatronMPU
+    from megacpt.elastic import universal_checkpoint_info
     from megacpt.model.neox import build_gpt_neox
 
     model = build_gpt_neox(config.model, config.padded_vocab_size, world.tensor_size,
                            activation_checkpointing=config.train.activation_checkpointing,
                            cpu_init=world.device.type == "cpu")
-    return initialize(model, deepspeed_config(config, world.data_size), scheduler_factory, MegatronMPU)
+    model.universal_checkpoint_info = universal_checkpoint_info(config.padded_vocab_size)
+    ds = deepspeed_config(config, world.data_size, load_universal)
+    return initialize(model, ds, scheduler_factory, MegatronMPU)
 
 
 def initialize(model: torch.nn.Module, ds: dict, scheduler_factory, mpu):

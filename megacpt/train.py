@@ -57,7 +57,7 @@ def preflight(config: RunConfig) -> None:
         check_available(config.logging.wandb)
     plan = checkpoint.plan_load(config)
     if plan is not None:
-        checkpoint.check_architecture(config, plan.state, plan.tag_dir)
+        checkpoint.check_architecture(config, plan.state, plan.tag_dir, other_layout=plan.load_optimizer)
 
 
 class StopSignal:
@@ -88,7 +88,8 @@ class StopSignal:
 
 def train(config: RunConfig) -> None:
     from megacpt.distributed import setup_world
-    from megacpt.engine import build_engine
+    from megacpt.elastic import Layout
+    from megacpt.engine import build_engine, deepspeed_config, zero_stage
     from megacpt.schedule import StageScheduler
     from megacpt.step_guard import StepGuard
 
@@ -103,12 +104,17 @@ def train(config: RunConfig) -> None:
     stages = stage_records(config, plan)
     stage = stages[-1]
 
+    layout = Layout(world.tensor_size, world.data_size, zero_stage(deepspeed_config(config, world.data_size)))
+    layout_change = plan and checkpoint.follow_layout(plan, layout, config.padded_vocab_size, world.is_main)
     engine, _, scheduler = build_engine(
-        config, world, lambda opt: StageScheduler(opt, config.schedule, config.train.steps, stage.index))
+        config, world, lambda opt: StageScheduler(opt, config.schedule, config.train.steps, stage.index),
+        load_universal=bool(plan and plan.universal and layout.zero_stage))
     stream, val_data = build_data(config, world, stages)
-    tokens_before = restore(plan, engine, scheduler, stream, world.rank)
+    tokens_before = restore(plan, engine, scheduler, stream, world)
 
     metrics = MetricsWriter(run_dir, world.is_main, config.logging.tensorboard, start_wandb(config, world, stages))
+    if layout_change:
+        metrics.print(layout_change)
     params = sum(p.numel() for p in engine.module.parameters()) * world.tensor_size
     metrics.print(f"stage {stage.index} ({stage.name}): {config.train.steps} steps x {config.train.global_batch_size} "
                   f"samples x {config.model.seq_length} tokens; {params / 1e6:.1f}M parameters; world {world.size} "
@@ -159,10 +165,10 @@ def build_data(config: RunConfig, world, stages: list[StageRecord]):
     return stream, build_validation_datasets(config.data, config.train.eval_samples, **common)
 
 
-def restore(plan: checkpoint.LoadPlan | None, engine, scheduler, stream, world_rank: int) -> int:
+def restore(plan: checkpoint.LoadPlan | None, engine, scheduler, stream, world) -> int:
     """Load what the plan says into the engine, scheduler and stream; returns the tokens the model has seen."""
     if plan is not None:
-        checkpoint.load_into_engine(engine, plan, world_rank)
+        checkpoint.load_into_engine(engine, plan, world)
         if plan.load_scheduler:
             scheduler.load_state_dict(plan.state.scheduler.model_dump(mode="json"))
         if plan.load_data_position:

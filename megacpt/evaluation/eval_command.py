@@ -97,7 +97,7 @@ def evaluate_checkpoint(config: RunConfig, plan: checkpoint.LoadPlan) -> dict[st
 
     world = setup_world(config.parallel.tensor, config.train.seed)
     engine, _, _ = build_engine(config, world)
-    checkpoint.load_into_engine(engine, plan, world.rank)
+    checkpoint.load_into_engine(engine, plan, world)
     train = config.train
     datasets = build_validation_datasets(config.data, train.eval_samples,
                                          config.model.seq_length, str(config.data_cache_dir), config.model.vocab_size,

@@ -35,15 +35,25 @@ _GLOBAL_NAMES = {
 # Older/newer transformers name the output layer differently; accept both on input.
 _HF_OUTPUT_ALIASES = ("embed_out.weight", "lm_head.weight")
 VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
+# How tensor parallelism splits each parameter, as full-name regular expressions (DeepSpeed's universal
+# checkpoint takes the same ones): column-parallel linears and the vocabulary by rows (dim 0; each rank holds
+# whole attention heads, so the fused QKV rows of the ranks concatenate to the full [heads, 3, head_dim]
+# layout), row-parallel weights by columns (dim 1), LayerNorms and row-parallel biases replicated.
+VOCAB_PATTERN = r"(embedding\.word_embeddings|output_layer)\.weight$"
+COLUMN_PARALLEL_PATTERN = r".*(linear_qkv|linear_fc1)\.(weight|bias)$"
+ROW_PARALLEL_PATTERN = r".*(linear_proj|linear_fc2)\.weight$"
+REPLICATED_PATTERN = r".*(layernorm\.(weight|bias)|(linear_proj|linear_fc2)\.bias)$"
 
 
 def tensor_parallel_dim(name: str) -> int | None:
     """The dimension megatron splits this parameter along under tensor parallelism (None: replicated)."""
-    if name in VOCAB_ROWS or re.search(r"(linear_qkv|linear_fc1)\.(weight|bias)$", name):
+    if re.match(VOCAB_PATTERN, name) or re.match(COLUMN_PARALLEL_PATTERN, name):
         return 0
-    if re.search(r"(linear_proj|linear_fc2)\.weight$", name):
+    if re.match(ROW_PARALLEL_PATTERN, name):
         return 1
-    return None
+    if re.match(REPLICATED_PATTERN, name):
+        return None
+    raise ValueError(f"no tensor-parallel rule for parameter {name}")
 
 
 def name_pairs(num_layers: int) -> list[tuple[str, str]]:
