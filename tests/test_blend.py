@@ -127,33 +127,53 @@ def test_corrupt_index_is_refused(tmp_path, capsys):
     assert "x.idx" in err
 
 
-def test_seen_only_replays_only_samples_the_earlier_stage_trained_on(tmp_path, pattern_data, world):
+def _train_recording(monkeypatch, config_path: str) -> list[tuple[int, ...]]:
+    """Run `megacpt train` in this process; return the token rows of every micro-batch the loop trained on."""
+    from megacpt import train
+
+    rows, real = [], train.micro_batch_loss
+
+    def recording(model, mb):
+        rows.extend(tuple(row) for row in mb["tokens"].tolist())
+        return real(model, mb)
+
+    monkeypatch.setattr(train, "micro_batch_loss", recording)
+    assert main(["train", config_path]) == 0
+    monkeypatch.undo()
+    return rows
+
+
+def _is_pattern_a(row: tuple[int, ...]) -> bool:
+    return set(row) <= {(3 + 7 * i) % 256 for i in range(11)}  # pattern 'a' cycles through these 11 tokens
+
+
+def test_seen_only_replays_only_samples_the_earlier_stage_trained_on(tmp_path, pattern_data, world, monkeypatch):
+    """What stage 0 trained on is what its loop fed the model (recorded here, and counted in its metrics and
+    stage record); stage 1's loop replays exactly those samples, each once per pass."""
     from megacpt import checkpoint
     from megacpt.config import load_config
 
     stage0 = tiny_config(tmp_path / "stage0", [{"name": "old", "prefix": pattern_data["noise"]}], train={"steps": 3})
-    assert main(["train", write_config(tmp_path / "s0.json", stage0)]) == 0
+    trained_on = _train_recording(monkeypatch, write_config(tmp_path / "s0.json", stage0))
+    history = read_state(checkpoint.resolve_tag(tmp_path / "stage0" / "checkpoints")).stages
+    assert len(trained_on) == len(set(trained_on)) == 12 == history[-1].samples["old"]
+    assert read_metrics(tmp_path / "stage0")[-1]["samples"] == {"old": 12}
+
     stage1 = tiny_config(tmp_path / "stage1", [{"name": "new", "prefix": pattern_data["a"]}],
                          data={"replay": {"fraction": 0.5, "seen_only": True,
                                           "sources": [{"name": "old", "prefix": pattern_data["noise"]}]}},
-                         init={"checkpoint": str(tmp_path / "stage0" / "checkpoints")}, train={"steps": 3})
+                         init={"checkpoint": str(tmp_path / "stage0" / "checkpoints")}, train={"steps": 6})
     path = write_config(tmp_path / "s1.json", stage1)
-    assert main(["train", path]) == 0
+    consumed = _train_recording(monkeypatch, path)
+    replayed = [row for row in consumed if not _is_pattern_a(row)]
+    assert len(consumed) == 24 and len(replayed) == 12 == read_metrics(tmp_path / "stage1")[-1]["samples"]["old"]
+    assert sorted(replayed) == sorted(trained_on)  # the 12 seen samples, each once in the first pass
 
-    cache = str(tmp_path / "cache")
-    seen0 = build_train_dataset(load_config(tmp_path / "s0.json").data, 12, 64, cache, 256, -1)
-    trained_on = {tuple(seen0[i]["tokens"].tolist()) for i in range(12)}
-    history = read_state(checkpoint.resolve_tag(tmp_path / "stage0" / "checkpoints")).stages
-    config = load_config(path)
-    replayed = build_train_dataset(config.data, 200, 64, cache, 256, -1, history)
-    replay_tokens = [tuple(replayed[i]["tokens"].tolist()) for i in range(200) if replayed.source_index[i] == 1]
-    assert len(replay_tokens) == 100 and set(replay_tokens) <= trained_on
-    assert len(set(replay_tokens)) == len(trained_on)  # every seen sample comes back
-
+    config = load_config(path)  # control: without seen_only the same replay source brings unseen samples
     config.data.replay.seen_only = False
-    anything = build_train_dataset(config.data, 200, 64, cache, 256, -1, history)
-    replayed = {tuple(anything[i]["tokens"].tolist()) for i in range(200) if anything.source_index[i] == 1}
-    assert not replayed <= trained_on
+    anything = build_train_dataset(config.data, 200, 64, str(tmp_path / "cache"), 256, -1, history)
+    unseen = {tuple(anything[i]["tokens"].tolist()) for i in range(200) if anything.source_index[i] == 1}
+    assert not unseen <= set(trained_on)
 
 
 def test_seen_only_without_a_history_that_says_is_an_error(tmp_path, pattern_data, capsys):

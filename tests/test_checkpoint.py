@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,55 @@ def test_sigterm_saves_the_current_step_and_exits_0_then_the_rerun_continues(tmp
     assert_ok(run_megacpt(["train", cfg]))
     resumed = _per_step(tmp_path / "run")
     assert [resumed[s]["loss"] for s in range(1, 41)] == [uninterrupted[s]["loss"] for s in range(1, 41)]
+
+
+def _kill_during_save(run_dir: Path, cfg: str, tag: str, moment: str, delay: float) -> bool:
+    """Start the run, SIGKILL it `delay` s after `moment` (a file or folder of `tag`) appears; True if the tag
+    was still incomplete (no megacpt_state.json) when the kill landed."""
+    proc = _start([sys.executable, "-m", "megacpt", "train", cfg])
+    target = run_dir / "checkpoints" / tag / moment
+    try:
+        while not target.exists():
+            assert proc.poll() is None, f"the run ended before {target} appeared:\n{proc.stdout.read()[-3000:]}"
+            time.sleep(0.002)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        return not (run_dir / "checkpoints" / tag / STATE_FILE).exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_sigkill_while_a_checkpoint_is_written_resumes_from_a_complete_one_bit_exact(tmp_path, pattern_data):
+    """A 1.7M-parameter model with ZeRO-1 (model and optimizer files, ~27 MB a tag), killed during three saves
+    at different moments: when the tag folder appears, when its optimizer file appears, and 50 ms after its
+    model file appears. After each kill `latest` names a complete tag; the re-runs resume from it and the
+    losses of every step equal the uninterrupted run's."""
+    def config(name: str) -> str:
+        raw = _config(tmp_path, name, pattern_data,
+                      train={"steps": 12, "save_interval": 3, "global_batch_size": 2, "micro_batch_size": 2},
+                      model={"num_layers": 2, "hidden_size": 256, "num_attention_heads": 8, "ffn_hidden_size": 1024,
+                             "seq_length": 64, "vocab_size": 256, "dropout": 0.1},
+                      deepspeed={"zero_optimization": {"stage": 1}})
+        return write_config(tmp_path / f"{name}.json", raw)
+
+    assert_ok(run_megacpt(["train", config("straight")]))
+    run_dir, cfg = tmp_path / "run", config("run")
+    incomplete = []
+    for tag, moment, delay in (("step00000006", "", 0.0),
+                               ("step00000009", "zero_pp_rank_0_mp_rank_00_optim_states.pt", 0.0),
+                               ("step00000012", "mp_rank_00_model_states.pt", 0.05)):
+        incomplete.append(_kill_during_save(run_dir, cfg, tag, moment, delay))
+        latest = (run_dir / "checkpoints" / "latest").read_text()
+        assert (run_dir / "checkpoints" / latest / STATE_FILE).is_file(), (tag, moment)
+        assert read_state(run_dir / "checkpoints" / latest).step < int(tag[4:]) or not incomplete[-1]
+    assert any(incomplete), "no kill landed inside a save"
+    assert_ok(run_megacpt(["train", cfg]))
+    resumed, straight = _per_step(run_dir), _per_step(tmp_path / "straight")
+    assert sorted(resumed) == list(range(1, 13))
+    assert [resumed[s]["loss"] for s in range(1, 13)] == [straight[s]["loss"] for s in range(1, 13)]
+    assert resumed[12]["samples"] == straight[12]["samples"]
 
 
 def _files(folder: Path) -> dict[str, bytes]:
