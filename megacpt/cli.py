@@ -38,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                         "stages (forgetting/adaptation)"),
     "lm-eval": ("megacpt.evaluation.lm_eval_command",
                 "run lm-evaluation-harness tasks on a checkpoint (needs the 'eval' extra)"),
+    "sweep": ("megacpt.sweep.command", "run a config over a grid of values and seeds, locally or as a SLURM job "
+                                       "array, and report the runs side by side"),
     "predict": ("megacpt.prediction.predict", "fit a loss law (tissue, multipower, cpt) on runs and predict the "
                                               "validation curves of planned stages"),
 }

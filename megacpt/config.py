@@ -375,6 +375,14 @@ def batch_arithmetic(train: TrainConfig, data_parallel: int) -> int:
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a JSON config, apply `dotted.key=value` overrides and validate it."""
+    raw = read_config_file(path)
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw, source=str(path))
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The JSON object of a config file, not yet validated (a sweep's base may lack what each run adds)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -386,9 +394,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise UserError(f"config file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must hold a JSON object at the top level")
-    for item in overrides:
-        apply_override(raw, item)
-    return validate_config(raw, source=str(path))
+    return raw
 
 
 def apply_override(raw: dict, item: str) -> None:
