@@ -52,7 +52,7 @@ def base_config(folder: Path, pattern_data: dict, steps: int = 3) -> dict:
                          data={"validation": [{"name": "a", "prefix": pattern_data["a"]},
                                               {"name": "b", "prefix": pattern_data["b"]}],
                                "cache_dir": str(folder / "cache")},
-                         train={"steps": steps, "eval_batches": 1})
+                         train={"steps": steps, "eval_batches": 1}, schedule={"warmup": 1})
     del config["run_dir"]
     return config
 
@@ -86,6 +86,20 @@ def test_grid_and_seeds_expand_into_one_validated_config_per_run(tmp_path, patte
         assert config.train.steps == 3 and config.data.sources[0].name == "b" and config.schedule.min_lr == 3e-4
 
 
+def test_linked_keys_reproduce_the_three_hand_written_gupta_configs(tmp_path):
+    """Gupta et al.'s LR sweep: max_lr and min_lr = 0.1 x max_lr change together, one run per pair."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = str(REPO / "configs" / "gupta_pythia410m_cpt_lr3e-4.json")
+    grid = "schedule.max_lr:schedule.min_lr=1.5e-4:1.5e-5,3e-4:3e-5,6e-4:6e-5"
+    sweep = build_sweep(parser.parse_args([base, "--grid", grid, "--workdir", str(tmp_path)]))
+    assert [r.name for r in sweep.runs] == ["max_lr1.5e-4", "max_lr3e-4", "max_lr6e-4"]
+    for run, lr in zip(sweep.runs, ("1.5e-4", "3e-4", "6e-4")):
+        hand_written = json.loads((REPO / "configs" / f"gupta_pythia410m_cpt_lr{lr}.json").read_text())
+        assert {**run.config, "run_dir": None} == {**hand_written, "run_dir": None}
+        assert run.values == {"schedule.max_lr:schedule.min_lr": [float(lr), hand_written["schedule"]["min_lr"]]}
+
+
 @pytest.mark.parametrize("grid, words", [
     ("schedule.max_lrr=1e-3,3e-3", ["'schedule.max_lrr'", "unknown key", "did you mean 'max_lr'"]),
     ("schedule.max_lr=1e-3,fast", ["'schedule.max_lr'", "schedule.max_lr=fast", "valid number"]),
@@ -94,6 +108,7 @@ def test_grid_and_seeds_expand_into_one_validated_config_per_run(tmp_path, patte
     ("schedule.max_lr=", ["--grid expects KEY=V1,V2"]),
     ("schedule.max_lr=1e-3,,2e-3", ["empty value"]),
     ("run_dir=a,b", ["set by the sweep"]),
+    ("schedule.max_lr:schedule.min_lr=1e-3:1e-4,2e-3", ["every value needs 2 parts"]),
 ])
 def test_a_bad_grid_key_or_value_exits_2_naming_it_and_writes_nothing(tmp_path, pattern_data, capsys, grid, words):
     base = write_config(tmp_path / "base.json", base_config(tmp_path, pattern_data))
@@ -297,3 +312,15 @@ def test_the_slurm_array_script_runs_each_unfinished_run_under_stand_in_sbatch(t
     again = run_megacpt(args)  # the finished run leaves the array
     assert_ok(again)
     assert "#SBATCH --array=0,2-3%2\n" in script.read_text() and "1 runs already finished" in again.stdout
+
+
+@pytest.mark.launcher
+def test_nproc_runs_each_run_under_the_deepspeed_launcher(tmp_path, pattern_data):
+    base = write_config(tmp_path / "base.json", base_config(tmp_path, pattern_data, steps=2))
+    workdir = tmp_path / "sweep"
+    result = run_megacpt(["sweep", base, "--grid", "schedule.max_lr=1e-3,3e-3", "--nproc", "2",
+                          "--workdir", str(workdir)], timeout=900, extra_env={"MASTER_PORT": str(free_port())})
+    assert_ok(result)
+    for name in ("max_lr1e-3", "max_lr3e-3"):
+        assert "world 2 (tensor 1 x data 2" in (workdir / "logs" / f"{name}.log").read_text()
+    assert [r["status"] for r in json.loads((workdir / "summary.json").read_text())["runs"]] == ["done", "done"]

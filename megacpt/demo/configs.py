@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megacpt.demo.corpora import CORPORA, corpus_path
+from megacpt.sweep.grid import Axis, Sweep, SweepRun
 
 ARMS = ("rewarm", "rewarm_replay", "constant")
 REPLAY_FRACTION = 0.25  # Ibrahim et al.'s choice for a strong shift (Pile -> German); prose -> code is one
@@ -78,6 +79,14 @@ class DemoPaths:
 
 def stage1_run(arm: str) -> str:
     return f"stage1_{arm}"
+
+
+def stage1_sweep(paths: DemoPaths, size: DemoSize, seed: int) -> Sweep:
+    """The three arms as a sweep over one axis, "arm": DIR/configs/stage1_ARM.json, DIR/runs/stage1_ARM, and
+    the sweep's manifest and report, so `megacpt sweep --report DIR` reads a demo's work directory too."""
+    runs = tuple(SweepRun(stage1_run(arm), {"arm": arm}, {"arm": arm}, stage1_config(paths, size, seed, arm))
+                 for arm in ARMS)
+    return Sweep(paths.root, (Axis("arm", ARMS),), runs)
 
 
 def _interval(steps: int, count: int) -> int:

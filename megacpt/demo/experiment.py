@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from dataclasses import asdict
@@ -21,11 +20,12 @@ from pathlib import Path
 from typing import Callable
 
 from megacpt.cli_helpers import require_matplotlib
-from megacpt.config import RunConfig, load_config
-from megacpt.demo.configs import ARMS, FULL, QUICK, DemoPaths, DemoSize, stage0_config, stage1_config, stage1_run
+from megacpt.config import load_config
+from megacpt.demo.configs import FULL, QUICK, DemoPaths, DemoSize, stage0_config, stage1_sweep
 from megacpt.demo.corpora import CORPORA, SPLITS, write_corpora
-from megacpt.demo.runner import Job, run_jobs
 from megacpt.errors import UserError
+from megacpt.sweep.execute import Job, is_finished, megacpt_command, run_jobs, stop_on_sigterm, train
+from megacpt.sweep.grid import write_once, write_sweep
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require_matplotlib("megacpt demo")  # checked now, not after minutes of training
-    signal.signal(signal.SIGTERM, _interrupt)  # stop the children cleanly on SIGTERM too, as on Ctrl-C
+    stop_on_sigterm()  # stop the children cleanly on SIGTERM too, as on Ctrl-C
     size = QUICK if args.quick else FULL
     paths = DemoPaths(Path(args.workdir).resolve())
     settings = {"quick": args.quick, "seed": args.seed, "python": sys.version.split()[0], "size": asdict(size)}
@@ -49,18 +49,16 @@ def run(args: argparse.Namespace) -> int:
     _timed("tokenizer", tokenizer_phase, paths, size)
     _timed("datasets", datasets_phase, paths)
     _timed("stage0", train_phase, paths, "stage0", stage0_config(paths, size, args.seed))
-    for arm in ARMS:
-        _timed(stage1_run(arm), train_phase, paths, stage1_run(arm), stage1_config(paths, size, args.seed, arm))
+    arms = stage1_sweep(paths, size, args.seed)
+    write_sweep(arms)
+    for run in arms.runs:
+        _timed(run.name, train_phase, paths, run.name, run.config)
     from megacpt.demo.report import write_report
 
-    write_report(paths)
+    write_report(paths, arms)
     print(f"[demo] done in {time.monotonic() - start:.0f} s; configs in {paths.root / 'configs'}, "
           f"report in {paths.root / 'summary.json'}, forgetting.png, lr.png", flush=True)
     return 0
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def pin_settings(paths: DemoPaths, settings: dict) -> None:
@@ -101,8 +99,10 @@ def tokenizer_phase(paths: DemoPaths, size: DemoSize) -> bool:
     """A SentencePiece model trained on both training corpora."""
     if Path(f"{paths.tokenizer_prefix}.model").is_file():
         return False
-    run_jobs([Job("tokenizer", ["tokenizer", "train", "--input", *(str(paths.corpus(n, "train")) for n in CORPORA),
-                                "--vocab-size", str(size.vocab_size), "--output", str(paths.tokenizer_prefix)],
+    run_jobs([Job("tokenizer", megacpt_command("tokenizer", "train", "--input",
+                                               *(str(paths.corpus(n, "train")) for n in CORPORA),
+                                               "--vocab-size", str(size.vocab_size),
+                                               "--output", str(paths.tokenizer_prefix)),
                   paths.logs / "tokenizer.log")])
     return True
 
@@ -114,9 +114,9 @@ def datasets_phase(paths: DemoPaths) -> bool:
     if not todo:
         return False
     run_jobs([Job(f"preprocess {name}_{split}",
-                  ["preprocess", "--input", str(paths.corpus(name, split)), "--tokenizer-type", "sentencepiece",
-                   "--tokenizer-model", f"{paths.tokenizer_prefix}.model", "--append-eod",
-                   "--output-prefix", str(paths.dataset(name, split))],
+                  megacpt_command("preprocess", "--input", str(paths.corpus(name, split)), "--tokenizer-type",
+                                  "sentencepiece", "--tokenizer-model", f"{paths.tokenizer_prefix}.model",
+                                  "--append-eod", "--output-prefix", str(paths.dataset(name, split))),
                   paths.logs / f"preprocess_{name}_{split}.log")
               for name, split in todo])
     return True
@@ -124,24 +124,10 @@ def datasets_phase(paths: DemoPaths) -> bool:
 
 def train_phase(paths: DemoPaths, run: str, config: dict) -> bool:
     """`megacpt train` on the run's config file, written once so that a user's edits stick; resumes if interrupted."""
-    config_path = paths.config(run)
-    if not config_path.is_file():
-        config_path.parent.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(json.dumps(config, indent=1) + "\n")
+    config_path = write_once(paths.config(run), config)
     config = load_config(config_path)
     if is_finished(config):
         return False
     print(f"[{run}] megacpt train {config_path}", flush=True)
-    run_jobs([Job(run, ["train", str(config_path)], paths.logs / f"{run}.log",
-                  step_every=config.train.eval_interval, stop_signal=signal.SIGTERM)])
-    if not is_finished(config):  # `megacpt train` saves and exits 0 on a SIGTERM that did not come from the demo
-        raise UserError(f"[{run}] stopped before its last step; run the demo again to resume it from its checkpoint")
+    train(run, config, config_path, paths.logs / f"{run}.log", step_every=config.train.eval_interval)
     return True
-
-
-def is_finished(config: RunConfig) -> bool:
-    """A run is finished when its latest checkpoint is its last step."""
-    from megacpt.checkpoint import LATEST, checkpoint_dir, tag_name
-
-    latest = checkpoint_dir(config.run_dir) / LATEST
-    return latest.is_file() and latest.read_text().strip() == tag_name(config.train.steps)

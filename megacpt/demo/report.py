@@ -1,21 +1,22 @@
-"""The demo's report: DIR/summary.json, DIR/forgetting.png, DIR/lr.png and a table on the console.
+"""The demo's report: the sweep report of its three arms (DIR/summary.json, summary.txt, sweep.png and the
+table on the console), plus the demo's own figures (forgetting.png, lr.png) and the checks of the papers' claims.
 
-The runs' histories (metrics.jsonl, one record per step, an arm's stage 0 included) and the table are the
-ones `megacpt plot` reads and prints (`megacpt.stages`, `megacpt.evaluation.forgetting`), so the demo reports
-exactly what a user would get from it; this module adds the demo's own figures, on the global step axis
-(stage-1 steps follow stage 0's), and the checks of the papers' claims.
+The runs' histories (metrics.jsonl, one record per step, an arm's stage 0 included) and each arm's final loss
+and change since stage 0 come from the sweep report, which reads them as `megacpt plot` does; this module adds
+stage 0's numbers, the figures on the global step axis (stage-1 steps follow stage 0's) and the checks.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from megacpt.cli_helpers import new_figure
-from megacpt.demo.configs import ARMS, DemoPaths, stage1_run
+from megacpt.demo.configs import DemoPaths
 from megacpt.demo.corpora import CORPORA
-from megacpt.evaluation.forgetting import final_and_change, forgetting_table
+from megacpt.evaluation.forgetting import final_and_change
 from megacpt.stages import StageRun, run_lineage
+from megacpt.sweep import report
+from megacpt.sweep.grid import Sweep
 
 STAGE0_COLOR = "0.5"
 ARM_COLORS = {"rewarm": "tab:red", "rewarm_replay": "tab:blue", "constant": "tab:green"}
@@ -23,24 +24,16 @@ ARM_LINES = {"rewarm_replay": "--"}  # dashed, so that it shows on top of rewarm
 CODE_TOLERANCE = 0.10  # rewarm_replay's code loss may be at most 10% above rewarm's
 
 
-def histories(paths: DemoPaths) -> dict[str, list[StageRun]]:
-    """Stage 0's history and each arm's (stage 0 up to the checkpoint the arm started from, then the arm)."""
-    runs = {"stage0": paths.run_dir("stage0")} | {arm: paths.run_dir(stage1_run(arm)) for arm in ARMS}
-    return {name: run_lineage(run_dir).logged for name, run_dir in runs.items()}
-
-
-def summarize(history: dict[str, list[StageRun]]) -> dict:
+def summarize(stage0: list[StageRun], arms: list[report.RunResult]) -> dict:
     """{"stage0": {dataset: loss}, "arms": {arm: {"final": ..., "delta": ...}}, "checks": {claim: bool}}.
 
-    "delta" is the change against the stage-0 model, i.e. the last evaluation before the arm's stage began.
+    "delta" is the sweep report's change: against the stage-0 model, the last evaluation before the arm began.
     """
-    stage0 = {name: final_and_change(history["stage0"], name)[0] for name in CORPORA}
-    arms = {}
-    for arm in ARMS:
-        final_delta = {name: final_and_change(history[arm], name) for name in CORPORA}
-        arms[arm] = {"final": {name: fd[0] for name, fd in final_delta.items()},
-                     "delta": {name: fd[1] for name, fd in final_delta.items()}}
-    return {"stage0": stage0, "arms": arms, "checks": checks(stage0, {arm: arms[arm]["final"] for arm in ARMS})}
+    stage0_final = {name: final_and_change(stage0, name)[0] for name in CORPORA}
+    by_arm = {r.labels["arm"]: {"final": {name: r.validation[name][0] for name in CORPORA},
+                                "delta": {name: r.validation[name][1] for name in CORPORA}} for r in arms}
+    return {"stage0": stage0_final, "arms": by_arm,
+            "checks": checks(stage0_final, {arm: result["final"] for arm, result in by_arm.items()})}
 
 
 def checks(stage0: dict[str, float], final: dict[str, dict[str, float]]) -> dict[str, bool]:
@@ -54,20 +47,20 @@ def checks(stage0: dict[str, float], final: dict[str, dict[str, float]]) -> dict
     }
 
 
-def write_report(paths: DemoPaths) -> dict:
-    history = histories(paths)
-    summary = summarize(history)
-    (paths.root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    curves = [ReportCurve.of(history["stage0"][-1], "stage 0 (prose)", STAGE0_COLOR, 0)]
+def write_report(paths: DemoPaths, arms: Sweep) -> dict:
+    stage0 = run_lineage(paths.run_dir("stage0")).logged
+    results = report.collect(arms)
+    ended = "  ".join(f"{name} {final_and_change(stage0, name)[0]:.4f}" for name in CORPORA)
+    print(f"stage 0 (prose) ended at {ended}", flush=True)
+    summary = report.write_report(arms, results, extra=summarize(stage0, results))
+    curves = [ReportCurve.of(stage0[-1], "stage 0 (prose)", STAGE0_COLOR, 0)]
     boundary = curves[0].last_step
-    curves += [ReportCurve.of(history[arm][-1], arm, ARM_COLORS[arm], boundary, ARM_LINES.get(arm, "-"))
-               for arm in ARMS]
+    curves += [ReportCurve.of(r.history[-1], r.labels["arm"], ARM_COLORS[r.labels["arm"]], boundary,
+                        ARM_LINES.get(r.labels["arm"], "-")) for r in results]
     plot_forgetting(curves, paths.root / "forgetting.png")
     plot_lr(curves, paths.root / "lr.png")
-    print(forgetting_table(history), flush=True)
-    print("\n".join(f"{'yes' if ok else 'NO ':>4}  "
-                    f"{claim.replace('_', ' ')}" for claim, ok in summary["checks"].items()),
-          flush=True)
+    print("\n".join(f"{'yes' if ok else 'NO ':>4}  {claim.replace('_', ' ')}"
+                    for claim, ok in summary["checks"].items()), flush=True)
     return summary
 
 

@@ -100,9 +100,11 @@ def init_checkpoint(path: Path) -> Path:
 def submit_slurm(sweep: grid.Sweep, args: argparse.Namespace) -> int:
     from megacpt.config import load_config
 
-    unfinished = [i for i, r in enumerate(sweep.runs) if not execute.is_finished(load_config(sweep.config_path(r.name)))]
+    unfinished = [i for i, r in enumerate(sweep.runs)
+                  if not execute.is_finished(load_config(sweep.config_path(r.name)))]
     if not unfinished:
-        print(f"all {len(sweep.runs)} runs are finished; nothing to submit. Report: megacpt sweep --report {sweep.root}")
+        print(f"all {len(sweep.runs)} runs are finished; nothing to submit. "
+              f"Report: megacpt sweep --report {sweep.root}")
         return 0
     path = slurm.write_array_script(sweep, unfinished, args.launch_dir, args.launcher, args.nodes, args.nproc,
                                     args.max_parallel, args.sbatch)

@@ -27,10 +27,17 @@ MAX_LABEL = 40  # longer values are named by their position in the axis instead
 
 @dataclass(frozen=True)
 class Axis:
-    """One swept dimension: a dotted config key (or a label such as "seed" or the demo's "arm") and its values."""
+    """One swept dimension: its name (the dotted key, KEY1:KEY2 for keys that change together, "seed", or a
+    caller's label such as the demo's "arm"), its values as written, and the `--set` items each value applies
+    (none where the caller writes the configs itself)."""
 
     key: str
     labels: tuple[str, ...]  # each value as the user wrote it: in run names, tables and figures
+    settings: tuple[tuple[str, ...], ...] = ()  # per label: "dotted.key=value" items
+
+    @property
+    def targets(self) -> list[str]:
+        return [item.partition("=")[0] for item in self.settings[0]] if self.settings else []
 
 
 @dataclass(frozen=True)
@@ -67,41 +74,46 @@ class Sweep:
 # ------------------------------------------------------------------------------------ the grid
 
 
-def parse_grid(item: str) -> tuple[str, list[str]]:
-    """`KEY=V1,V2,...` (each value as `--set` reads it) or `KEY=[V1, V2, ...]` (a JSON list, for values with
-    commas) -> (KEY, the values as `--set` texts)."""
-    key, sep, text = item.partition("=")
-    if not sep or not key or not text:
-        raise UserError(f"--grid expects KEY=V1,V2,... (or KEY=[JSON values]), got '{item}'")
+def parse_grid(item: str) -> Axis:
+    """`KEY=V1,V2,...` (each value as `--set` reads it), `KEY=[V1, V2, ...]` (a JSON list, for values with
+    commas), and for keys that change together `KEY1:KEY2=A1:B1,A2:B2` or `KEY1:KEY2=[[A1, B1], [A2, B2]]`."""
+    keys, sep, text = item.partition("=")
+    targets = keys.split(":")
+    if not sep or not all(targets) or not text:
+        raise UserError(f"--grid expects KEY=V1,V2,... (or KEY=[JSON values], or KEY1:KEY2=A1:B1,A2:B2), got '{item}'")
     if text.lstrip().startswith("["):
         try:
             values = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"--grid {key}: '{text}' is not a JSON list: {e.msg}") from None
-        texts = [json.dumps(v) for v in values]
+            raise UserError(f"--grid {keys}: '{text}' is not a JSON list: {e.msg}") from None
+        rows = [[json.dumps(c) for c in v] if len(targets) > 1 and isinstance(v, list) else [json.dumps(v)]
+                for v in values]
     else:
-        texts = text.split(",")
-    if not texts or any(not t.strip() for t in texts):
-        raise UserError(f"--grid {key}: empty value in '{text}'")
-    if len(set(texts)) != len(texts):
-        raise UserError(f"--grid {key}: a value is repeated in '{text}'")
-    return key, texts
+        rows = [value.split(":") if len(targets) > 1 else [value] for value in text.split(",")]
+    if not rows or any(not c.strip() for row in rows for c in row):
+        raise UserError(f"--grid {keys}: empty value in '{text}'")
+    if any(len(row) != len(targets) for row in rows):
+        raise UserError(f"--grid {keys}: every value needs {len(targets)} parts, one per key, in '{text}'")
+    labels = tuple(":".join(row) for row in rows)
+    if len(set(labels)) != len(labels):
+        raise UserError(f"--grid {keys}: a value is repeated in '{text}'")
+    return Axis(keys, labels, tuple(tuple(f"{t}={c}" for t, c in zip(targets, row)) for row in rows))
 
 
 def grid_axes(grids: list[str], seeds: list[int]) -> list[Axis]:
     """The axes of `--grid` flags in order, then the seed axis when there are seeds."""
-    axes = [Axis(key, tuple(texts)) for key, texts in map(parse_grid, grids)]
-    keys = [a.key for a in axes]
-    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    axes = [parse_grid(item) for item in grids]
+    targets = [t for a in axes for t in a.targets]
+    repeated = sorted({t for t in targets if targets.count(t) > 1})
     if repeated:
-        raise UserError(f"--grid names {', '.join(repeated)} more than once; give all values in one --grid")
-    if "run_dir" in keys:
+        raise UserError(f"--grid names {', '.join(repeated)} more than once; give all its values in one --grid")
+    if "run_dir" in targets:
         raise UserError("--grid run_dir: each run's run_dir is DIR/runs/NAME, set by the sweep")
     if seeds:
-        clash = [k for k in keys if k in ("train.seed", "data.seed")]
+        clash = [t for t in targets if t in ("train.seed", "data.seed")]
         if clash:
             raise UserError(f"--seeds sets train.seed and data.seed; do not also --grid {clash[0]}")
-        axes.append(Axis(SEED, tuple(str(s) for s in seeds)))
+        axes.append(Axis(SEED, tuple(map(str, seeds)), tuple((f"train.seed={s}", f"data.seed={s}") for s in seeds)))
     return axes
 
 
@@ -109,24 +121,29 @@ def expand(base: dict, axes: list[Axis], root: Path, source: str) -> Sweep:
     """Every combination of the axes' values (the first axis outermost, seeds outermost of all so that a
     partly finished sweep covers the whole grid with its first seeds), validated, named after its values."""
     root = root.resolve()
-    order = sorted(range(len(axes)), key=lambda i: axes[i].key != SEED)
-    combos = [dict(zip((axes[i].key for i in order), labels))
-              for labels in itertools.product(*(axes[i].labels for i in order))]
+    order = sorted(axes, key=lambda a: a.key != SEED)
     namer = _namer(axes)
     runs = []
-    for combo in combos:
-        labels = {a.key: combo[a.key] for a in axes}
+    for combo in itertools.product(*(range(len(a.labels)) for a in order)):
+        picked = {a.key: i for a, i in zip(order, combo)}
+        labels = {a.key: a.labels[picked[a.key]] for a in axes}
         name = namer(labels)
         raw = copy.deepcopy(base)
-        for key, text in labels.items():
-            for target in (("train.seed", "data.seed") if key == SEED else (key,)):
-                apply_override(raw, f"{target}={text}")
+        for axis in axes:
+            for item in axis.settings[picked[axis.key]]:
+                apply_override(raw, item)
         raw["run_dir"] = str(root / "runs" / name)
         where = f"{source} with " + " ".join(f"{k}={v}" for k, v in labels.items()) if labels else source
         dumped = check_run_config(raw, where).model_dump(mode="json")
-        values = {k: _lookup(dumped, "train.seed" if k == SEED else k) for k in labels}
+        values = {a.key: _value(dumped, a) for a in axes}
         runs.append(SweepRun(name, labels, values, raw))
     return Sweep(root, tuple(axes), tuple(runs))
+
+
+def _value(config: dict, axis: Axis) -> Any:
+    """The axis's value as the validated config holds it: one key's value, a list for linked keys (seed: train.seed)."""
+    values = [_lookup(config, t) for t in axis.targets]
+    return values[0] if len(values) == 1 or axis.key == SEED else values
 
 
 def check_run_config(raw: dict, source: str):
@@ -142,18 +159,23 @@ def check_run_config(raw: dict, source: str):
 
 
 def _namer(axes: list[Axis]):
-    """NAME = one `SHORTKEYvalue` part per axis, e.g. max_lr3e-4_warmup0_seed1: the last part of the dotted key
-    (the whole key where two axes share it) and the value as written, or its position when that would not
-    make a short, safe and unique file name."""
-    shorts = [a.key.rsplit(".", 1)[-1] for a in axes]
-    shorts = [a.key if shorts.count(s) > 1 else s for a, s in zip(axes, shorts)]
+    """NAME = one `SHORTKEYvalue` part per axis, e.g. max_lr3e-4_warmup0_seed1: the last part of the (first)
+    dotted key, or the whole key where two axes share it, and the (first) value as written; the whole value,
+    or else its position, where that would not make a short, safe and unique file name."""
+    shorts = [a.key.split(":")[0].rsplit(".", 1)[-1] for a in axes]
+    shorts = [a.key.split(":")[0] if shorts.count(s) > 1 else s for a, s in zip(axes, shorts)]
     parts: dict[str, dict[str, str]] = {}
     for axis, short in zip(axes, shorts):
-        safe = {label: re.sub(r"[^A-Za-z0-9.+-]", "_", label) for label in axis.labels}
-        if len(set(safe.values())) < len(safe) or any(len(s) > MAX_LABEL for s in safe.values()):
-            safe = {label: str(i) for i, label in enumerate(axis.labels)}
-        parts[axis.key] = {label: f"{short}{s}" for label, s in safe.items()}
+        parts[axis.key] = {label: f"{short}{part}" for label, part in zip(axis.labels, _name_parts(axis.labels))}
     return lambda labels: "_".join(parts[k][v] for k, v in labels.items()) or "base"
+
+
+def _name_parts(labels: tuple[str, ...]) -> list[str]:
+    for candidate in ([label.split(":")[0] for label in labels], list(labels)):
+        safe = [re.sub(r"[^A-Za-z0-9.+-]", "_", c) for c in candidate]
+        if len(set(safe)) == len(safe) and all(len(s) <= MAX_LABEL for s in safe):
+            return safe
+    return [str(i) for i in range(len(labels))]
 
 
 def _lookup(raw: Any, key: str) -> Any:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from megacpt.config import load_config
 from megacpt.errors import UserError
-from megacpt.evaluation.plot import Stage, final_and_change, stage_history
+from megacpt.evaluation.plot import final_and_change
+from megacpt.stages import StageRun, run_lineage
 from megacpt.sweep.execute import is_finished
 from megacpt.sweep.grid import SEED, Sweep
 
@@ -38,7 +39,7 @@ class RunResult:
     steps: int
     train_loss: float | None = None
     validation: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)  # name: (final, change)
-    history: list[Stage] = field(default_factory=list, repr=False)
+    history: list[StageRun] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict:
         return {"name": self.name, "labels": self.labels, "values": self.values, "status": self.status,
@@ -55,7 +56,7 @@ def _result(sweep: Sweep, run) -> RunResult:
     result = RunResult(run.name, run.labels, run.values, NOT_STARTED, 0, config.train.steps)
     finished = is_finished(config)
     try:
-        result.history = stage_history(Path(config.run_dir))
+        result.history = run_lineage(Path(config.run_dir)).logged
     except UserError:
         if finished:  # a finished run's metrics must be readable; an unfinished one may have none yet
             raise
@@ -82,10 +83,10 @@ def groups(sweep: Sweep, results: list[RunResult]) -> list[dict]:
     by_key: dict[tuple, list[RunResult]] = {}
     for result in results:
         by_key.setdefault(group_key(sweep, result.labels), []).append(result)
+    names = validation_names(results)
     out = []
     for key, members in by_key.items():
         done = [r for r in members if r.status == DONE]
-        names = list(dict.fromkeys(n for r in members for n in r.validation))
         out.append({
             "labels": dict(zip(keys, key)),
             "runs": [r.name for r in members],
@@ -97,6 +98,11 @@ def groups(sweep: Sweep, results: list[RunResult]) -> list[dict]:
     return out
 
 
+def validation_names(results: list[RunResult]) -> list[str]:
+    """Every validation set of any run, in the order the configs list them."""
+    return list(dict.fromkeys(n for r in results for n in r.validation))
+
+
 def _stats(values: list[float | None]) -> dict:
     known = [v for v in values if v is not None]
     return {"mean": statistics.fmean(known) if known else None,
@@ -106,11 +112,11 @@ def _stats(values: list[float | None]) -> dict:
 # ------------------------------------------------------------------------------------ table, file, figure
 
 
-def format_table(sweep: Sweep, results: list[RunResult]) -> str:
+def sweep_table(sweep: Sweep, results: list[RunResult]) -> str:
     """One row per run: its values, status, final training loss, each validation set's final loss (change)."""
     from tabulate import tabulate
 
-    names = list(dict.fromkeys(n for r in results for n in r.validation))
+    names = validation_names(results)
     headers = ["run", *(a.key for a in sweep.axes), "status", TRAIN_LOSS, *names]
     rows = []
     for r in results:
@@ -128,20 +134,20 @@ def _final_change(final: float | None, change: float | None) -> str:
     return _number(final) + ("" if change is None else f" ({change:+.4f})")
 
 
-def write_report(sweep: Sweep, figure: bool = True) -> dict:
-    """Write summary.json, summary.txt and the figure into the sweep's directory; print the table."""
-    results = collect(sweep)
+def write_report(sweep: Sweep, results: list[RunResult] | None = None, extra: dict | None = None) -> dict:
+    """Write summary.json (with `extra`'s keys, e.g. the demo's checks), summary.txt and the figure into the
+    sweep's directory; print the table. `results` default to `collect(sweep)`."""
+    results = collect(sweep) if results is None else results
     summary = {"axes": [a.key for a in sweep.axes], "runs": [r.summary() for r in results],
-               "groups": groups(sweep, results)}
+               "groups": groups(sweep, results), **(extra or {})}
     (sweep.root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    table = format_table(sweep, results)
+    table = sweep_table(sweep, results)
     (sweep.root / "summary.txt").write_text(table + "\n", encoding="utf-8")
     print(table, flush=True)
     waiting = [r.name for r in results if r.status != DONE]
     print(f"{len(results) - len(waiting)} of {len(results)} runs done"
           + (f"; not yet done: {', '.join(waiting)}" if waiting else ""), flush=True)
-    if figure:
-        _write_figure(sweep, summary)
+    _write_figure(sweep, summary)
     return summary
 
 
@@ -163,7 +169,7 @@ def build_figure(sweep: Sweep, group_list: list[dict]):
     axes = [a for a in sweep.axes if a.key != SEED]
     x_axis, others = (axes[0], axes[1:]) if axes else (None, [])
     x_labels = list(x_axis.labels) if x_axis else ["all runs"]
-    names = list(dict.fromkeys(n for g in group_list for n in g["validation"]))
+    names = list(dict.fromkeys(n for g in group_list for n in g["validation"]))  # the same in every group
     panels = [(TRAIN_LOSS, lambda g: g["train_loss"])] + [(n, lambda g, n=n: g["validation"][n]["final"])
                                                           for n in names]
     fig = Figure(figsize=(4.2 * len(panels), 3.8), layout="constrained")
