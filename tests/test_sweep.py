@@ -13,15 +13,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_launch import FAKE_SCONTROL, FAKE_SRUN, script_env
 
-from datagen import read_metrics, tiny_config, write_config
-from launch import assert_ok, clean_env, free_port, run_megacpt, wait_for_step
 from megacpt import cli
 from megacpt.config import load_config
 from megacpt.sweep.command import add_arguments, build_sweep
 from megacpt.sweep.grid import grid_axes, write_sweep
 from megacpt.sweep.slurm import array_spec
-from test_launch import FAKE_SCONTROL, FAKE_SRUN, script_env
+
+from datagen import read_metrics, tiny_config, write_config
+from launch import assert_ok, clean_env, free_port, run_megacpt, wait_for_step
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = ["--grid", "schedule.max_lr=1e-3,3e-3", "--grid", "schedule.warmup=0,1", "--seeds", "2"]
