@@ -17,12 +17,13 @@ from test_launch import FAKE_SCONTROL, FAKE_SRUN, script_env
 
 from megacpt import cli
 from megacpt.config import load_config
+from megacpt.launcher_env import free_port, own_world_env
 from megacpt.sweep.command import add_arguments, build_sweep
 from megacpt.sweep.grid import grid_axes, write_sweep
 from megacpt.sweep.slurm import array_spec
 
 from datagen import read_metrics, tiny_config, write_config
-from launch import assert_ok, clean_env, free_port, run_megacpt, wait_for_step
+from launch import assert_ok, run_megacpt, wait_for_step
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = ["--grid", "schedule.max_lr=1e-3,3e-3", "--grid", "schedule.warmup=0,1", "--seeds", "2"]
@@ -166,7 +167,7 @@ def sweep_run(tmp_path_factory, pattern_data):
     workdir = folder / "work"
     command = [sys.executable, "-m", "megacpt", "sweep", base, *GRID, "--init", str(folder / "stage0"),
                "--workdir", str(workdir)]
-    first = subprocess.Popen(command, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(command, env=own_world_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_step(workdir / "runs" / RUNS[2], 1, first, timeout=1200)
         first.send_signal(signal.SIGTERM)
@@ -179,7 +180,7 @@ def sweep_run(tmp_path_factory, pattern_data):
                 and (workdir / "runs" / name / "checkpoints" / "latest").read_text() == "step00000003"}
     partial = run_megacpt(["sweep", "--report", str(workdir)])
     partial_summary = json.loads((workdir / "summary.json").read_text())
-    again = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=1800)
+    again = subprocess.run(command, env=own_world_env(), capture_output=True, text=True, timeout=1800)
     return {"folder": folder, "workdir": workdir, "first": (first.returncode, first_output), "finished": finished,
             "partial": (partial, partial_summary), "again": again}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megacpt.cli_helpers import add_set_argument, non_negative_int, positive_int
 from megacpt.config import TrainConfig, apply_override, read_config_file
 from megacpt.errors import UserError
 from megacpt.sweep import execute, grid, slurm
@@ -16,24 +17,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                         help="a swept config key and its values, as --set takes them (repeatable: the cartesian "
                              "product); KEY=[JSON, values] for values with commas")
-    parser.add_argument("--seeds", type=int, default=0, metavar="N",
+    parser.add_argument("--seeds", type=non_negative_int, default=0, metavar="N",
                         help="run every combination with N seeds: train.seed = data.seed = the base's train.seed "
                              "+ 0 .. N-1")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of the base config for every run (repeatable)")
+    add_set_argument(parser)  # applied to the base config, so to every run
     parser.add_argument("--init", metavar="RUN_OR_CHECKPOINT",
                         help="every run is a new stage from this checkpoint (a run directory: its latest)")
     parser.add_argument("--workdir", metavar="DIR", help="where configs/, runs/, logs/ and the report go")
     parser.add_argument("--run", choices=("local", "slurm"), default="local",
                         help="local: train the runs one after another here (default); slurm: write a job-array "
                              "script and print its sbatch command")
-    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+    parser.add_argument("--nproc", type=positive_int, default=1, metavar="N",
                         help="ranks per run (local: under the deepspeed launcher when N > 1) or per node (slurm)")
     slurm_group = parser.add_argument_group("--run slurm")
-    slurm_group.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes per run (default 1)")
+    slurm_group.add_argument("--nodes", type=positive_int, default=1, metavar="N", help="nodes per run (default 1)")
     slurm_group.add_argument("--launcher", choices=tuple(slurm.LAUNCH_SCRIPTS), default="deepspeed",
                              help="launch/slurm_deepspeed.sbatch (default) or launch/slurm_srun_tasks.sbatch")
-    slurm_group.add_argument("--max-parallel", type=int, metavar="M", help="at most M runs at a time (--array=...%%M)")
+    slurm_group.add_argument("--max-parallel", type=positive_int, metavar="M",
+                             help="at most M runs at a time (--array=...%%M)")
     slurm_group.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                              help="an extra #SBATCH line, e.g. --sbatch=--time=4:00:00 (repeatable)")
     slurm_group.add_argument("--launch-dir", type=Path, default=slurm.default_launch_dir(), metavar="DIR",
@@ -51,11 +52,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.base or not args.workdir:
         raise UserError("give BASE.json and --workdir DIR (or --report DIR for the report of an existing sweep)")
-    for option in ("seeds", "nproc", "nodes", "max_parallel"):
-        value = getattr(args, option)
-        if value is not None and value < (0 if option == "seeds" else 1):
-            raise UserError(f"--{option.replace('_', '-')} must be {'>= 0' if option == 'seeds' else '>= 1'}, "
-                            f"got {value}")
     sweep = build_sweep(args)
     grid.write_sweep(sweep)
     print(f"sweep of {len(sweep.runs)} runs in {sweep.root}: configs in {sweep.root / 'configs'}", flush=True)
@@ -73,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 def build_sweep(args: argparse.Namespace) -> grid.Sweep:
     """The base config with --set and --init applied, expanded over the grid; validated, nothing written."""
     base = read_config_file(args.base)
-    for item in args.set:
+    for item in args.overrides:
         apply_override(base, item)
     if args.init:
         base.setdefault("init", {}).update(checkpoint=str(init_checkpoint(Path(args.init))), mode="new_stage")

@@ -24,9 +24,8 @@ from pathlib import Path
 
 from megacpt.config import RunConfig, load_config
 from megacpt.errors import UserError
+from megacpt.launcher_env import own_world_env
 
-DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-             "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK")
 PROGRESS_PREFIXES = ("stage ", "eval step", "resuming", "stop signal", "preprocess: wrote", "tokenizer:")
 STEP_LINE = re.compile(r"^step (\d+)/(\d+)\b")
 STOP_SECONDS = 120  # how long a child may take to save and exit after being asked to stop
@@ -61,12 +60,6 @@ def megacpt_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "megacpt", *args]
 
 
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def stop_on_sigterm() -> None:
     """Make SIGTERM stop this process like Ctrl-C does, so that its children are stopped cleanly too."""
     signal.signal(signal.SIGTERM, _interrupt)
@@ -84,7 +77,7 @@ def run_jobs(jobs: list[Job]) -> None:
         for job in jobs:
             job.log.parent.mkdir(parents=True, exist_ok=True)
             with _usr1_ignored(job.stop_group):
-                proc = subprocess.Popen(job.command, env=child_env(), stdout=subprocess.PIPE,
+                proc = subprocess.Popen(job.command, env=own_world_env(), stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
             procs.append(proc)
             thread = threading.Thread(target=_stream, args=(job, proc), daemon=True)

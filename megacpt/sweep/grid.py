@@ -19,6 +19,7 @@ from typing import Any
 
 from megacpt.config import apply_override, validate_config
 from megacpt.errors import ConfigError, UserError
+from megacpt.files import write_atomic
 
 MANIFEST = "sweep.json"
 SEED = "seed"  # the axis --seeds adds; it sets train.seed and data.seed together
@@ -199,14 +200,14 @@ def write_sweep(sweep: Sweep) -> None:
     for run in sweep.runs:
         write_once(sweep.config_path(run.name), run.config)
     if not path.is_file():
-        path.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        write_atomic(path, json.dumps(manifest, indent=1) + "\n")
 
 
 def write_once(path: Path, config: dict) -> Path:
     """Write a run config unless the file exists: a config on disk is never overwritten, so edits stick."""
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
+        write_atomic(path, json.dumps(config, indent=1) + "\n")
     return path
 
 

@@ -15,9 +15,11 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megacpt.cli_helpers import new_figure, save_figure, text_table
 from megacpt.config import load_config
 from megacpt.errors import UserError
-from megacpt.evaluation.plot import final_and_change
+from megacpt.evaluation.forgetting import final_and_change
+from megacpt.files import write_output
 from megacpt.stages import StageRun, run_lineage
 from megacpt.sweep.execute import is_finished
 from megacpt.sweep.grid import SEED, Sweep
@@ -114,8 +116,6 @@ def _stats(values: list[float | None]) -> dict:
 
 def sweep_table(sweep: Sweep, results: list[RunResult]) -> str:
     """One row per run: its values, status, final training loss, each validation set's final loss (change)."""
-    from tabulate import tabulate
-
     names = validation_names(results)
     headers = ["run", *(a.key for a in sweep.axes), "status", TRAIN_LOSS, *names]
     rows = []
@@ -123,7 +123,7 @@ def sweep_table(sweep: Sweep, results: list[RunResult]) -> str:
         status = r.status if r.status != PARTIAL else f"step {r.step}/{r.steps}"
         rows.append([r.name, *(r.labels[a.key] for a in sweep.axes), status, _number(r.train_loss),
                      *(_final_change(*r.validation.get(n, (None, None))) for n in names)])
-    return tabulate(rows, headers, tablefmt="simple", disable_numparse=True)
+    return text_table(rows, headers)
 
 
 def _number(value: float | None) -> str:
@@ -140,9 +140,9 @@ def write_report(sweep: Sweep, results: list[RunResult] | None = None, extra: di
     results = collect(sweep) if results is None else results
     summary = {"axes": [a.key for a in sweep.axes], "runs": [r.summary() for r in results],
                "groups": groups(sweep, results), **(extra or {})}
-    (sweep.root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    write_output(sweep.root / "summary.json", json.dumps(summary, indent=1) + "\n", "the sweep's summary")
     table = sweep_table(sweep, results)
-    (sweep.root / "summary.txt").write_text(table + "\n", encoding="utf-8")
+    write_output(sweep.root / "summary.txt", table + "\n", "the sweep's table")
     print(table, flush=True)
     waiting = [r.name for r in results if r.status != DONE]
     print(f"{len(results) - len(waiting)} of {len(results)} runs done"
@@ -152,27 +152,26 @@ def write_report(sweep: Sweep, results: list[RunResult] | None = None, extra: di
 
 
 def _write_figure(sweep: Sweep, summary: dict) -> None:
+    """The figure, or a note where matplotlib is missing: the numbers above are the report's substance."""
     try:
         fig = build_figure(sweep, summary["groups"])
-    except ImportError:
-        print(f"no {FIGURE}: drawing it needs matplotlib (pip install 'megacpt[viz]')", flush=True)
+    except UserError as e:
+        print(f"no {FIGURE}: {e}", flush=True)
         return
-    fig.savefig(sweep.root / FIGURE, dpi=110)
+    save_figure(fig, sweep.root / FIGURE, "the sweep's figure", dpi=110)
     print(f"figure: {sweep.root / FIGURE}", flush=True)
 
 
 def build_figure(sweep: Sweep, group_list: list[dict]):
     """One panel for the training loss and one per validation set; x: the first swept key's values (in sweep
     order); one line per combination of the other keys; error bars: standard deviation over seeds."""
-    from matplotlib.figure import Figure
-
     axes = [a for a in sweep.axes if a.key != SEED]
     x_axis, others = (axes[0], axes[1:]) if axes else (None, [])
     x_labels = list(x_axis.labels) if x_axis else ["all runs"]
     names = list(dict.fromkeys(n for g in group_list for n in g["validation"]))  # the same in every group
     panels = [(TRAIN_LOSS, lambda g: g["train_loss"])] + [(n, lambda g, n=n: g["validation"][n]["final"])
                                                           for n in names]
-    fig = Figure(figsize=(4.2 * len(panels), 3.8), layout="constrained")
+    fig = new_figure(FIGURE, figsize=(4.2 * len(panels), 3.8), layout="constrained")
     for ax, (title, stats_of) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         lines: dict[str, list[tuple[int, dict]]] = {}
         for g in group_list:

@@ -12,6 +12,7 @@ import shlex
 from pathlib import Path
 
 from megacpt.errors import UserError
+from megacpt.files import write_atomic
 from megacpt.sweep.grid import Sweep
 
 SCRIPT = "sweep.sbatch"
@@ -75,6 +76,6 @@ def write_array_script(sweep: Sweep, unfinished: list[int], launch_dir: Path, la
                         list(extra), (workdir or Path.cwd()).resolve())
     (sweep.root / "logs").mkdir(parents=True, exist_ok=True)  # SLURM does not create the --output folder
     path = sweep.root / SCRIPT
-    path.write_text(text, encoding="utf-8")
+    write_atomic(path, text)
     path.chmod(0o755)
     return path
