@@ -28,6 +28,9 @@ from launch import assert_ok, run_megacpt, wait_for_step
 REPO = Path(__file__).resolve().parents[1]
 GRID = ["--grid", "schedule.max_lr=1e-3,3e-3", "--grid", "schedule.warmup=0,1", "--seeds", "2"]
 SEEDS = (1234, 1235)  # the base's train.seed (the default) and the next
+# the module's sweep (a stage 0 and 8 runs plus a restart) is set up by whichever of its tests runs first; about
+# 2 minutes on 2 idle cores, more than pytest.ini's 900 s on a crowded one
+SWEEP_TIMEOUT = pytest.mark.timeout(1800)
 RUNS = [f"max_lr{lr}_warmup{w}_seed{s}" for s in SEEDS for lr in ("1e-3", "3e-3") for w in (0, 1)]
 
 FAKE_SBATCH = f"""#!{sys.executable}
@@ -185,6 +188,7 @@ def sweep_run(tmp_path_factory, pattern_data):
             "partial": (partial, partial_summary), "again": again}
 
 
+@SWEEP_TIMEOUT
 def test_a_killed_sweep_resumes_without_rerunning_finished_runs(sweep_run):
     code, output = sweep_run["first"]
     assert code == 130, output  # SIGTERM stops the sweep like Ctrl-C, after the running run saved a checkpoint
@@ -206,6 +210,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_runs(sweep_run):
     assert [r["status"] for r in summary["runs"]] == ["done"] * 8
 
 
+@SWEEP_TIMEOUT
 def test_the_report_of_a_partial_sweep_marks_the_runs_not_yet_done(sweep_run):
     result, summary = sweep_run["partial"]
     assert_ok(result)
@@ -229,6 +234,7 @@ def _expected(run_dir: Path, stage0_dir: Path) -> dict:
             "validation": {n: {"final": last[n], "change": last[n] - start[n]} for n in ("a", "b")}}
 
 
+@SWEEP_TIMEOUT
 def test_the_report_holds_each_runs_own_numbers_and_the_seed_statistics(sweep_run):
     workdir, folder = sweep_run["workdir"], sweep_run["folder"]
     summary = json.loads((workdir / "summary.json").read_text())
