@@ -4,7 +4,8 @@ Each array task runs one of the launch scripts in launch/ (`slurm_deepspeed.sbat
 `slurm_srun_tasks.sbatch`) on its run's config, so a sweep's run starts, checkpoints on SLURM's USR1, and
 resumes after a requeue exactly as a single job does (docs/LAUNCH.md). The resources (`#SBATCH` lines) are
 the array task's, since the launch script's own `#SBATCH` lines are comments when it is run from another
-script. This module writes the script and the sbatch command; it submits nothing.
+script; like those scripts it assumes no GPUs (`--sbatch=--gpus-per-node=8` asks for them) and sets the ranks
+per node with GPUS_PER_NODE. This module writes the script and the sbatch command; it submits nothing.
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ def array_script(sweep: Sweep, indices: list[int], launch_dir: Path, launcher: s
     """The batch script: #SBATCH lines for one array task, the run configs, the launch script for task i."""
     tasks_per_node = ranks_per_node if launcher == "tasks" else 1
     options = [f"--job-name=megacpt-sweep-{sweep.root.name}", f"--array={array_spec(indices, max_parallel)}",
-               f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", f"--gpus-per-node={ranks_per_node}",
-               "--signal=USR1@120", "--requeue", "--open-mode=append", f"--chdir={workdir}",
+               f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--exclusive", "--signal=USR1@120",
+               "--requeue", "--open-mode=append", f"--chdir={workdir}",
                f"--output={sweep.root / 'logs' / 'slurm-%A_%a.log'}", *extra]
     configs = "\n".join(f"  {shlex.quote(str(sweep.config_path(r.name)))}  # {i}" for i, r in enumerate(sweep.runs))
     return "\n".join([
