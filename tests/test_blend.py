@@ -143,8 +143,8 @@ def _train_recording(monkeypatch, config_path: str) -> list[tuple[int, ...]]:
     return rows
 
 
-def _is_pattern_a(row: tuple[int, ...]) -> bool:
-    return set(row) <= {(3 + 7 * i) % 256 for i in range(11)}  # pattern 'a' cycles through these 11 tokens
+def _is_pattern(row: tuple[int, ...], period: int, offset: int) -> bool:
+    return set(row) <= {(offset + 7 * i) % 256 for i in range(period)}  # a pattern cycles through these tokens
 
 
 def test_seen_only_replays_only_samples_the_earlier_stage_trained_on(tmp_path, pattern_data, world, monkeypatch):
@@ -153,21 +153,23 @@ def test_seen_only_replays_only_samples_the_earlier_stage_trained_on(tmp_path, p
     from megacpt import checkpoint
     from megacpt.config import load_config
 
-    stage0 = tiny_config(tmp_path / "stage0", [{"name": "old", "prefix": pattern_data["noise"]}], train={"steps": 3})
-    trained_on = _train_recording(monkeypatch, write_config(tmp_path / "s0.json", stage0))
+    stage0 = tiny_config(tmp_path / "stage0", [{"name": "old", "prefix": pattern_data["noise"]},
+                                                {"name": "b", "prefix": pattern_data["b"]}], train={"steps": 3})
+    rows = _train_recording(monkeypatch, write_config(tmp_path / "s0.json", stage0))
+    trained_on = [row for row in rows if not _is_pattern(row, 5, 100)]  # the blend's 'old' samples
     history = read_state(checkpoint.resolve_tag(tmp_path / "stage0" / "checkpoints")).stages
-    assert len(trained_on) == len(set(trained_on)) == 12 == history[-1].samples["old"]
-    assert read_metrics(tmp_path / "stage0")[-1]["samples"] == {"old": 12}
+    assert len(rows) == 12 and len(trained_on) == len(set(trained_on)) == 6 == history[-1].samples["old"]
+    assert read_metrics(tmp_path / "stage0")[-1]["samples"] == {"old": 6, "b": 6}
 
     stage1 = tiny_config(tmp_path / "stage1", [{"name": "new", "prefix": pattern_data["a"]}],
                          data={"replay": {"fraction": 0.5, "seen_only": True,
                                           "sources": [{"name": "old", "prefix": pattern_data["noise"]}]}},
-                         init={"checkpoint": str(tmp_path / "stage0" / "checkpoints")}, train={"steps": 6})
+                         init={"checkpoint": str(tmp_path / "stage0" / "checkpoints")}, train={"steps": 3})
     path = write_config(tmp_path / "s1.json", stage1)
     consumed = _train_recording(monkeypatch, path)
-    replayed = [row for row in consumed if not _is_pattern_a(row)]
-    assert len(consumed) == 24 and len(replayed) == 12 == read_metrics(tmp_path / "stage1")[-1]["samples"]["old"]
-    assert sorted(replayed) == sorted(trained_on)  # the 12 seen samples, each once in the first pass
+    replayed = [row for row in consumed if not _is_pattern(row, 11, 3)]
+    assert len(consumed) == 12 and len(replayed) == 6 == read_metrics(tmp_path / "stage1")[-1]["samples"]["old"]
+    assert sorted(replayed) == sorted(trained_on)  # the 6 seen samples, each once in the first pass
 
     config = load_config(path)  # control: without seen_only the same replay source brings unseen samples
     config.data.replay.seen_only = False
