@@ -18,6 +18,7 @@ from megacpt.model.hf_mapping import VOCAB_ROWS, hf_to_megatron
 from megacpt.stages import VocabExtendedStage, read_state, write_state
 from megacpt.tools import checkpoint_io
 
+from datagen import tiny_config, write_config
 from hfmodel import random_gpt_neox
 
 NAMES = "alpha beta gamma delta value index count items result total buffer offset config".split()
@@ -179,3 +180,19 @@ def test_a_tokenizer_that_does_not_extend_the_checkpoints_exits_2_and_writes_not
     assert (str(checkpoint_io.load(ckpt).tag_dir) if case == "no-tokenizer" else str(tokenizer)) in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_a_new_stage_trains_from_the_grown_checkpoint_with_the_new_tokenizer(tmp_path, checkpoints, new_tokenizer,
+                                                                             pattern_data):
+    assert cli("extend-vocab", "--checkpoint", checkpoints[1], "--tokenizer", new_tokenizer,
+               "--output", tmp_path / "grown") == 0
+    model = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "ffn_hidden_size": 256, "seq_length": 64,
+             "vocab_size": 400}
+    config = tiny_config(tmp_path / "run", [{"name": "a", "prefix": pattern_data["a"]}], model=model,
+                         tokenizer={"type": "sentencepiece", "model": new_tokenizer},
+                         init={"checkpoint": str(tmp_path / "grown"), "mode": "new_stage"},
+                         train={"steps": 3, "save_interval": 3})
+    assert cli("train", write_config(tmp_path / "config.json", config)) == 0
+    state = checkpoint_io.load(tmp_path / "run" / "checkpoints").state
+    assert [s.origin for s in state.stages] == ["huggingface", "extend-vocab", "megacpt"]
+    assert state.stages[-1].index == 2 and state.model.padded_vocab_size == 512
