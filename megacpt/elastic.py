@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from megacpt.errors import UserError
+from megacpt.files import replace_durably
 from megacpt.model import hf_mapping
 
 UNIVERSAL = "universal"
@@ -138,7 +139,7 @@ def write_universal(tag_dir: Path, saved: Layout | None, vocab_rows: int, folder
         _fit_vocab_rows(staging / "zero", vocab_rows)
         (staging / MARKER).write_text(json.dumps({"from": str(saved or tag_dir), "vocab_rows": vocab_rows}))
         shutil.rmtree(folder, ignore_errors=True)
-        os.replace(staging, folder)
+        replace_durably(staging, folder)
     except PermissionError as e:
         raise UserError(f"cannot write the universal form of checkpoint {tag_dir} ({e}); convert it where you can "
                         "write with `megacpt reshard --checkpoint TAG --tp N --output DIR` and load that") from None
