@@ -1,28 +1,36 @@
-"""Checkpoints: DeepSpeed's files plus megacpt's own state, saved atomically, loaded as resume or new stage.
+"""Checkpoints: DeepSpeed's files plus megacpt's own state, saved atomically, verified, loaded as resume or new stage.
 
-A tag folder holds what `engine.save_checkpoint` writes, `megacpt_state.json` (a `stages.CheckpointState`:
-resolved config, stage history, data position and samples per source, schedule state, model signature) and
-one RNG file per rank.
-`latest` names the newest complete tag and is replaced (atomically) only after every rank has finished
-writing, so a crash during a save leaves the previous checkpoint in charge.
+A tag folder holds what `engine.save_checkpoint` writes, `megacpt_state.json` (resolved config, stage
+history, data position and samples per source, schedule state, model dimensions), one RNG file per rank and,
+written last, `manifest.json` (every file's size and checksum, see manifest.py). `latest` names the newest
+complete tag and is replaced (atomically) only after the manifest is on disk, so a crash during a save leaves
+the previous checkpoint in charge; a write failure (full disk, permissions) removes the partial tag and says so.
+Every load verifies the tag against its manifest first.
 
 Loading follows the CPT policy: a run whose RUN_DIR holds a checkpoint resumes it (same stage, same t,
-same data position). `init.checkpoint` with mode `new_stage` loads the weights and then, independently,
-the optimizer, the scheduler position and the data position as `init.load_*` say.
+same data position; resume.py says which config keys may change). `init.checkpoint` with mode `new_stage`
+loads the weights and then, independently, the optimizer, the scheduler position and the data position as
+`init.load_*` say.
 """
 from __future__ import annotations
 
+import errno
+import os
+import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from megacpt import elastic
+from megacpt import elastic, manifest
 from megacpt.config import InitConfig, RunConfig
 from megacpt.elastic import Layout
 from megacpt.errors import ConfigError, UserError
 from megacpt.files import write_atomic
+from megacpt.resume import check_resume
 from megacpt.stages import (
     STATE_FILE,
     CheckpointState,
@@ -33,6 +41,7 @@ from megacpt.stages import (
 )
 
 LATEST = "latest"
+_TAG = re.compile(r"step\d{8}")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -43,21 +52,76 @@ def tag_name(step: int) -> str:
     return f"step{step:08d}"
 
 
+def list_tags(root: Path) -> list[Path]:
+    """The tag folders of a checkpoints folder, oldest first, complete or not."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and _TAG.fullmatch(p.name)) if root.is_dir() else []
+
+
+def is_complete(tag_dir: Path) -> bool:
+    """A save that finished: it wrote its manifest (which may still fail to verify)."""
+    return (tag_dir / manifest.MANIFEST).is_file()
+
+
+def newest_verified(root: Path, before: str | None = None) -> Path | None:
+    """The newest tag of `root` (older than tag `before`, if given) that verifies completely."""
+    for tag_dir in reversed(list_tags(root)):
+        if (before is None or tag_dir.name < before) and not manifest.problems(tag_dir):
+            return tag_dir
+    return None
+
+
+def _use_hint(key: str, tag_dir: Path) -> str:
+    """How to load `tag_dir` instead, in the terms of the key that chose the damaged one."""
+    if key in ("run_dir", "checkpoint.load_tag"):
+        return (f"resume from it with --set checkpoint.load_tag={tag_dir.name} (newer tags are then moved aside, "
+                "not overwritten)")
+    return f"give {key} {tag_dir}"
+
+
 def resolve_tag(path: str | Path, key: str = "init.checkpoint") -> Path:
-    """A checkpoints folder (follow its `latest`) or one tag folder in it -> the tag folder."""
+    """A checkpoints folder (follow its `latest`) or one tag folder in it -> the tag folder (not yet verified)."""
     path = Path(path)
-    if (path / STATE_FILE).is_file():
+    if (path / STATE_FILE).is_file() or is_complete(path) or (_TAG.fullmatch(path.name) and path.is_dir()):
         return path
     latest = path / LATEST
     if latest.is_file():
         tag = path / latest.read_text().strip()
-        if (tag / STATE_FILE).is_file():
+        if is_complete(tag):
             return tag
-        raise UserError(f"{key}: {latest} names {tag}, which holds no {STATE_FILE} (incomplete checkpoint)")
+        raise UserError(f"{key}: {latest} names {tag}, which is not a complete checkpoint{_newest_complete(path, key)}")
     if not path.exists():
         raise UserError(f"{key}: checkpoint path {path} does not exist")
+    if any(is_complete(t) for t in list_tags(path)):
+        raise UserError(f"{key}: {path} holds checkpoint tags but no '{LATEST}' pointer{_newest_complete(path, key)}")
     raise UserError(f"{key}: {path} is neither a megacpt checkpoint tag (no {STATE_FILE}) nor a checkpoints folder (no "
                     f"'{LATEST}')")
+
+
+def _newest_complete(root: Path, key: str) -> str:
+    found = newest_verified(root)
+    if found is None:
+        return f"; no tag in {root} verifies (`megacpt checkpoint verify {root}` lists them)"
+    return f"; the newest tag that verifies is {found.name}: {_use_hint(key, found)}"
+
+
+def verify_tag(tag_dir: Path, key: str, checksums: bool = True) -> None:
+    """Check the tag against its manifest; a damaged or unfinished tag is a UserError naming the file and the
+    newest older tag that verifies."""
+    found = manifest.problems(tag_dir, checksums)
+    if not found:
+        return
+    older = newest_verified(tag_dir.parent, before=tag_dir.name)
+    alternative = (f"the newest older tag that verifies is {older.name}: {_use_hint(key, older)}" if older
+                   else f"no older tag in {tag_dir.parent} verifies")
+    raise UserError(f"{key}: checkpoint {tag_dir} does not verify: {'; '.join(found[:3])}"
+                    f"{'; ...' if len(found) > 3 else ''}. {alternative}")
+
+
+def open_tag(path: str | Path, key: str = "init.checkpoint", checksums: bool = True) -> Path:
+    """resolve_tag, then verify_tag: the tag folder every loader (train, eval, the tools) reads from."""
+    tag_dir = resolve_tag(path, key)
+    verify_tag(tag_dir, key, checksums)
+    return tag_dir
 
 
 LAYOUT_KEYS = ("padded_vocab_size", "tensor_parallel")
@@ -88,6 +152,7 @@ class LoadPlan:
     load_scheduler: bool
     load_data_position: bool
     universal: Path | None = None  # the tag's universal form, when it was saved in another layout
+    changes: dict[str, list] = field(default_factory=dict)  # resumable config keys changed: [old, new]
 
 
 def follow_layout(plan: LoadPlan, current: Layout, padded_vocab_size: int, is_main: bool) -> str | None:
@@ -120,30 +185,64 @@ def follow_layout(plan: LoadPlan, current: Layout, padded_vocab_size: int, is_ma
     return f"checkpoint {plan.tag_dir.name} {saved_as}, this run is {current}: {done} {plan.universal}"
 
 
-def plan_load(config: RunConfig) -> LoadPlan | None:
-    """Resume RUN_DIR's own checkpoint if it has one, else follow `init`, else nothing (fresh weights)."""
+def plan_load(config: RunConfig, checksums: bool = True) -> LoadPlan | None:
+    """Resume RUN_DIR's own checkpoint if it has one, else follow `init`, else nothing (fresh weights).
+
+    The tag is verified first (`checksums` false checks only names and sizes); a resume must not change what
+    the stage means (resume.py).
+    """
     own = checkpoint_dir(config.run_dir)
-    if (own / LATEST).is_file():
+    load_tag = config.checkpoint.load_tag
+    if load_tag is not None:
+        tag_dir = own / load_tag
+        if not tag_dir.is_dir():
+            names = ", ".join(t.name for t in list_tags(own)) or "none"
+            raise ConfigError("checkpoint.load_tag", f"{tag_dir} does not exist; the tags in {own}: {names}")
+    elif (own / LATEST).is_file() or any(is_complete(t) for t in list_tags(own)):
         tag_dir = resolve_tag(own, key="run_dir")
-        return LoadPlan(tag_dir, read_state(tag_dir), True, True, True, True)
-    return plan_init(config)
+    else:
+        return plan_init(config, checksums=checksums)
+    verify_tag(tag_dir, "checkpoint.load_tag" if load_tag else "run_dir", checksums)
+    state = read_state(tag_dir)
+    changes = check_resume(config, state.config, tag_dir, own_run=True)
+    return LoadPlan(tag_dir, state, True, True, True, True, changes=changes)
 
 
-def plan_init(config: RunConfig, key: str = "init.checkpoint") -> LoadPlan | None:
+def plan_init(config: RunConfig, key: str = "init.checkpoint", checksums: bool = True) -> LoadPlan | None:
     """What `init` asks to load, ignoring RUN_DIR (`megacpt eval` loads weights this way too); `key` names
-    the checkpoint's setting in messages."""
+    the checkpoint's setting in messages. The tag is verified first."""
     init = config.init
     if init.checkpoint is None:
         return None
-    tag_dir = resolve_tag(init.checkpoint, key=key)
+    tag_dir = open_tag(init.checkpoint, key=key, checksums=checksums)
     state = read_state(tag_dir)
     if init.mode == "resume":
         if not state.has_optimizer or state.scheduler is None:
             raise ConfigError("init.mode", f"'resume' needs a training checkpoint; {tag_dir} holds weights only "
                                            "(imported or merged): use 'new_stage'")
-        return LoadPlan(tag_dir, state, True, True, True, True)
+        changes = check_resume(config, state.config, tag_dir, own_run=False)
+        return LoadPlan(tag_dir, state, True, True, True, True, changes=changes)
     check_init_combination(init, state, config)
     return LoadPlan(tag_dir, state, False, init.load_optimizer, init.load_scheduler, init.load_data_position)
+
+
+def set_aside_newer(tag_dir: Path) -> list[Path]:
+    """Before resuming from an older tag: move newer complete tags to NAME.superseded (never written over or
+    deleted) and point `latest` at `tag_dir`. Returns the new names."""
+    moved = []
+    for newer in list_tags(tag_dir.parent):
+        if newer.name > tag_dir.name and is_complete(newer):
+            target = newer.with_name(newer.name + ".superseded")
+            n = 1
+            while target.exists():
+                n += 1
+                target = newer.with_name(f"{newer.name}.superseded{n}")
+            os.replace(newer, target)
+            moved.append(target)
+    latest = tag_dir.parent / LATEST
+    if not latest.is_file() or latest.read_text().strip() != tag_dir.name:
+        write_atomic(latest, tag_dir.name)
+    return moved
 
 
 def check_init_combination(init: InitConfig, state: CheckpointState, config: RunConfig) -> None:
@@ -230,28 +329,92 @@ def set_rng_states(states: dict) -> None:
 
 def save(engine, run_dir: str | Path, step: int, state: CheckpointState, world_rank: int,
          keep_last: int | None) -> Path:
-    """Write a complete tag, then move `latest` to it, then apply retention. Call on every rank."""
+    """Write a complete tag (files, state, manifest), then move `latest` to it, then apply retention.
+
+    Call on every rank. A write failure removes the partial tag and raises a UserError saying why
+    (no space, permission denied) with `latest` untouched.
+    """
     root = checkpoint_dir(run_dir)
     tag = tag_name(step)
     tag_dir = root / tag
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    torch.save(rng_states(), tag_dir / f"rng_rank{world_rank}.pt")
-    if world_rank == 0:
-        write_state(tag_dir, state)
+    if world_rank == 0 and tag_dir.exists():
+        if is_complete(tag_dir):  # only a bug could get here: resumes set newer tags aside first
+            raise UserError(f"refusing to write over the complete checkpoint {tag_dir}")
+        shutil.rmtree(tag_dir)  # what a crashed save left
     torch.distributed.barrier()
-    if world_rank == 0:
-        write_atomic(root / LATEST, tag)
-        if keep_last:
-            prune(root, keep_last)
+    with _removed_on_write_failure(tag_dir):
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        torch.save(rng_states(), tag_dir / f"rng_rank{world_rank}.pt")
+        if world_rank == 0:
+            write_state(tag_dir, state)
+        torch.distributed.barrier()
+        _write_manifest(tag_dir, world_rank)
+        if world_rank == 0:
+            write_atomic(root / LATEST, tag)  # durable: file and folder entry
+    if world_rank == 0 and keep_last:
+        prune(root, keep_last)
     torch.distributed.barrier()
     return tag_dir
+
+
+def _write_manifest(tag_dir: Path, world_rank: int) -> None:
+    """Every rank checksums (and fsyncs) its share of the tag's files; rank 0 writes the manifest."""
+    names = [manifest.tag_files(tag_dir) if world_rank == 0 else None]
+    torch.distributed.broadcast_object_list(names, src=0)
+    world = torch.distributed.get_world_size()
+    shares: list = [None] * world
+    torch.distributed.all_gather_object(shares, manifest.describe(tag_dir, names[0][world_rank::world]))
+    if world_rank == 0:
+        manifest.write_manifest(tag_dir, {name: entry for share in shares for name, entry in sorted(share.items())})
+
+
+_WRITE_FAILURES = ("No space left", "Permission denied", "Read-only", "inline_container", "file write failed",
+                   "Parent directory")
+
+
+@contextmanager
+def _removed_on_write_failure(tag_dir: Path) -> Iterator[None]:
+    """Turn an I/O failure while writing `tag_dir` into a UserError that says why, after removing the tag.
+
+    torch's writer reports a full disk as `RuntimeError: [enforce fail at inline_container.cc...]`, without
+    an errno, so the reason is also read off the folder (free space, write permission).
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and not any(w in str(error) for w in _WRITE_FAILURES):
+            raise
+        root = tag_dir.parent
+        reason = _write_failure_reason(error, root)
+        shutil.rmtree(tag_dir, ignore_errors=True)
+        latest = root / LATEST
+        kept = (f"`latest` still names {latest.read_text().strip()}" if latest.is_file()
+                else "there is no earlier checkpoint")
+        raise UserError(f"cannot write checkpoint {tag_dir}: {reason} in {root}. The partial tag was removed and "
+                        f"{kept}; make room or fix the folder, then run the same command again to resume") from None
+
+
+def _write_failure_reason(error: BaseException, root: Path) -> str:
+    code, text = getattr(error, "errno", None), str(error)
+    if code == errno.ENOSPC or "No space left" in text or _free_bytes(root) < (1 << 20):
+        return "no space left on device"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in text or "Read-only" in text \
+            or not os.access(root, os.W_OK):
+        return "permission denied"
+    return getattr(error, "strerror", None) or text
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62
 
 
 def prune(root: Path, keep_last: int) -> None:
     """Remove the oldest complete tags beyond `keep_last` (never the one `latest` names)."""
     latest = (root / LATEST).read_text().strip()
-    tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step") and (p / STATE_FILE).is_file())
+    tags = [t for t in list_tags(root) if is_complete(t)]
     for old in tags[:-keep_last]:
         if old.name != latest:
             shutil.rmtree(old)
-

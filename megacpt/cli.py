@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extend-vocab": ("megacpt.tools.extend_vocab", "grow a checkpoint's embedding and output layer for an extended "
                                                    "tokenizer (old ids unchanged)"),
     "merge": ("megacpt.tools.merge", "weighted average of checkpoints of the same architecture (model merging)"),
+    "checkpoint": ("megacpt.tools.checkpoint_command", "verify checkpoint tags against their manifests; --clean "
+                                                       "removes unfinished saves"),
     "generate": ("megacpt.tools.generate", "greedy decoding from a checkpoint, for a quick look"),
     "demo": ("megacpt.demo.experiment", "forgetting and replay end to end on CPU: prose -> code, three stage-1 arms "
                                         "(--quick: ~2 min)"),

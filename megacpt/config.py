@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -147,6 +148,13 @@ class DataConfig(Section):
                 raise ValueError(f"weights in '{group}' must be >= 0 and sum to more than 0")
         if self.replay.fraction > 0 and not self.replay.sources:
             raise ValueError("replay.fraction > 0 needs replay.sources")
+        new_prefixes = {os.path.normpath(s.prefix): s.name for s in self.sources}
+        for s in self.replay.sources:
+            if os.path.normpath(s.prefix) in new_prefixes and not self.replay.seen_only:
+                raise ValueError(f"replay source '{s.name}' reads the same files as new source "
+                                 f"'{new_prefixes[os.path.normpath(s.prefix)]}' ({s.prefix}): replay is earlier data, "
+                                 "so this only shifts the blend weights; give the weight to the source instead, or "
+                                 "set replay.seen_only to replay just what an earlier stage trained on")
         return self
 
 
@@ -277,11 +285,16 @@ class InitConfig(Section):
 
 
 class CheckpointConfig(Section):
-    """Checkpoint retention."""
+    """Checkpoint retention, and which of RUN_DIR's tags a resume starts from."""
 
     keep_last: int | None = Field(None, gt=0,
                                   description="Keep only the newest N tags (older ones are removed after a new one is "
                                               "complete).")
+    load_tag: str | None = Field(
+        None, pattern=r"^step\d{8}$",
+        description="Resume from this tag of RUN_DIR/checkpoints (e.g. 'step00001000') instead of the one `latest` "
+                    "names, e.g. when a newer one fails verification; newer tags are moved aside to "
+                    "NAME.superseded, never overwritten. Give it for one start (`--set`), not in the config file.")
 
 
 class WandbConfig(Section):

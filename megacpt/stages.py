@@ -32,6 +32,13 @@ class Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Resume(Record):
+    """A restart of the stage that changed keys a resume may change: {dotted key: [before, after]}."""
+
+    step: int = Field(ge=0, description="The checkpoint step the run resumed from.")
+    changed: dict[str, list[Any]]
+
+
 class TrainedStage(Record):
     """A stage `megacpt train` ran: where, from what, on which data, how far."""
 
@@ -47,6 +54,8 @@ class TrainedStage(Record):
     schedule: ScheduleConfig
     data: DataConfig
     samples: dict[str, int] = Field(description="Samples trained on per source name, up to steps_done.")
+    resumes: list[Resume] = Field(default_factory=list, description="Restarts that changed a config key a resume "
+                                                                     "may change (megacpt/resume.py).")
 
     @property
     def tokens(self) -> int:

@@ -9,14 +9,16 @@ checkpoint), they stop the run before its first step, exit 0 and leave the check
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from megacpt import checkpoint
+from megacpt import run_dir as run_dir_files
 from megacpt.cli_helpers import add_set_argument
 from megacpt.config import RunConfig, dump_config, load_config
 from megacpt.errors import UserError
@@ -26,6 +28,7 @@ from megacpt.stages import (
     CheckpointState,
     DataPosition,
     ModelSignature,
+    Resume,
     SavedConfig,
     SchedulerState,
     StageRecord,
@@ -44,20 +47,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def preflight(config: RunConfig) -> None:
-    """Everything that can be checked before torch.distributed starts: schedule, data files, checkpoint."""
+def preflight(config: RunConfig, checksums: bool = True) -> checkpoint.LoadPlan | None:
+    """Everything that can be checked before torch.distributed starts: schedule, tokenizer, data, checkpoint."""
     from megacpt.data.datasets import check_data
+    from megacpt.data.tokenizers import check_vocabulary
     from megacpt.schedule import check_schedule
 
     check_schedule(config.schedule, config.train.steps)
-    check_data(config.data, config.model.vocab_size)
+    check_vocabulary(config.tokenizer, config.model.vocab_size)
+    check_data(config.data, config.model.vocab_size, config.model.seq_length)
     if config.logging.wandb is not None:
         from megacpt.wandb_sink import check_available
 
         check_available(config.logging.wandb)
-    plan = checkpoint.plan_load(config)
+    plan = checkpoint.plan_load(config, checksums)
     if plan is not None:
         checkpoint.check_architecture(config, plan.state, plan.tag_dir, other_layout=plan.load_optimizer)
+    return plan
 
 
 class StopSignal:
@@ -87,20 +93,40 @@ class StopSignal:
 
 
 def train(config: RunConfig) -> None:
+    """Check, lock RUN_DIR, join the world, build, load, loop."""
     from megacpt.distributed import setup_world
+
+    signals = StopSignal()  # first: a stop may arrive during the minutes the setup below can take
+    main = os.environ.get("RANK", "0") == "0"  # before the world exists: the launcher's rank, else a world of one
+    with run_dir_files.hold(config.run_dir, main):
+        plan = preflight(config, checksums=main)  # the main process checksums the tag, the others check sizes
+        world = setup_world(config.parallel.tensor, config.train.seed)
+        if world.is_main:
+            prepare_run_dir(Path(config.run_dir), config, plan)
+        _train(config, world, plan, signals)
+
+
+def prepare_run_dir(run_dir: Path, config: RunConfig, plan: checkpoint.LoadPlan | None) -> None:
+    """Once the start has passed its checks: the resolved config, and on a resume the run dir rolled back to
+    the checkpoint (newer tags set aside, metrics of steps after it dropped)."""
+    run_dir_files.write_config(run_dir, dump_config(config))
+    if plan is None or not plan.resume or plan.tag_dir.parent != checkpoint.checkpoint_dir(run_dir):
+        return
+    for moved in checkpoint.set_aside_newer(plan.tag_dir):
+        print(f"resuming from {plan.tag_dir.name}: moved the newer tag to {moved}", file=sys.stderr)
+    dropped = run_dir_files.keep_metrics_until(run_dir, plan.state.step)
+    if dropped:
+        print(f"metrics.jsonl: dropped {dropped} records of steps after {plan.tag_dir.name}, which this run "
+              "trains again", file=sys.stderr)
+
+
+def _train(config: RunConfig, world, plan: checkpoint.LoadPlan | None, signals: StopSignal) -> None:
     from megacpt.elastic import Layout
     from megacpt.engine import build_engine, deepspeed_config, zero_stage
     from megacpt.schedule import StageScheduler
     from megacpt.step_guard import StepGuard
 
-    signals = StopSignal()  # first: a stop may arrive during the minutes the setup below can take
-    preflight(config)
-    world = setup_world(config.parallel.tensor, config.train.seed)
     run_dir = Path(config.run_dir)
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dump_config(config), indent=2))
-    plan = checkpoint.plan_load(config)
     stages = stage_records(config, plan)
     stage = stages[-1]
 
@@ -180,7 +206,11 @@ def restore(plan: checkpoint.LoadPlan | None, engine, scheduler, stream, world) 
 def stage_records(config: RunConfig, plan: checkpoint.LoadPlan | None) -> list[StageRecord]:
     """The stage records of this model, ending with the current one (appended when this run is a new stage)."""
     if plan is not None and plan.resume:
-        return list(plan.state.stages)
+        stages = list(plan.state.stages)
+        if plan.changes:  # what the resume changed (resume.RESUMABLE keys only), for the record
+            resumes = [*stages[-1].resumes, Resume(step=plan.state.step, changed=plan.changes)]
+            stages[-1] = stages[-1].model_copy(update={"resumes": resumes})
+        return stages
     earlier = list(plan.state.stages) if plan is not None else []
     return earlier + [TrainedStage(
         index=len(earlier), name=Path(config.run_dir).name, run_dir=str(Path(config.run_dir).resolve()),

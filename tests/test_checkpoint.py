@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megacpt import manifest
 from megacpt.cli import main
 from megacpt.stages import STATE_FILE, read_state
 
@@ -30,8 +31,12 @@ def _config(tmp_path, name, pattern_data, **sections) -> dict:
 
 
 def _per_step(run_dir) -> dict[int, dict]:
-    """The last training record of each step (a resumed run re-logs the steps after its checkpoint)."""
-    return {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
+    """The training record of each step; a resume drops the records of the steps after its checkpoint, so a
+    step logged twice is an error."""
+    records = [r for r in read_metrics(run_dir) if "loss" in r]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
+    return {r["step"]: r for r in records}
 
 
 def _start(args: list[str]) -> subprocess.Popen:
@@ -221,26 +226,26 @@ def test_new_stage_restarts_the_schedule_and_the_data(tmp_path, pattern_data, st
 
 
 def test_crash_during_a_save_leaves_latest_at_a_complete_checkpoint(tmp_path, pattern_data, monkeypatch):
-    from megacpt import stages
-
     config = _config(tmp_path, "run", pattern_data, train={"steps": 6, "save_interval": 3})
     cfg = write_config(tmp_path / "c.json", config)
-    real_write = stages.write_atomic
+    real_write = manifest.write_manifest
 
-    def crash_on_second_state(path, text):
-        if path.name == STATE_FILE and "step00000006" in str(path):
-            raise OSError("disk full (injected)")
-        real_write(path, text)
+    def crash_before_the_second_manifest(tag_dir, files):
+        if tag_dir.name == "step00000006":
+            raise RuntimeError("crash (injected)")
+        real_write(tag_dir, files)
 
-    monkeypatch.setattr(stages, "write_atomic", crash_on_second_state)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(manifest, "write_manifest", crash_before_the_second_manifest)
+    with pytest.raises(RuntimeError):
         main(["train", cfg])
     monkeypatch.undo()
     root = tmp_path / "run" / "checkpoints"
     assert (root / "latest").read_text() == "step00000003"
-    assert (root / "step00000006").exists() and not (root / "step00000006" / "megacpt_state.json").exists()
-    assert main(["train", cfg]) == 0  # resumes from step 3 and finishes
+    unfinished = root / "step00000006"
+    assert (unfinished / "megacpt_state.json").exists() and not (unfinished / "manifest.json").exists()
+    assert main(["train", cfg]) == 0  # resumes from step 3, replaces the unfinished tag and finishes
     assert (root / "latest").read_text() == "step00000006"
+    assert (root / "step00000006" / "manifest.json").exists()
 
 
 def test_keep_last_removes_older_tags_after_the_new_one_is_complete(tmp_path, pattern_data):
@@ -270,6 +275,7 @@ def test_load_optimizer_from_weights_without_optimizer_state_is_refused(tmp_path
     fake = tmp_path / "converted" / "step00000005"
     fake.mkdir(parents=True)
     (fake / "megacpt_state.json").write_text(json.dumps({**state, "has_optimizer": False}))
+    manifest.write_manifest(fake, manifest.describe(fake, manifest.tag_files(fake)))
     config = _config(tmp_path, "stage1", pattern_data, init={"checkpoint": str(fake), "load_optimizer": True})
     assert main(["train", write_config(tmp_path / "c.json", config)]) == 2
     assert "init.load_optimizer" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # read when `datasets` is imported: nothing is downloaded
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from megacpt import manifest
 from megacpt.cli import main
 
 from datagen import tiny_config, write_config
@@ -114,5 +115,6 @@ def test_unknown_tasks_and_checkpoints_without_a_tokenizer_are_refused(trained, 
     shutil.copytree(tag, bare)
     state = json.loads((bare / "megacpt_state.json").read_text())
     (bare / "megacpt_state.json").write_text(json.dumps({**state, "tokenizer": None}))
+    manifest.write_manifest(bare, manifest.describe(bare, manifest.tag_files(bare)))  # edited on purpose
     assert main(["lm-eval", "--checkpoint", str(bare), *local, "--tasks", "megacpt_words_mc"]) == 2
     assert "names no tokenizer" in capsys.readouterr().err

@@ -8,6 +8,8 @@ before any compute is spent, and says for each sample which source it came from.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 
@@ -44,8 +46,33 @@ def blend_weights(data: DataConfig) -> list[WeightedSource]:
     return blend
 
 
-def check_indexed_dataset(prefix: str, key: str, vocab_size: int) -> None:
-    """Fail with the file's name before training if a dataset is missing, truncated or out of vocabulary."""
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEADER = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
+
+
+def check_index_file(idx_path: str, key: str) -> None:
+    """The .idx header is megatron's and its size matches the counts it declares.
+
+    Checked by hand before megatron opens the file: a truncated or empty index otherwise fails inside
+    IndexedDataset's constructor and its __del__ then prints a second traceback.
+    """
+    with open(idx_path, "rb") as f:
+        header = f.read(_IDX_HEADER)
+    if len(header) < _IDX_HEADER or header[:9] != _IDX_MAGIC:
+        raise UserError(f"{key}: {idx_path} is not a Megatron index (it is {os.path.getsize(idx_path)} bytes and does "
+                        f"not start with the MMIDIDX header); rebuild it with `megacpt preprocess`")
+    sequences, documents = np.frombuffer(header[18:], dtype=np.uint64)
+    expected = _IDX_HEADER + int(sequences) * (4 + 8) + int(documents) * 8
+    actual = os.path.getsize(idx_path)
+    if actual != expected:
+        raise UserError(f"{key}: {idx_path} is {actual} bytes, but its header declares {sequences} sequences and "
+                        f"{documents} document boundaries ({expected} bytes): truncated or overwritten; rebuild it "
+                        f"with `megacpt preprocess`")
+
+
+def check_indexed_dataset(prefix: str, key: str, vocab_size: int, seq_length: int | None = None) -> None:
+    """Fail with the file's name before training if a dataset is missing, truncated, out of vocabulary or
+    shorter than one sample of `seq_length` tokens (which megatron would silently repeat)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     idx_path, bin_path = prefix + ".idx", prefix + ".bin"
@@ -53,6 +80,10 @@ def check_indexed_dataset(prefix: str, key: str, vocab_size: int) -> None:
         if not os.path.isfile(path):
             raise UserError(f"{key}: dataset file {path} does not exist (prefix '{prefix}' needs {prefix}.bin and "
                             f"{prefix}.idx)")
+    check_index_file(idx_path, key)
+    if os.path.getsize(bin_path) == 0:
+        raise UserError(f"{key}: {bin_path} is empty (0 bytes) while {idx_path} describes tokens; rebuild the pair "
+                        "with `megacpt preprocess`")
     try:
         dataset = IndexedDataset(prefix, mmap=True)
     except (AssertionError, ValueError, OSError) as e:
@@ -65,6 +96,11 @@ def check_indexed_dataset(prefix: str, key: str, vocab_size: int) -> None:
     actual = os.path.getsize(bin_path)
     if actual < expected:
         raise UserError(f"{key}: {bin_path} is truncated: {actual} bytes, but {idx_path} describes {expected}")
+    tokens = int(np.sum(index.sequence_lengths, dtype=np.int64))
+    if seq_length is not None and tokens < seq_length + 1:
+        raise UserError(f"{key}: {prefix} holds {tokens} tokens, fewer than one sample needs (model.seq_length "
+                        f"{seq_length} + 1); megatron would repeat it over and over. Use more data or a shorter "
+                        "model.seq_length")
     _check_token_range(bin_path, index.dtype, expected // itemsize, vocab_size, key)
 
 
@@ -85,12 +121,12 @@ def _check_token_range(bin_path: str, dtype, num_tokens: int, vocab_size: int, k
                             f"{vocab_size}")
 
 
-def check_data(data: DataConfig, vocab_size: int) -> None:
+def check_data(data: DataConfig, vocab_size: int, seq_length: int) -> None:
     """Check every training, replay and validation dataset of the config."""
     for group, sources in (("data.sources", data.sources), ("data.replay.sources", data.replay.sources),
                            ("data.validation", data.validation)):
         for i, source in enumerate(sources):
-            check_indexed_dataset(source.prefix, f"{group}[{i}] ({source.name})", vocab_size)
+            check_indexed_dataset(source.prefix, f"{group}[{i}] ({source.name})", vocab_size, seq_length)
 
 
 class _DatasetTokenizer:
@@ -124,6 +160,22 @@ class SourceTaggedDataset:
         return {name: int(n) for name, n in zip(self.names, counts)}
 
 
+def files_cache_dir(cache_dir: str, prefixes: list[str]) -> str:
+    """The cache folder for indices built over these files: keyed by each .bin/.idx's path, size and mtime.
+
+    megatron's own cache key names the files but not their contents, so a dataset rewritten under the same
+    prefix would reuse indices built for the old one (and fail with an IndexError, or silently read other
+    samples). A new key rebuilds them instead.
+    """
+    identity = []
+    for prefix in prefixes:
+        for path in (prefix + ".idx", prefix + ".bin"):
+            info = os.stat(path)
+            identity.append([os.path.abspath(path), info.st_size, info.st_mtime_ns])
+    digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"files-{digest}")
+
+
 def _gpt_config(blend, seq_length: int, seed: int, cache_dir: str, vocab_size: int, eod: int | None):
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
@@ -132,7 +184,7 @@ def _gpt_config(blend, seq_length: int, seed: int, cache_dir: str, vocab_size: i
         sequence_length=seq_length,
         blend=blend,
         split="100,0,0",
-        path_to_cache=cache_dir,
+        path_to_cache=files_cache_dir(cache_dir, blend[0]),
         tokenizer=_DatasetTokenizer(vocab_size, eod),
         reset_position_ids=False,
         reset_attention_mask=False,

@@ -162,3 +162,14 @@ def _existing_file(path: str | Path, key: str) -> Path:
 def eod_id(config: TokenizerConfig | None) -> int | None:
     """The end-of-document id of the configured tokenizer, or None for pre-tokenized data without one."""
     return None if config is None else build_tokenizer(config).eod_id
+
+
+def check_vocabulary(config: TokenizerConfig | None, vocab_size: int) -> None:
+    """Every id the tokenizer can produce must have an embedding row: refuse a vocabulary larger than the model's."""
+    if config is None:
+        return
+    tokenizer = build_tokenizer(config)
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError("model.vocab_size", f"is {vocab_size}, but the tokenizer ({tokenizer.describe()}) has "
+                                              f"{tokenizer.vocab_size} ids; set model.vocab_size to at least "
+                                              f"{tokenizer.vocab_size} (it is padded to a multiple of 128 anyway)")

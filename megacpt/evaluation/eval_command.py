@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 from megacpt import checkpoint
 from megacpt.cli_helpers import add_set_argument, positive_int, text_table
@@ -31,11 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", metavar="NAME[=PREFIX]",
                         help="validation sets to evaluate instead of all of data.validation: NAME picks one of the "
                              "config's, NAME=PREFIX adds an indexed dataset")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON (refused if FILE exists)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json FILE")
     add_set_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json and Path(args.json).exists() and not args.overwrite:
+        raise UserError(f"--json {args.json} already exists; choose another path or pass --overwrite")
     config = load_config(args.config, args.overrides)
     config.data.validation = select_validation(config.data.validation, args.data)
     if args.samples:
@@ -82,7 +86,8 @@ def check_validation_data(config: RunConfig) -> None:
     from megacpt.data.datasets import check_indexed_dataset
 
     for val in config.data.validation:
-        check_indexed_dataset(val.prefix, f"validation set '{val.name}'", config.model.vocab_size)
+        check_indexed_dataset(val.prefix, f"validation set '{val.name}'", config.model.vocab_size,
+                              config.model.seq_length)
 
 
 def evaluate_checkpoint(config: RunConfig, plan: checkpoint.LoadPlan) -> dict[str, dict] | None:

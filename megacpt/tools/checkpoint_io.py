@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from megacpt import checkpoint
+from megacpt import checkpoint, manifest
 from megacpt.config import ModelConfig, ParallelConfig, TokenizerConfig
 from megacpt.errors import UserError
 from megacpt.files import replace_durably
@@ -56,7 +56,7 @@ class Checkpoint:
 
 def load(path: str | Path, key: str = "--checkpoint") -> Checkpoint:
     """A checkpoints folder (its `latest`) or a tag folder -> its state and full weights."""
-    tag_dir = checkpoint.resolve_tag(path, key=key)
+    tag_dir = checkpoint.open_tag(path, key=key)
     state = read_state(tag_dir)
     return Checkpoint(tag_dir, state, read_weights(tag_dir, state.model.tensor_parallel))
 
@@ -139,6 +139,7 @@ def write(root: Path, weights: dict[str, torch.Tensor], state: CheckpointState, 
                     "mp_world_size": tp}, tag_dir / MODEL_STATES.format(rank))
     tokenizer = _copy_tokenizer(state.tokenizer, tag_dir / "tokenizer", final_root / tag_dir.name / "tokenizer")
     write_state(tag_dir, state.model_copy(update={"tokenizer": tokenizer}))
+    manifest.write_manifest(tag_dir, manifest.describe(tag_dir, manifest.tag_files(tag_dir)))
     (root / checkpoint.LATEST).write_text(tag_dir.name)
     return tag_dir
 
@@ -202,7 +203,10 @@ def staged_output(output: str | Path, overwrite: bool) -> Iterator[Path]:
         raise UserError(f"output {output} already exists; choose another path or pass --overwrite")
     if output.exists() and not output.is_dir():
         raise UserError(f"output {output} is a file, not a folder")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder of the path should be, or no permission
+        raise UserError(f"cannot create output {output}: {e.strerror} ({e.filename})") from None
     staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

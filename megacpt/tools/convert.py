@@ -171,12 +171,16 @@ def model_config_from_hf(hf_config: dict, hf_dir: Path) -> ModelConfig:
 
 def load_hf(hf_dir: Path, dtype):
     """GPTNeoXForCausalLM with every weight from the folder (a missing tensor is an error, not a random init)."""
+    from safetensors import SafetensorError
     from transformers import GPTNeoXForCausalLM
 
     try:
         model, info = GPTNeoXForCausalLM.from_pretrained(hf_dir, dtype=dtype, output_loading_info=True)
-    except OSError as e:
-        raise UserError(f"cannot load the weights in {hf_dir}: {e}") from None
+    except (OSError, SafetensorError, EOFError, RuntimeError) as e:  # missing, truncated or corrupt weight files
+        weights = sorted(p.name for p in hf_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
+        raise UserError(f"cannot load the weights in {hf_dir} ({', '.join(weights) or 'no weight files'}): "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; the download or copy may be "
+                        "incomplete") from None
     if info["missing_keys"] or info["mismatched_keys"]:
         problems = sorted(info["missing_keys"]) + [str(k) for k in info["mismatched_keys"]]
         raise UserError(f"the weights in {hf_dir} are incomplete: missing or mis-shaped {', '.join(problems[:5])}"

@@ -1,0 +1,114 @@
+"""What a run owns on disk: RUN_DIR, held under an exclusive lock for the run's life, and the files in it
+that a restart rewrites (config.json, metrics.jsonl).
+
+The lock is an OS file lock (flock through the `filelock` package) on RUN_DIR/.megacpt.lock: it dies with its
+process, so a killed run never leaves a stale lock, and a second run on the same folder (a requeued job that
+starts while the old one still runs) stops with the holder's host and pid instead of overwriting its tags.
+On shared file systems flock must reach across nodes (NFS does; Lustre needs the `flock` mount option).
+Only the main process of a launch takes it. This module does not know about checkpoints' contents.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import filelock
+
+from megacpt.errors import ConfigError, UserError
+from megacpt.files import write_atomic
+
+LOCK = ".megacpt.lock"
+OWNER = ".megacpt.lock.owner"  # host and pid of the holder (the lock file itself stays empty)
+
+
+def check_usable(run_dir: Path) -> None:
+    """RUN_DIR is a folder this process can write, or can be created: refuse files and read-only places."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("run_dir", f"{run_dir} is a file, not a folder")
+    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError("run_dir", f"cannot create {run_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "write to" if existing == run_dir else f"create {run_dir} in"
+        raise ConfigError("run_dir", f"cannot {what} {existing}: permission denied")
+
+
+@contextmanager
+def hold(run_dir: str | Path, main: bool = True) -> Iterator[None]:
+    """Create RUN_DIR if needed and hold its lock for the block (only where `main`).
+
+    If the block fails and this call created the folder, the folder is removed again when it holds nothing
+    but the lock: a start that fails leaves the disk as it found it.
+    """
+    if not main:
+        yield
+        return
+    run_dir = Path(run_dir)
+    check_usable(run_dir)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("run_dir", f"cannot create {run_dir}: {e.strerror}") from None
+    lock = filelock.FileLock(run_dir / LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise UserError(f"run_dir {run_dir} is in use by another megacpt run ({_owner(run_dir)}); two runs on one "
+                        "folder would overwrite each other's checkpoints and metrics. Wait for it to end or stop "
+                        "it, or give this run another run_dir") from None
+    try:
+        write_atomic(run_dir / OWNER, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        yield
+    except BaseException:
+        if created and set(os.listdir(run_dir)) <= {LOCK, OWNER}:
+            for name in (LOCK, OWNER):
+                (run_dir / name).unlink(missing_ok=True)
+            run_dir.rmdir()
+        raise
+    finally:
+        lock.release()
+
+
+def _owner(run_dir: Path) -> str:
+    try:
+        owner = json.loads((run_dir / OWNER).read_text())
+        return f"host {owner['host']}, pid {owner['pid']}, since {owner['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"holder unknown: {run_dir / OWNER} is unreadable"
+
+
+def write_config(run_dir: Path, config: dict) -> None:
+    """RUN_DIR/config.json, replaced atomically (written only once a start has passed its checks)."""
+    write_atomic(run_dir / "config.json", json.dumps(config, indent=2))
+
+
+def keep_metrics_until(run_dir: Path, step: int) -> int:
+    """Drop the records of steps after `step` from RUN_DIR/metrics.jsonl (atomically); returns how many.
+
+    A run killed after its last checkpoint logged steps that its resume will train again: dropping them
+    leaves one record per step for every reader (plot, predict, eval).
+    """
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            keep = record.get("step", 0) <= step
+        except (ValueError, AttributeError, TypeError):
+            keep = False  # a line cut short by the kill
+        if keep:
+            kept.append(line)
+        else:
+            dropped += line.strip() != ""
+    if dropped:
+        write_atomic(path, "".join(line + "\n" for line in kept))
+    return dropped

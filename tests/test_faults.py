@@ -1,0 +1,370 @@
+"""Fault injection: damaged checkpoints, changed resumes, a busy or unusable run dir, bad data, failed writes.
+
+Every case runs the real command and asserts the exit code, the words of the message (the file or key, and
+what to do) and, for bad input, that nothing on disk changed (the run dir is hashed before and after).
+Most cases need no training: they damage a copy of one tiny trained run (module fixture `trained`).
+"""
+import errno
+import gc
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megacpt import checkpoint, manifest
+from megacpt.cli import main
+from megacpt.run_dir import LOCK, OWNER
+
+from datagen import pattern_documents, read_metrics, tiny_config, write_config, write_indexed
+from launch import clean_env
+
+TAG2, TAG4 = "step00000002", "step00000004"
+
+
+def _config(run_dir: Path, pattern_data: dict, **sections) -> dict:
+    sections["train"] = {"steps": 4, "global_batch_size": 4, "micro_batch_size": 2, "save_interval": 2,
+                         "log_interval": 1, **sections.get("train", {})}
+    return tiny_config(run_dir, [{"name": "a", "prefix": pattern_data["a"]}], **sections)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, pattern_data) -> Path:
+    """A tiny run of 4 steps with tags step00000002 and step00000004 (latest)."""
+    folder = tmp_path_factory.mktemp("trained")
+    config = _config(folder / "run", pattern_data)
+    assert main(["train", write_config(folder / "c.json", config)]) == 0
+    return folder / "run"
+
+
+@pytest.fixture
+def run_copy(tmp_path, trained) -> Path:
+    shutil.copytree(trained, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def tree_hash(root: Path) -> str:
+    """Every path under `root` with its bytes: equal hashes mean nothing was written, moved or removed.
+    (Except the run-dir lock's note of its holder, which every start rewrites.)"""
+    digest = hashlib.sha256()
+    if root.exists():
+        for path in sorted(p for p in root.rglob("*") if p.name not in (LOCK, OWNER)):
+            digest.update(str(path.relative_to(root)).encode())
+            if path.is_file():
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def refused(capsys, args: list[str], watched: Path, *words: str) -> str:
+    """Run `megacpt ARGS`: exit 2, a message with `words` and no traceback, and `watched` unchanged."""
+    before = tree_hash(watched)
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    for word in words:
+        assert word in err, f"{word!r} not in: {err}"
+    assert tree_hash(watched) == before, "the command changed files on disk"
+    return err
+
+
+# ------------------------------------------------------------------------------------ damaged checkpoints
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated model states": (lambda tag: _truncate(tag / "mp_rank_00_model_states.pt"),
+                               ["mp_rank_00_model_states.pt", "truncated"]),
+    "missing model states": (lambda tag: (tag / "mp_rank_00_model_states.pt").unlink(),
+                             ["mp_rank_00_model_states.pt is missing"]),
+    "truncated rng file": (lambda tag: _truncate(tag / "rng_rank0.pt"), ["rng_rank0.pt", "truncated"]),
+    "truncated megacpt state": (lambda tag: _truncate(tag / "megacpt_state.json"), ["megacpt_state.json"]),
+    "flipped byte": (lambda tag: _flip_a_byte(tag / "mp_rank_00_model_states.pt"), ["fails its checksum"]),
+    "no manifest (unfinished save)": (lambda tag: (tag / "manifest.json").unlink(), ["not a complete checkpoint"]),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_train_refuses_a_damaged_latest_tag_and_names_the_file_and_the_older_tag(run_copy, pattern_data, capsys,
+                                                                                  damage):
+    corrupt, words = DAMAGE[damage]
+    corrupt(run_copy / "checkpoints" / TAG4)
+    cfg = write_config(run_copy.parent / "c.json", _config(run_copy, pattern_data))
+    refused(capsys, ["train", cfg], run_copy, TAG4, *words, f"tag that verifies is {TAG2}",
+            f"checkpoint.load_tag={TAG2}")
+
+
+@pytest.mark.parametrize("command", [
+    ["eval", "CONFIG", "--checkpoint", "CKPT"],
+    ["generate", "--checkpoint", "CKPT", "--prompt-ids", "1,2,3", "--max-new-tokens", "2"],
+    ["convert", "megacpt-to-hf", "--checkpoint", "CKPT", "--output", "OUT"],
+    ["reshard", "--checkpoint", "CKPT", "--tp", "2", "--output", "OUT"],
+    ["merge", "--checkpoints", "CKPT", "CKPT", "--weights", "0.5", "0.5", "--output", "OUT"],
+])
+def test_every_loader_verifies_the_tag_first(run_copy, pattern_data, capsys, command):
+    _truncate(run_copy / "checkpoints" / TAG4 / "mp_rank_00_model_states.pt")
+    config = _config(run_copy.parent / "eval_run", pattern_data,
+                     data={"validation": [{"name": "a", "prefix": pattern_data["a"]}]})
+    cfg = write_config(run_copy.parent / "c.json", config)
+    subs = {"CONFIG": cfg, "CKPT": str(run_copy / "checkpoints"), "OUT": str(run_copy.parent / "out")}
+    refused(capsys, [subs.get(a, a) for a in command], run_copy.parent, "mp_rank_00_model_states.pt", "truncated", TAG2)
+
+
+def test_a_lost_latest_is_refused_naming_the_newest_complete_tag(run_copy, pattern_data, capsys):
+    (run_copy / "checkpoints" / "latest").unlink()
+    cfg = write_config(run_copy.parent / "c.json", _config(run_copy, pattern_data))
+    refused(capsys, ["train", cfg], run_copy, "no 'latest'", TAG4, f"checkpoint.load_tag={TAG4}")
+
+
+def test_latest_naming_a_missing_tag_is_refused(run_copy, pattern_data, capsys):
+    shutil.rmtree(run_copy / "checkpoints" / TAG4)
+    cfg = write_config(run_copy.parent / "c.json", _config(run_copy, pattern_data))
+    refused(capsys, ["train", cfg], run_copy, f"names {run_copy / 'checkpoints' / TAG4}", TAG2)
+
+
+def test_load_tag_of_a_missing_tag_lists_the_tags(run_copy, pattern_data, capsys):
+    cfg = write_config(run_copy.parent / "c.json", _config(run_copy, pattern_data))
+    refused(capsys, ["train", cfg, "--set", "checkpoint.load_tag=step00000003"], run_copy,
+            "checkpoint.load_tag", f"{TAG2}, {TAG4}")
+
+
+# ------------------------------------------------------------------------------ resumes that change the stage
+
+
+RESUME_CHANGES = {
+    "source": ({"data": {"sources": [{"name": "b", "prefix": "B"}]}}, ["data.sources[0].name", '"a"', '"b"']),
+    "batch": ({"train": {"global_batch_size": 8}}, ["train.global_batch_size", "4", "8"]),
+    "steps": ({"train": {"steps": 6}}, ["train.steps"]),
+    "lr": ({"schedule": {"max_lr": 1e-3}}, ["schedule.max_lr", "0.003", "0.001"]),
+    "data seed": ({"data": {"seed": 7}}, ["data.seed"]),
+    "sequence length": ({"model": {"preset": "tiny", "seq_length": 32}}, ["model.seq_length", "64", "32"]),
+    "gradient clipping": ({"deepspeed": {"gradient_clipping": 0.5}}, ["deepspeed.gradient_clipping", "1.0", "0.5"]),
+    "replay": ({"data": {"replay": {"fraction": 0.25, "sources": [{"name": "n", "prefix": "NOISE"}]}}},
+               ["data.replay"]),
+    "init": ({"init": {"checkpoint": "ELSEWHERE"}}, ["init.checkpoint"]),
+}
+
+
+@pytest.mark.parametrize("change", RESUME_CHANGES)
+def test_a_resume_that_changes_what_the_stage_means_is_refused(run_copy, pattern_data, capsys, change):
+    sections, words = RESUME_CHANGES[change]
+    text = json.dumps(sections).replace('"B"', json.dumps(pattern_data["b"])).replace(
+        '"NOISE"', json.dumps(pattern_data["noise"])).replace('"ELSEWHERE"', json.dumps(str(run_copy / "checkpoints")))
+    config = _config(run_copy, pattern_data)
+    for key, value in json.loads(text).items():
+        config[key] = {**config.get(key, {}), **value}
+    cfg = write_config(run_copy.parent / "c.json", config)
+    refused(capsys, ["train", cfg], run_copy, *words, "new stage")
+
+
+# ------------------------------------------------------------------------------------------ the run dir
+
+
+def test_a_second_run_on_a_locked_run_dir_names_the_holder(run_copy, pattern_data, capsys):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from megacpt import run_dir\n"
+                               "with run_dir.hold(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
+         str(run_copy)], env=clean_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = tree_hash(run_copy)
+        cfg = write_config(run_copy.parent / "c.json", _config(run_copy, pattern_data))
+        assert main(["train", cfg]) == 2
+        err = capsys.readouterr().err
+        assert "in use by another megacpt run" in err and f"pid {holder.pid}" in err and os.uname().nodename in err
+        assert tree_hash(run_copy) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    # the lock died with its holder: the same command now resumes the finished run (nothing left to train)
+    assert main(["train", cfg]) == 0
+
+
+@pytest.mark.parametrize("where, words", [("file", ["is a file"]), ("under a file", ["cannot create", "not a folder"])])
+def test_an_unusable_run_dir_is_refused(tmp_path, pattern_data, capsys, where, words):
+    (tmp_path / "afile").write_text("x")
+    run_dir = tmp_path / "afile" if where == "file" else tmp_path / "afile" / "run"
+    cfg = write_config(tmp_path / "c.json", _config(run_dir, pattern_data))
+    refused(capsys, ["train", cfg], tmp_path / "afile", "run_dir", *words)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_run_dir_is_refused(tmp_path, pattern_data, capsys):
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    cfg = write_config(tmp_path / "c.json", _config(tmp_path / "ro" / "run", pattern_data))
+    refused(capsys, ["train", cfg], tmp_path / "ro", "permission denied")
+
+
+# ------------------------------------------------------------------------------------ bad data and tokenizers
+
+
+def _damaged_copy(tmp_path: Path, prefix: str, damage) -> str:
+    for ext in (".bin", ".idx"):
+        shutil.copy(prefix + ext, tmp_path / ("d" + ext))
+    damage(tmp_path / "d")
+    return str(tmp_path / "d")
+
+
+DATA_DAMAGE = {
+    "truncated idx": (lambda p: _truncate(p.with_suffix(".idx")), ["d.idx", "truncated or overwritten"]),
+    "empty idx": (lambda p: p.with_suffix(".idx").write_bytes(b""), ["d.idx", "not a Megatron index"]),
+    "garbage idx": (lambda p: p.with_suffix(".idx").write_bytes(b"x" * 100), ["d.idx", "not a Megatron index"]),
+    "empty bin": (lambda p: p.with_suffix(".bin").write_bytes(b""), ["d.bin is empty"]),
+    "truncated bin": (lambda p: _truncate(p.with_suffix(".bin")), ["d.bin is truncated"]),
+}
+
+
+@pytest.mark.parametrize("damage", DATA_DAMAGE)
+def test_damaged_datasets_are_refused_naming_the_file(tmp_path, pattern_data, capsys, damage):
+    corrupt, words = DATA_DAMAGE[damage]
+    prefix = _damaged_copy(tmp_path, pattern_data["a"], corrupt)
+    config = tiny_config(tmp_path / "run", [{"name": "a", "prefix": prefix}])
+    err = refused(capsys, ["train", write_config(tmp_path / "c.json", config)], tmp_path, *words)
+    assert not (tmp_path / "run").exists() and "IndexedDataset.__del__" not in err
+
+
+def test_a_dataset_shorter_than_one_sample_is_refused(tmp_path, pattern_data, capsys):
+    prefix = write_indexed(tmp_path / "short", [[1, 2, 3, 4, 5]] * 4)
+    for group in ("sources", "validation"):
+        data = {"sources": [{"name": "a", "prefix": pattern_data["a"]}]}
+        data[group] = [{"name": "short", "prefix": prefix}]
+        config = tiny_config(tmp_path / "run", data["sources"], data=data)
+        refused(capsys, ["train", write_config(tmp_path / "c.json", config)], tmp_path / "run",
+                f"data.{group}[0] (short)", "holds 20 tokens", "seq_length 64")
+
+
+def test_a_replay_source_that_is_a_new_source_is_refused(tmp_path, pattern_data, capsys):
+    config = tiny_config(tmp_path / "run", [{"name": "a", "prefix": pattern_data["a"]}],
+                         data={"replay": {"fraction": 0.2, "sources": [{"name": "old", "prefix": pattern_data["a"]}]}})
+    refused(capsys, ["train", write_config(tmp_path / "c.json", config)], tmp_path, "'old'", "same files", "seen_only")
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, pattern_data, capsys):
+    config = tiny_config(tmp_path / "run", [{"name": "a", "prefix": pattern_data["a"]}], tokenizer={"type": "byte"})
+    refused(capsys, ["train", write_config(tmp_path / "c.json", config)], tmp_path,
+            "model.vocab_size", "is 256", "257")
+
+
+def test_a_dataset_rewritten_under_the_same_prefix_gets_new_indices(tmp_path, world):
+    from megacpt.config import DataConfig
+    from megacpt.data.datasets import build_train_dataset
+
+    prefix = write_indexed(tmp_path / "d", pattern_documents(11, 3, 60, 100))
+    data = DataConfig(sources=[{"name": "d", "prefix": prefix}])
+    build = dict(num_samples=40, seq_length=64, cache_dir=str(tmp_path / "cache"), vocab_size=256, eod=None)
+    first = build_train_dataset(data, **build)[0]["tokens"].tolist()
+    gc.collect()  # unmap the old files before they are rewritten
+    time.sleep(0.01)
+    write_indexed(prefix, pattern_documents(5, 100, 10, 100))  # fewer, other documents under the same name
+    second = build_train_dataset(data, **build)
+    tokens = set(np.concatenate([second[i]["tokens"].numpy() for i in range(40)]).tolist())
+    assert tokens == {(100 + 7 * i) % 256 for i in range(5)}  # only the new documents' tokens
+    assert first != second[0]["tokens"].tolist()
+
+
+# ------------------------------------------------------------------------------------ other commands
+
+
+def test_eval_json_refuses_to_overwrite_an_existing_file(run_copy, pattern_data, capsys):
+    (run_copy.parent / "results.json").write_text("keep me")
+    cfg = write_config(run_copy.parent / "c.json", _config(run_copy.parent / "x", pattern_data))
+    refused(capsys, ["eval", cfg, "--checkpoint", str(run_copy / "checkpoints"), "--json",
+                     str(run_copy.parent / "results.json")], run_copy.parent, "results.json", "--overwrite")
+
+
+def test_convert_refuses_a_truncated_safetensors_and_an_output_under_a_file(tmp_path, capsys):
+    from test_convert import save_hf
+
+    hf = save_hf(tmp_path / "hf", seed=0)
+    _truncate(hf / "model.safetensors")
+    refused(capsys, ["convert", "hf-to-megacpt", "--hf", str(hf), "--output", str(tmp_path / "out")], tmp_path,
+            "model.safetensors", "incomplete")
+    (tmp_path / "afile").write_text("x")
+    save_hf(tmp_path / "good", seed=0)
+    refused(capsys, ["convert", "hf-to-megacpt", "--hf", str(tmp_path / "good"), "--output",
+                     str(tmp_path / "afile" / "out")], tmp_path, "cannot create output", "afile")
+
+
+def test_checkpoint_verify_reports_damage_and_clean_removes_only_unfinished_saves(run_copy, capsys):
+    root = run_copy / "checkpoints"
+    assert main(["checkpoint", "verify", str(run_copy)]) == 0
+    assert f"{TAG2}: ok" in capsys.readouterr().out
+    (root / "step00000006").mkdir()
+    (root / "step00000006" / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    (root / ".latest.tmp-4242").write_text(TAG4)  # what a crash while replacing `latest` leaves
+    _flip_a_byte(root / TAG2 / "rng_rank0.pt")
+    assert main(["checkpoint", "verify", str(run_copy)]) == 2
+    captured = capsys.readouterr()
+    assert "step00000006: unfinished save" in captured.out and ".latest.tmp-4242" in captured.out
+    assert f"{TAG2}: DAMAGED" in captured.out and "rng_rank0.pt fails its checksum" in captured.out
+    assert f"newest tag that verifies is {TAG4}" in captured.err
+    assert main(["checkpoint", "verify", str(root / TAG4)]) == 0
+    assert main(["checkpoint", "verify", str(run_copy), "--clean"]) == 2  # TAG2 stays damaged and stays
+    assert not (root / "step00000006").exists() and not (root / ".latest.tmp-4242").exists() and (root / TAG2).exists()
+
+
+# ------------------------------------------------------------------------------ failures that need training
+
+
+@pytest.mark.parametrize("failure, reason", [
+    (OSError(errno.ENOSPC, "No space left on device"), "no space left on device"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 966"), "no space left on device"),
+    (PermissionError(errno.EACCES, "Permission denied"), "permission denied"),
+])
+def test_a_failed_save_removes_the_partial_tag_and_keeps_latest(tmp_path, pattern_data, capsys, monkeypatch,
+                                                                 failure, reason):
+    real_save = torch.save
+
+    def fail_on_the_second_tag(obj, f, *args, **kwargs):
+        if "step00000002" in str(f):
+            raise failure
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fail_on_the_second_tag)
+    if isinstance(failure, RuntimeError):  # torch's full-disk error has no errno: the folder's free space tells
+        monkeypatch.setattr(checkpoint, "_free_bytes", lambda path: 0)
+    config = _config(tmp_path / "run", pattern_data, train={"steps": 2, "save_interval": 1}, schedule={"warmup": 0})
+    assert main(["train", write_config(tmp_path / "c.json", config)]) == 2
+    err = capsys.readouterr().err
+    root = tmp_path / "run" / "checkpoints"
+    assert reason in err and str(root) in err and "still names step00000001" in err and "Traceback" not in err
+    assert not (root / "step00000002").exists() and (root / "latest").read_text() == "step00000001"
+    assert not manifest.problems(root / "step00000001")
+
+
+def test_resuming_an_older_tag_sets_newer_ones_aside_records_changes_and_keeps_one_record_per_step(
+        run_copy, pattern_data, trained):
+    root = run_copy / "checkpoints"
+    newer = tree_hash(root / TAG4)
+    config = _config(run_copy, pattern_data, train={"log_interval": 2})  # a change a resume may make
+    cfg = write_config(run_copy.parent / "c.json", config)
+    assert main(["train", cfg, "--set", f"checkpoint.load_tag={TAG2}"]) == 0
+    assert tree_hash(root / f"{TAG4}.superseded") == newer  # set aside, never written over
+    assert (root / "latest").read_text() == TAG4 and not manifest.problems(root / TAG4)
+    steps = [r["step"] for r in read_metrics(run_copy) if "loss" in r]
+    assert steps == [1, 2, 4]  # steps 3-4 of the first run dropped; this run logs every 2nd step
+    straight = {r["step"]: r["loss"] for r in read_metrics(trained) if "loss" in r}
+    assert [r["loss"] for r in read_metrics(run_copy) if r.get("step") == 4 and "loss" in r] == [
+        pytest.approx((straight[3] + straight[4]) / 2, abs=1e-6)]
+    (resumed,) = json.loads((root / TAG4 / "megacpt_state.json").read_text())["stages"][-1]["resumes"]
+    assert resumed["step"] == 2 and resumed["changed"]["train.log_interval"] == [1, 2]
+    assert resumed["changed"]["checkpoint.load_tag"] == [None, TAG2]
+    assert resumed["changed"]["run_dir"] == [str(trained), str(run_copy)]  # the copy is another folder
