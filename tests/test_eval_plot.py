@@ -46,7 +46,7 @@ def _evals(run_dir: Path) -> dict[int, dict]:
 
 def _eval_json(capsys, *args) -> dict:
     out = Path(args[0]).parent / "eval.json"
-    assert main(["eval", *map(str, args), "--json", str(out)]) == 0
+    assert main(["eval", *map(str, args), "--json", str(out), "--overwrite"]) == 0  # one file for every call
     table = capsys.readouterr().out
     report = json.loads(out.read_text())
     for name, result in report["results"].items():
