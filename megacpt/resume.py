@@ -24,7 +24,7 @@ from megacpt.stages import SavedConfig
 # Dotted keys (and everything below them) that may differ between a checkpoint's config and its resume.
 RESUMABLE = (
     "run_dir",  # the folder may have been moved or copied
-    "train.log_interval", "train.eval_interval", "train.eval_batches", "train.save_interval",
+    "train.log_interval", "train.eval_interval", "train.eval_samples", "train.eval_batches", "train.save_interval",
     "train.max_skipped_steps",
     "train.micro_batch_size",  # the same samples per step, accumulated in other chunks (float rounding differs)
     "train.activation_checkpointing",  # recomputation gives the same numbers

@@ -4,7 +4,10 @@ The local `.wandb` file of an offline run is read back with a few lines of Level
 protobuf `Record` type, so the test checks what `wandb sync` would upload, not what megacpt meant to send.
 """
 import json
+import signal
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import wandb  # noqa: F401  (the dev install has the wandb extra; a missing pack
 from megacpt.cli import main
 
 from datagen import read_metrics, tiny_config, write_config
+from launch import clean_env, wait_for_step
 
 
 def wandb_records(path: Path):
@@ -78,28 +82,35 @@ def _config(tmp_path, pattern_data, run_dir, **train):
 
 
 def test_offline_run_holds_every_metrics_series_and_a_resume_continues_it(tmp_path, pattern_data):
-    config = write_config(tmp_path / "c.json", _config(tmp_path, pattern_data, "pre"))
-    assert main(["train", config]) == 0
-    assert main(["train", config, "--set", "train.steps=6"]) == 0  # resume, the stage lengthened
-
+    config = write_config(tmp_path / "c.json", _config(tmp_path, pattern_data, "pre", steps=40, eval_interval=10, save_interval=10))
     run_dir = tmp_path / "pre"
+    proc = subprocess.Popen([sys.executable, "-m", "megacpt", "train", config], env=clean_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step(run_dir, 3, proc)
+    proc.send_signal(signal.SIGTERM)  # the loop saves at the step it is on and exits 0
+    assert proc.wait(timeout=300) == 0
+    stopped_at = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step"))
+    assert 3 <= stopped_at < 40
+    assert main(["train", config]) == 0  # resumes at stopped_at and trains to the end
+
     first, resumed = offline_runs(run_dir)
     run_id = (run_dir / "wandb_run_id").read_text()
     assert first["id"] == resumed["id"] == run_id
     assert first["group"] == "pre" and set(first["tags"]) == {"t", "stage0"}
     assert first["config"]["stage_index"] == 0 and first["config"]["stages"][0]["name"] == "pre"
-    assert first["config"]["config"]["train"]["steps"] == 4
+    assert first["config"]["config"]["train"]["steps"] == 40
 
     records = read_metrics(run_dir)
     train = {r["step"]: r for r in records if "loss" in r}
     evals = {r["step"]: r["eval"] for r in records if "eval" in r}
     logged = {**series(first, "loss"), **series(resumed, "loss")}
-    assert logged == {step: r["loss"] for step, r in train.items()} and sorted(logged) == [1, 2, 3, 4, 5, 6]
-    assert sorted(series(resumed, "loss")) == [5, 6]  # the resumed run appends, it does not start over
-    assert {**series(first, "samples/a"), **series(resumed, "samples/a")} == {s: 4 * s for s in range(1, 7)}
+    assert logged == {step: r["loss"] for step, r in train.items()} and sorted(logged) == list(range(1, 41))
+    assert sorted(series(resumed, "loss")) == list(range(stopped_at + 1, 41))  # appended, not started over
+    assert {**series(first, "samples/a"), **series(resumed, "samples/a")} == {s: 4 * s for s in range(1, 41)}
     assert {**series(first, "eval/b_val"), **series(resumed, "eval/b_val")} == {s: e["b_val"] for s, e in evals.items()}
     checkpoints = {**series(first, "checkpoint"), **series(resumed, "checkpoint")}
-    assert checkpoints == {s: str(run_dir / "checkpoints" / f"step{s:08d}") for s in (2, 4, 6)}
+    saved = sorted({10, 20, 30, 40, stopped_at})
+    assert checkpoints == {s: str(run_dir / "checkpoints" / f"step{s:08d}") for s in saved}
 
 
 def test_a_new_stage_is_a_new_run_in_the_chains_group(tmp_path, pattern_data):
