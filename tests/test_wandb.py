@@ -82,7 +82,8 @@ def _config(tmp_path, pattern_data, run_dir, **train):
 
 
 def test_offline_run_holds_every_metrics_series_and_a_resume_continues_it(tmp_path, pattern_data):
-    config = write_config(tmp_path / "c.json", _config(tmp_path, pattern_data, "pre", steps=40, eval_interval=10, save_interval=10))
+    config = _config(tmp_path, pattern_data, "pre", steps=40, eval_interval=10, save_interval=10)
+    config = write_config(tmp_path / "c.json", config)
     run_dir = tmp_path / "pre"
     proc = subprocess.Popen([sys.executable, "-m", "megacpt", "train", config], env=clean_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
