@@ -86,7 +86,7 @@ def resolve_tag(path: str | Path, key: str = "init.checkpoint") -> Path:
     latest = path / LATEST
     if latest.is_file():
         tag = path / latest.read_text().strip()
-        if is_complete(tag):
+        if is_complete(tag) or (tag / STATE_FILE).is_file():  # the loaders verify it (open_tag)
             return tag
         raise UserError(f"{key}: {latest} names {tag}, which is not a complete checkpoint{_newest_complete(path, key)}")
     if not path.exists():

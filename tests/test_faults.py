@@ -97,7 +97,7 @@ DAMAGE = {
     "truncated rng file": (lambda tag: _truncate(tag / "rng_rank0.pt"), ["rng_rank0.pt", "truncated"]),
     "truncated megacpt state": (lambda tag: _truncate(tag / "megacpt_state.json"), ["megacpt_state.json"]),
     "flipped byte": (lambda tag: _flip_a_byte(tag / "mp_rank_00_model_states.pt"), ["fails its checksum"]),
-    "no manifest (unfinished save)": (lambda tag: (tag / "manifest.json").unlink(), ["not a complete checkpoint"]),
+    "no manifest (unfinished save)": (lambda tag: (tag / "manifest.json").unlink(), ["did not finish"]),
 }
 
 
