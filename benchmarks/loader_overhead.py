@@ -48,7 +48,8 @@ def main() -> None:
                                                           {"name": "old2", "prefix": prefixes["old2"]}]}},
         "train": {"steps": 100, "global_batch_size": batch_size},
     }).data
-    dataset = build_train_dataset(data, 100 * batch_size, model.seq_length, str(folder / "cache"), model.vocab_size, -1)
+    dataset = build_train_dataset(data, 100 * batch_size, batch_size, model.seq_length, str(folder / "cache"),
+                                  model.vocab_size, -1)
     stream = BatchStream(dataset, batch_size, batch_size, 0, 1, device=None)
 
     def timed(fn) -> float:

@@ -31,6 +31,7 @@ from megacpt.elastic import Layout
 from megacpt.errors import ConfigError, UserError
 from megacpt.files import write_atomic
 from megacpt.resume import check_resume
+from megacpt.schedule import check_continuation
 from megacpt.stages import (
     STATE_FILE,
     CheckpointState,
@@ -201,11 +202,15 @@ def plan_load(config: RunConfig, checksums: bool = True) -> LoadPlan | None:
     elif (own / LATEST).is_file() or any(is_complete(t) for t in list_tags(own)):
         tag_dir = resolve_tag(own, key="run_dir")
     else:
-        return plan_init(config, checksums=checksums)
+        plan = plan_init(config, checksums=checksums)
+        check_schedule_link(config, plan)
+        return plan
     verify_tag(tag_dir, "checkpoint.load_tag" if load_tag else "run_dir", checksums)
     state = read_state(tag_dir)
     changes = check_resume(config, state.config, tag_dir, own_run=True)
-    return LoadPlan(tag_dir, state, True, True, True, True, changes=changes)
+    plan = LoadPlan(tag_dir, state, True, True, True, True, changes=changes)
+    check_schedule_link(config, plan)
+    return plan
 
 
 def plan_init(config: RunConfig, key: str = "init.checkpoint", checksums: bool = True) -> LoadPlan | None:
@@ -245,6 +250,22 @@ def set_aside_newer(tag_dir: Path) -> list[Path]:
     return moved
 
 
+def check_schedule_link(config: RunConfig, plan: LoadPlan | None) -> None:
+    """schedule.rewarm for a training run: a resumed stage keeps how it started, and a new stage without a
+    re-warm must continue the constant phase of the checkpoint's stage (schedule.check_continuation)."""
+    if plan is not None and plan.resume:
+        saved = plan.state.stages[-1].schedule.rewarm
+        if saved != config.schedule.rewarm:
+            raise ConfigError("schedule.rewarm", f"is {config.schedule.rewarm}, but the stage being resumed from "
+                              f"{plan.tag_dir} started with {saved}; a resumed stage keeps how it started")
+        return
+    last = plan.state.stages[-1] if plan is not None else None
+    if isinstance(last, TrainedStage):
+        check_continuation(config.schedule, last.schedule, last.steps, last.steps_done)
+    else:  # fresh or imported weights: no schedule to continue
+        check_continuation(config.schedule, None, 0, 0)
+
+
 def check_init_combination(init: InitConfig, state: CheckpointState, config: RunConfig) -> None:
     """Reject new-stage choices that cannot mean anything for this checkpoint."""
     if init.load_optimizer and not state.has_optimizer:
@@ -265,6 +286,21 @@ def check_init_combination(init: InitConfig, state: CheckpointState, config: Run
             raise ConfigError("init.load_data_position",
                               "the data position only means something for the same sources, replay and seed as the "
                               "checkpoint's stage")
+        for key, before, now in (("train.global_batch_size", saved.global_batch_size, config.train.global_batch_size),
+                                 ("model.seq_length", saved.seq_length, config.model.seq_length)):
+            if before != now:
+                raise ConfigError("init.load_data_position", f"the checkpoint's stream was cut into batches and "
+                                  f"samples with {key} {before}, this config has {now}; the stream continues "
+                                  "exactly only with the same value")
+    if init.load_scheduler and not config.schedule.rewarm:
+        raise ConfigError("init.load_scheduler", "schedule.rewarm false starts this stage's own schedule at step 0 in "
+                          "the constant phase; it cannot also continue the checkpoint's schedule position: set it to "
+                          "false")
+    if init.load_scheduler and state.scheduler.t >= state.scheduler.steps:
+        raise ConfigError("init.load_scheduler", f"the checkpoint's stage finished its schedule "
+                          f"({state.scheduler.t} of {state.scheduler.steps} steps), so no step is left to continue; "
+                          "set it to false for a new schedule, or continue an infinite schedule with schedule.rewarm "
+                          "false")
     if init.load_scheduler and state.scheduler.steps != config.train.steps:
         raise ConfigError("init.load_scheduler",
                           f"the checkpoint's stage has {state.scheduler.steps} steps, this config "

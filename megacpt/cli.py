@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("megacpt.data.tokenizer_command",
                   "train a SentencePiece tokenizer, or extend one with pieces of a new corpus"),
     "schedule": ("megacpt.planning.schedule_command",
-                 "write the LR of every step of a config's stage as CSV (and a plot)"),
+                 "write the LR of every step of a config's stage, or of a chain of stages, as CSV (and a plot)"),
     "plan": ("megacpt.planning.plan_command", "parameter count, memory per GPU, step time and the best layout for a "
                                               "cluster"),
     "convert": ("megacpt.tools.convert", "convert checkpoints between Hugging Face GPT-NeoX and megacpt (verified by "

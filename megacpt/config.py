@@ -130,10 +130,31 @@ class DataConfig(Section):
 
     sources: list[DataSource] = Field(description="New data for this stage.")
     replay: ReplayConfig = Field(default_factory=ReplayConfig, description="Replay of earlier data.")
+    allow_validation_overlap: bool = Field(False, description="Allow a validation prefix that is also a training or "
+                                                              "replay prefix (its loss then measures memorisation, "
+                                                              "not generalisation).")
     validation: list[ValidationSet] = Field(default_factory=list,
-                                            description="Validation sets, each evaluated separately.")
+                                            description="Validation sets, each evaluated separately; a prefix that "
+                                                        "is also trained on is refused unless "
+                                                        "allow_validation_overlap.")
     seed: int = Field(1234, description="Seed of the sample order (shuffling and blending).")
     cache_dir: str | None = Field(None, description="Where dataset indices are cached; default RUN_DIR/data_cache.")
+
+    @field_validator("validation")
+    @classmethod
+    def _held_out(cls, value: list[ValidationSet], info: ValidationInfo) -> list[ValidationSet]:
+        if info.data.get("allow_validation_overlap"):
+            return value
+        replay = info.data.get("replay")
+        trained = {os.path.normpath(os.path.abspath(s.prefix)): s.name
+                   for s in info.data.get("sources", []) + (replay.sources if replay else [])}
+        for v in value:
+            source = trained.get(os.path.normpath(os.path.abspath(v.prefix)))
+            if source is not None:
+                raise ValueError(f"'{v.name}' ({v.prefix}) is also the training data of source '{source}', so its loss "
+                                 f"would not measure held-out data; use a held-out file, or set "
+                                 f"data.allow_validation_overlap to true if the overlap is intended")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -177,6 +198,9 @@ class ScheduleConfig(Section):
                                                 "train.steps.")
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: fraction of train.steps spent cooling down.")
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = Field("1-sqrt", description="wsd: shape of the cooldown.")
+    rewarm: bool = Field(True, description="false continues the checkpoint's infinite schedule at const_lr: no "
+                                           "warmup, no cooldown, the anneal from constant_end x train.steps "
+                                           "(infinite_* with init.mode 'new_stage' only).")
     const_lr: float | None = Field(None, gt=0, validate_default=True,
                                    description="infinite_*: the constant LR (eta_const), between min_lr and max_lr; "
                                                "required for those styles.")
@@ -208,6 +232,18 @@ class ScheduleConfig(Section):
                              "a number of steps")
         return value
 
+    @field_validator("rewarm")
+    @classmethod
+    def _continue_only_infinite(cls, value: bool, info: ValidationInfo) -> bool:
+        style, warmup = info.data.get("style"), info.data.get("warmup")
+        if not value and style not in ("infinite_cosine", "infinite_inv_sqrt"):
+            raise ValueError(f"false continues an infinite schedule's constant phase; style '{style}' has none (use "
+                             "infinite_cosine or infinite_inv_sqrt)")
+        if not value and warmup:
+            raise ValueError(f"false continues at const_lr without a warmup, but schedule.warmup is {warmup}; set it "
+                             "to 0")
+        return value
+
     @field_validator("const_lr")
     @classmethod
     def _const_lr_for_infinite(cls, value: float | None, info: ValidationInfo) -> float | None:
@@ -222,9 +258,19 @@ class ScheduleConfig(Section):
     @classmethod
     def _phases_in_order(cls, value: float, info: ValidationInfo) -> float:
         cooldown_end = info.data.get("cooldown_end")
+        if info.data.get("rewarm") is False:
+            return value  # no cooldown: the stage starts in its constant phase
         if cooldown_end is not None and value < cooldown_end:
             raise ValueError(f"{value} is before schedule.cooldown_end {cooldown_end}; the phases end in order: "
                              "cooldown_end <= constant_end <= 1")
+        return value
+
+    @field_validator("meta")
+    @classmethod
+    def _meta_needs_a_peak(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("rewarm") is False:
+            raise ValueError("a meta schedule lowers each stage's peak, but schedule.rewarm false has no peak; drop "
+                             "one of them")
         return value
 
 

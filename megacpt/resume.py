@@ -7,9 +7,10 @@ refused with both values and the way to get what was meant: a new stage. The key
 how the run is observed, evaluated or kept, or the layout (elastic.py converts the optimizer state); their
 changes are returned so that the stage history records them.
 
-`train.steps` is not resumable: the cosine, linear, WSD and infinite schedules are laid out over it, and the
-dataset's epoch count (hence the order of the samples) is derived from it. A longer run is a new stage that
-keeps the optimizer and the data position (`init.load_optimizer`, `init.load_data_position`).
+`train.steps` is resumable: a stage may be lengthened (or shortened) on resume. The samples already trained
+on stay the same (each batch's composition and each source's order depend only on the position in the
+stream, not on its length) and the stage record says the new length; the schedule is laid out over the new
+`train.steps` from the resumed step on.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from megacpt.stages import SavedConfig
 # Dotted keys (and everything below them) that may differ between a checkpoint's config and its resume.
 RESUMABLE = (
     "run_dir",  # the folder may have been moved or copied
+    "train.steps",  # lengthening a stage keeps the samples trained so far (data/blend.py); the record says so
     "train.log_interval", "train.eval_interval", "train.eval_samples", "train.eval_batches", "train.save_interval",
     "train.max_skipped_steps",
     "train.micro_batch_size",  # the same samples per step, accumulated in other chunks (float rounding differs)

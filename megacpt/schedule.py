@@ -43,8 +43,36 @@ def cooldown_start(schedule: ScheduleConfig, steps: int) -> int:
 
 
 def infinite_phase_ends(schedule: ScheduleConfig, steps: int) -> tuple[int, int]:
-    """(C, A) for infinite_*: the steps where the cooldown and the constant phase end."""
-    return fraction_to_steps(schedule.cooldown_end, steps), fraction_to_steps(schedule.constant_end, steps)
+    """(C, A) for infinite_*: the steps where the cooldown and the constant phase end (C = 0 without a re-warm)."""
+    cooldown_end = fraction_to_steps(schedule.cooldown_end, steps) if schedule.rewarm else 0
+    return cooldown_end, fraction_to_steps(schedule.constant_end, steps)
+
+
+def check_continuation(schedule: ScheduleConfig, previous: ScheduleConfig | None, previous_steps: int,
+                       steps_done: int) -> None:
+    """Raise ConfigError unless `schedule` (rewarm false) can continue the constant phase of the stage before.
+
+    `previous` is the schedule of the checkpoint's stage (None for fresh weights or imported ones), which ran
+    `steps_done` of its `previous_steps` steps. The constant phase goes on only if that stage ran an infinite
+    schedule and stopped before its anneal, and only at the same const_lr.
+    """
+    if schedule.rewarm:
+        return
+    if previous is None:
+        raise ConfigError("schedule.rewarm", "false continues the constant phase of the checkpoint's infinite "
+                          "schedule, but there is no checkpoint stage to continue (fresh or imported weights); set it "
+                          "to true")
+    if previous.style not in INFINITE_STYLES:
+        raise ConfigError("schedule.rewarm", f"false continues an infinite schedule, but the checkpoint's stage ran "
+                          f"'{previous.style}'; set it to true to re-warm")
+    anneal_start = infinite_phase_ends(previous, previous_steps)[1]
+    if steps_done > anneal_start:
+        raise ConfigError("schedule.rewarm", f"false continues a constant phase, but the checkpoint's stage had "
+                          f"started its anneal at step {anneal_start} and stopped at step {steps_done}; branch from a "
+                          f"checkpoint saved at step {anneal_start} or earlier, or set it to true")
+    if schedule.const_lr != previous.const_lr:
+        raise ConfigError("schedule.const_lr", f"{schedule.const_lr} differs from the checkpoint's constant LR "
+                          f"{previous.const_lr}; with schedule.rewarm false the stage continues at that LR")
 
 
 def meta_peak(schedule: ScheduleConfig, steps: int, stage_index: int) -> float:

@@ -9,6 +9,7 @@ checkpoint), they stop the run before its first step, exit 0 and leave the check
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -39,16 +40,29 @@ from megacpt.stages import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="JSON run config")
     add_set_argument(parser)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check everything, build no model, write nothing; print what the run would do and what "
+                             "it inherits from the checkpoint")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print it as one JSON object (last line)")
 
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    if args.json and not args.dry_run:
+        raise UserError("--json is an option of --dry-run")
+    if args.dry_run:
+        from megacpt.dry_run import describe, format_text
+
+        summary = describe(config, preflight(config))
+        print(json.dumps(summary) if args.json else format_text(summary))
+        return 0
     train(config)
     return 0
 
 
 def preflight(config: RunConfig, checksums: bool = True) -> checkpoint.LoadPlan | None:
-    """Everything that can be checked before torch.distributed starts: schedule, tokenizer, data, checkpoint."""
+    """Everything that can be checked before torch.distributed starts: schedule, tokenizer, data, checkpoint.
+    Returns the load plan."""
     from megacpt.data.datasets import check_data
     from megacpt.data.tokenizers import check_vocabulary
     from megacpt.schedule import check_schedule
@@ -135,7 +149,7 @@ def _train(config: RunConfig, world, plan: checkpoint.LoadPlan | None, signals: 
     engine, _, scheduler = build_engine(
         config, world, lambda opt: StageScheduler(opt, config.schedule, config.train.steps, stage.index),
         load_universal=bool(plan and plan.universal and layout.zero_stage))
-    stream, val_data = build_data(config, world, stages)
+    stream, val_data = build_data(config, world, stages, stream_start(config, plan))
     tokens_before = restore(plan, engine, scheduler, stream, world)
 
     metrics = MetricsWriter(run_dir, world.is_main, config.logging.tensorboard, start_wandb(config, world, stages))
@@ -176,16 +190,25 @@ def cpu_threads(world) -> str:
     return f", {torch.get_num_threads()} CPU threads each" if world.device.type == "cpu" else ""
 
 
-def build_data(config: RunConfig, world, stages: list[StageRecord]):
-    """This rank's training batch stream (the blend with replay) and the validation datasets."""
+def stream_start(config: RunConfig, plan: checkpoint.LoadPlan | None) -> int:
+    """Where this run's stage begins in its sample stream: a continued data position, else 0."""
+    if plan is None or not plan.load_data_position:
+        return 0
+    t = plan.state.scheduler.t if plan.load_scheduler else 0
+    return plan.state.data.consumed_samples - t * config.train.global_batch_size
+
+
+def build_data(config: RunConfig, world, stages: list[StageRecord], start: int):
+    """This rank's training batch stream (the blend with replay, covering the stage from sample `start`) and
+    the validation datasets."""
     from megacpt.data.datasets import build_train_dataset, build_validation_datasets
     from megacpt.data.loader import BatchStream
     from megacpt.data.tokenizers import eod_id
 
     common = dict(seq_length=config.model.seq_length, cache_dir=str(config.data_cache_dir),
                   vocab_size=config.model.vocab_size, eod=eod_id(config.tokenizer))
-    train_data = build_train_dataset(config.data, config.train.steps * config.train.global_batch_size,
-                                     earlier_stages=stages[:-1], **common)
+    train_data = build_train_dataset(config.data, start + config.train.steps * config.train.global_batch_size,
+                                     config.train.global_batch_size, earlier_stages=stages[:-1], **common)
     stream = BatchStream(train_data, config.train.global_batch_size, config.train.micro_batch_size,
                          world.data_rank, world.data_size, world.device)
     return stream, build_validation_datasets(config.data, config.train.eval_samples, **common)
@@ -207,9 +230,11 @@ def stage_records(config: RunConfig, plan: checkpoint.LoadPlan | None) -> list[S
     """The stage records of this model, ending with the current one (appended when this run is a new stage)."""
     if plan is not None and plan.resume:
         stages = list(plan.state.stages)
-        if plan.changes:  # what the resume changed (resume.RESUMABLE keys only), for the record
-            resumes = [*stages[-1].resumes, Resume(step=plan.state.step, changed=plan.changes)]
-            stages[-1] = stages[-1].model_copy(update={"resumes": resumes})
+        # a lengthened (or shortened) stage says so in its record, as does what else the resume changed
+        update = {"steps": config.train.steps}
+        if plan.changes:  # resume.RESUMABLE keys only
+            update["resumes"] = [*stages[-1].resumes, Resume(step=plan.state.step, changed=plan.changes)]
+        stages[-1] = stages[-1].model_copy(update=update)
         return stages
     earlier = list(plan.state.stages) if plan is not None else []
     return earlier + [TrainedStage(

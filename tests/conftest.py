@@ -61,7 +61,7 @@ def hf_tokenizer_json(tmp_path_factory, make_hf_tokenizer) -> str:
 
 @pytest.fixture(scope="session")
 def pattern_data(tmp_path_factory) -> dict:
-    """Indexed datasets for training tests: two learnable patterns and random tokens (vocab 256)."""
+    """Indexed datasets for training tests: learnable patterns and random tokens (vocab 256), and held-out files."""
     from datagen import pattern_documents, random_documents, write_indexed
 
     folder = tmp_path_factory.mktemp("data")
@@ -70,6 +70,10 @@ def pattern_data(tmp_path_factory) -> dict:
         "b": write_indexed(folder / "b", pattern_documents(5, 100, 120, 100)),
         "c": write_indexed(folder / "c", pattern_documents(17, 50, 120, 100)),
         "noise": write_indexed(folder / "noise", random_documents(0, 120, 100)),
+        # held-out files of the same patterns, for validation sets (a training prefix as validation is refused)
+        "a_val": write_indexed(folder / "a_val", pattern_documents(11, 3, 30, 100)),
+        "b_val": write_indexed(folder / "b_val", pattern_documents(5, 100, 30, 100)),
+        "noise_val": write_indexed(folder / "noise_val", random_documents(1, 30, 100)),
     }
 
 

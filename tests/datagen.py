@@ -84,3 +84,32 @@ def write_state(tag_dir: Path, step: int, tokens: int, stages: list) -> Path:
         data=None))
     (tag_dir.parent / "latest").write_text(tag_dir.name)
     return tag_dir
+
+
+def optimizer_file_state(tag_dir: Path, zero: int = 0) -> tuple[list[dict], list[tuple]]:
+    """(param groups, [(flat fp32 params, exp_avg, exp_avg_sq, step) per group]) of a one-rank checkpoint."""
+    import torch
+
+    if zero == 0:
+        saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
+        optimizer = saved["optimizer"]
+        params = [t for t in saved["module"].values() if torch.is_tensor(t)]  # in the order groups were built from
+        flat = []
+        for group in optimizer["param_groups"]:
+            states = [optimizer["state"][i] for i in group["params"]]
+            tensors = [t for t in params if (t.ndim >= 2) == (group["weight_decay"] > 0)]
+            assert [t.shape for t in tensors] == [s["exp_avg"].shape for s in states]
+            flat.append((torch.cat([t.flatten() for t in tensors]).float(),
+                         torch.cat([s["exp_avg"].flatten() for s in states]),
+                         torch.cat([s["exp_avg_sq"].flatten() for s in states]), float(states[0]["step"])))
+        return optimizer["param_groups"], flat
+    saved = torch.load(tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                       weights_only=False)["optimizer_state_dict"]
+    base = saved["base_optimizer_state"]
+    flat = []
+    for i, group in enumerate(base["param_groups"]):
+        state = base["state"][group["params"][0]]
+        p = saved["single_partition_of_fp32_groups"][i]
+        n = p.numel()
+        flat.append((p, state["exp_avg"][:n], state["exp_avg_sq"][:n], float(state["step"])))
+    return base["param_groups"], flat

@@ -1,10 +1,15 @@
 """Compute-equivalent replay blending, per-source sample counts, validation sets and data checks."""
 
+import math
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from megacpt.cli import main
 from megacpt.config import validate_config
-from megacpt.data.datasets import blend_weights, build_train_dataset
+from megacpt.data.blend import Blend, batch_counts
+from megacpt.data.datasets import blend_groups, blend_weights, build_train_dataset
 from megacpt.data.loader import BatchStream
 from megacpt.stages import read_state
 
@@ -31,19 +36,69 @@ def test_new_sources_share_one_minus_fraction_and_replay_shares_fraction(tmp_pat
     assert weights == pytest.approx({"new": 1 - fraction, "old1": fraction * 0.75, "old2": fraction * 0.25}, abs=1e-12)
 
 
-@pytest.mark.parametrize("fraction", [0.05, 0.25])
-def test_every_batch_of_the_stream_holds_the_shares_within_one_sample(tmp_path, world, pattern_data, fraction):
-    config = validate_config(_config(tmp_path, pattern_data, fraction))
-    dataset = build_train_dataset(config.data, 400, 64, str(tmp_path / "cache"), 256, -1)
-    shares = {s.name: s.weight for s in blend_weights(config.data)}
-    for consumed in range(1, 401):
-        counts = dataset.samples_per_source(consumed)
-        assert sum(counts.values()) == consumed
-        # megatron's greedy interleave keeps counts within one sample of share x (consumed - 1): at any
-        # prefix that is at most 1 + share off; at the end of each global batch of 20 it is within one.
-        bound = 1.0 if consumed % 20 == 0 else 1.0 + max(shares.values())
-        for name, share in shares.items():
-            assert abs(counts[name] - share * consumed) <= bound, (consumed, counts)
+def _assert_every_batch_is_apportioned(counts: np.ndarray, groups: list[list[float]], batch_size: int) -> None:
+    """Each source and each group: floor or ceiling of its quota in every batch; totals on target over batches."""
+    shares = np.array([s for g in groups for s in g])
+    quotas = shares * batch_size
+    assert (counts.sum(axis=1) == batch_size).all()
+    assert ((counts == np.floor(quotas + 1e-9)) | (counts == np.ceil(quotas - 1e-9))).all(), counts
+    start = 0
+    for group in groups:
+        total, quota = counts[:, start:start + len(group)].sum(axis=1), sum(group) * batch_size
+        assert ((total == math.floor(quota + 1e-9)) | (total == math.ceil(quota - 1e-9))).all(), total
+        start += len(group)
+    batches = np.arange(1, len(counts) + 1)[:, None]
+    assert np.abs(np.cumsum(counts, axis=0) - batches * quotas).max() < 1  # carried remainders: on target
+
+
+@pytest.mark.parametrize("groups, batch_size", [
+    ([[0.9 * w for w in (0.5, 0.3, 0.2)], [0.1 * w for w in (0.4, 0.3, 0.2, 0.1)]], 8),  # 3 new + 4 replay at 10%
+    ([[0.95], [0.05]], 20),
+    ([[0.75], [0.75 * 0.25, 0.25 * 0.25]], 20),
+    ([[1 / 3, 1 / 3, 1 / 3], []], 7),
+    ([[0.6, 0.15], [0.25]], 4),  # integer quotas in the new group
+])
+def test_every_batch_holds_each_source_and_group_share_within_one_sample(groups, batch_size):
+    _assert_every_batch_is_apportioned(batch_counts(groups, batch_size, 500), groups, batch_size)
+
+
+def test_three_new_and_four_replay_sources_at_ten_percent_put_0_or_1_replay_samples_in_every_batch_of_8():
+    groups = [[0.9 / 3] * 3, [0.1 / 4] * 4]
+    counts = batch_counts(groups, 8, 400)
+    replay = counts[:, 3:].sum(axis=1)
+    assert set(replay.tolist()) == {0, 1} and replay.sum() == round(0.1 * 8 * 400)
+    assert set(counts[:, :3].sum(axis=1).tolist()) == {7, 8}
+    assert (counts[:, :3] >= 2).all() and (counts[:, :3] <= 3).all()
+
+
+def test_a_longer_stream_keeps_every_earlier_batch():
+    groups = [[0.9 / 3] * 3, [0.1 / 4] * 4]
+    short, long = Blend(groups, 8, 80), Blend(groups, 8, 800)
+    assert [short.locate(p) for p in range(80)] == [long.locate(p) for p in range(80)]
+
+
+def test_stream_of_seven_sources_matches_the_apportionment_and_megatrons_order_per_source(tmp_path, world,
+                                                                                         pattern_data):
+    new = [{"name": f"new{i}", "prefix": pattern_data[k], "weight": w}
+           for i, (k, w) in enumerate(zip("abc", (5, 3, 2)))]
+    replay = [{"name": f"old{i}", "prefix": pattern_data[k], "weight": 1}
+              for i, k in enumerate(("a", "b", "c", "noise"))]
+    data = validate_config(tiny_config(tmp_path / "run", new,
+                                       data={"replay": {"fraction": 0.1, "sources": replay}})).data
+    cache = str(tmp_path / "cache")
+    stream = build_train_dataset(data, 400, 8, 64, cache, 256, -1)
+    groups = [[s.weight for s in g] for g in blend_groups(data)]
+    expected = batch_counts(groups, 8, 50)
+    names = [s["name"] for s in new + replay]
+    for b in range(50):
+        in_batch = [stream.source_of(p) for p in range(8 * b, 8 * b + 8)]
+        assert [in_batch.count(n) for n in names] == expected[b].tolist()
+        assert stream.samples_per_source(8 * (b + 1)) == dict(zip(names, expected[: b + 1].sum(axis=0).tolist()))
+    # the n-th sample a source contributes is sample n of megatron's one-epoch GPTDataset of that prefix
+    alone_config = validate_config(tiny_config(tmp_path / "r2", [new[1]]))
+    alone = build_train_dataset(alone_config.data, 200, 8, 64, cache, 256, -1)
+    from_b = [stream[p]["tokens"].tolist() for p in range(400) if stream.source_of(p) == "new1"]
+    assert from_b == [alone[n]["tokens"].tolist() for n in range(len(from_b))]
 
 
 def test_training_logs_cumulative_samples_per_source_at_the_configured_shares(tmp_path, pattern_data):
@@ -61,11 +116,11 @@ def test_training_logs_cumulative_samples_per_source_at_the_configured_shares(tm
 
 def test_no_replay_sample_appears_with_fraction_zero(tmp_path, world, pattern_data):
     config = validate_config(_config(tmp_path, pattern_data, 0.0))
-    dataset = build_train_dataset(config.data, 200, 64, str(tmp_path / "cache"), 256, -1)
+    dataset = build_train_dataset(config.data, 200, 20, 64, str(tmp_path / "cache"), 256, -1)
     assert dataset.samples_per_source(200) == {"new": 200}
     new_only = {tuple(dataset[i]["tokens"][:8].tolist()) for i in range(200)}
     a_config = validate_config(tiny_config(tmp_path / "r2", [{"name": "new", "prefix": pattern_data["a"]}]))
-    a_only = build_train_dataset(a_config.data, 200, 64, str(tmp_path / "cache"), 256, -1)
+    a_only = build_train_dataset(a_config.data, 200, 20, 64, str(tmp_path / "cache"), 256, -1)
     assert new_only == {tuple(a_only[i]["tokens"][:8].tolist()) for i in range(200)}
 
 
@@ -81,8 +136,8 @@ def test_data_parallel_ranks_read_disjoint_samples_whose_union_is_the_global_bat
 
 def test_validation_sets_are_reported_separately(tmp_path, pattern_data):
     config = tiny_config(tmp_path / "run", [{"name": "a", "prefix": pattern_data["a"]}],
-                         data={"validation": [{"name": "a", "prefix": pattern_data["a"]},
-                                              {"name": "noise", "prefix": pattern_data["noise"]}]},
+                         data={"validation": [{"name": "a", "prefix": pattern_data["a_val"]},
+                                              {"name": "noise", "prefix": pattern_data["noise_val"]}]},
                          train={"steps": 20, "eval_interval": 10, "log_interval": 10})
     assert main(["train", write_config(tmp_path / "c.json", config)]) == 0
     evals = [r for r in read_metrics(tmp_path / "run") if "eval" in r]
@@ -173,8 +228,8 @@ def test_seen_only_replays_only_samples_the_earlier_stage_trained_on(tmp_path, p
 
     config = load_config(path)  # control: without seen_only the same replay source brings unseen samples
     config.data.replay.seen_only = False
-    anything = build_train_dataset(config.data, 200, 64, str(tmp_path / "cache"), 256, -1, history)
-    unseen = {tuple(anything[i]["tokens"].tolist()) for i in range(200) if anything.source_index[i] == 1}
+    anything = build_train_dataset(config.data, 200, 4, 64, str(tmp_path / "cache"), 256, -1, history)
+    unseen = {tuple(anything[i]["tokens"].tolist()) for i in range(200) if anything.source_of(i) == "old"}
     assert not unseen <= set(trained_on)
 
 
@@ -184,3 +239,17 @@ def test_seen_only_without_a_history_that_says_is_an_error(tmp_path, pattern_dat
                                           "sources": [{"name": "old", "prefix": pattern_data["b"]}]}})
     assert main(["train", write_config(tmp_path / "c.json", config)]) == 2
     assert "seen_only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("group", ["sources", "replay"])
+def test_a_validation_set_that_is_training_data_is_refused_unless_the_overlap_is_intended(tmp_path, capsys,
+                                                                                          pattern_data, group):
+    replay = {"fraction": 0.25, "sources": [{"name": "old", "prefix": pattern_data["b"]}]}
+    trained = pattern_data["a"] if group == "sources" else pattern_data["b"]
+    config = tiny_config(tmp_path / "run", [{"name": "new", "prefix": pattern_data["a"]}],
+                         data={"replay": replay,
+                               "validation": [{"name": "val", "prefix": trained + "/../" + Path(trained).name}]})
+    err = _bad_run(tmp_path, capsys, config)
+    assert "data.validation" in err and "data.allow_validation_overlap" in err and ("'new'" in err or "'old'" in err)
+    config["data"]["allow_validation_overlap"] = True
+    assert validate_config(config).data.validation[0].name == "val"

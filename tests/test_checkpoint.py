@@ -16,7 +16,7 @@ from megacpt.cli import main
 from megacpt.run_dir import LOCK, OWNER
 from megacpt.stages import STATE_FILE, read_state
 
-from datagen import read_metrics, tiny_config, write_config
+from datagen import optimizer_file_state, read_metrics, tiny_config, write_config
 from launch import assert_ok, clean_env, deepspeed_launch, free_port, run_megacpt, start_held, wait_for_step
 
 BETA1, BETA2 = 0.9, 0.95
@@ -362,33 +362,6 @@ def test_consecutive_fp16_overflows_stop_with_a_clear_message(tmp_path, pattern_
     assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1, 2, 3]
 
 
-def _optimizer_file_state(tag_dir: Path, zero: int) -> tuple[list[dict], list[tuple[torch.Tensor, ...]]]:
-    """(param groups, [(flat fp32 params, exp_avg, exp_avg_sq, step) per group]) of a one-rank checkpoint."""
-    if zero == 0:
-        saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
-        optimizer = saved["optimizer"]
-        params = [t for t in saved["module"].values() if torch.is_tensor(t)]  # in the order groups were built from
-        flat = []
-        for group in optimizer["param_groups"]:
-            states = [optimizer["state"][i] for i in group["params"]]
-            tensors = [t for t in params if (t.ndim >= 2) == (group["weight_decay"] > 0)]
-            assert [t.shape for t in tensors] == [s["exp_avg"].shape for s in states]
-            flat.append((torch.cat([t.flatten() for t in tensors]).float(),
-                         torch.cat([s["exp_avg"].flatten() for s in states]),
-                         torch.cat([s["exp_avg_sq"].flatten() for s in states]), float(states[0]["step"])))
-        return optimizer["param_groups"], flat
-    saved = torch.load(tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                       weights_only=False)["optimizer_state_dict"]
-    base = saved["base_optimizer_state"]
-    flat = []
-    for i, group in enumerate(base["param_groups"]):
-        state = base["state"][group["params"][0]]
-        p = saved["single_partition_of_fp32_groups"][i]
-        n = p.numel()
-        flat.append((p, state["exp_avg"][:n], state["exp_avg_sq"][:n], float(state["step"])))
-    return base["param_groups"], flat
-
-
 @pytest.mark.parametrize("zero", [0, 1, 2])
 def test_kept_optimizer_takes_moments_from_the_checkpoint_and_hyperparameters_from_the_config(tmp_path, pattern_data,
                                                                                              zero):
@@ -403,8 +376,8 @@ def test_kept_optimizer_takes_moments_from_the_checkpoint_and_hyperparameters_fr
                                 "optimizer": {"type": "AdamW",
                                               "params": {"betas": list(betas), "eps": eps, "weight_decay": decay}}})
     assert main(["train", write_config(tmp_path / "s1.json", stage1)]) == 0
-    _, before = _optimizer_file_state(tmp_path / "stage0" / "checkpoints" / "step00000003", zero)
-    groups, after = _optimizer_file_state(tmp_path / "stage1" / "checkpoints" / "step00000001", zero)
+    _, before = optimizer_file_state(tmp_path / "stage0" / "checkpoints" / "step00000003", zero)
+    groups, after = optimizer_file_state(tmp_path / "stage1" / "checkpoints" / "step00000001", zero)
     assert [(tuple(g["betas"]), g["eps"], g["weight_decay"], g["lr"]) for g in groups] == \
         [(betas, eps, decay, lr), (betas, eps, 0.0, lr)]
     for (p0, m0, v0, step0), (p1, m1, v1, step1), wd in zip(before, after, (decay, 0.0)):

@@ -21,8 +21,8 @@ def _config(tmp_path: Path, name: str, pattern_data: dict, **sections) -> dict:
     sections["train"] = {"steps": 6, "eval_interval": 3, "save_interval": 3, "log_interval": 1,
                          **sections.get("train", {})}
     return tiny_config(tmp_path / name, [{"name": source, "prefix": pattern_data[source]}],
-                       data={"validation": [{"name": "a_val", "prefix": pattern_data["a"]},
-                                            {"name": "b_val", "prefix": pattern_data["b"]}]},
+                       data={"validation": [{"name": "a_val", "prefix": pattern_data["a_val"]},
+                                            {"name": "b_val", "prefix": pattern_data["b_val"]}]},
                        logging={"tensorboard": True}, **sections)
 
 

@@ -151,7 +151,6 @@ def test_load_tag_of_a_missing_tag_lists_the_tags(run_copy, pattern_data, capsys
 RESUME_CHANGES = {
     "source": ({"data": {"sources": [{"name": "b", "prefix": "B"}]}}, ["data.sources[0].name", '"a"', '"b"']),
     "batch": ({"train": {"global_batch_size": 8}}, ["train.global_batch_size", "4", "8"]),
-    "steps": ({"train": {"steps": 6}}, ["train.steps"]),
     "lr": ({"schedule": {"max_lr": 1e-3}}, ["schedule.max_lr", "0.003", "0.001"]),
     "data seed": ({"data": {"seed": 7}}, ["data.seed"]),
     "sequence length": ({"model": {"preset": "tiny", "seq_length": 32}}, ["model.seq_length", "64", "32"]),

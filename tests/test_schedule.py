@@ -17,7 +17,7 @@ import torch
 from megacpt.cli import main as cli_main
 from megacpt.config import ScheduleConfig, validate_config
 from megacpt.errors import ConfigError, UserError
-from megacpt.schedule import StageScheduler, check_schedule, lr_at, meta_peak
+from megacpt.schedule import StageScheduler, check_continuation, check_schedule, lr_at, meta_peak
 
 ETA_MAX, ETA_MIN, ETA_CONST = 3e-4, 3e-5, 1.65e-4
 
@@ -115,6 +115,47 @@ def test_infinite_schedules_match_formulas(style, T, warmup, W, c, a, C, A):
     schedule = ScheduleConfig(style=style, max_lr=ETA_MAX, min_lr=ETA_MIN, const_lr=ETA_CONST, warmup=warmup,
                               cooldown_end=c, constant_end=a, timescale=7.0)
     assert_matches(schedule, T, lambda t: expected_lr(style, t, T, W, C=C, A=A, alpha=7.0))
+
+
+# (T, constant_end, A by hand): without a re-warm the stage starts in its constant phase
+CONTINUED_CASES = [(100, 1.0, 100), (100, 0.85, 85), (37, 0.5, 19), (10, 0.0, 0), (1, 0.0, 0)]
+
+
+@pytest.mark.parametrize("style", ["infinite_cosine", "infinite_inv_sqrt"])
+@pytest.mark.parametrize("T,a,A", CONTINUED_CASES)
+def test_continued_infinite_schedule_holds_const_lr_then_anneals(style, T, a, A):
+    schedule = ScheduleConfig(style=style, max_lr=ETA_MAX, min_lr=ETA_MIN, const_lr=ETA_CONST, rewarm=False,
+                              constant_end=a)
+    assert_matches(schedule, T,
+                   lambda t: ETA_CONST if t < A else ETA_CONST * (ETA_MIN / ETA_CONST) ** ((t - A) / (T - A)))
+    assert lr_at(schedule, T, 0) == ETA_CONST  # no warmup, no cooldown: step 0 trains at eta_const
+
+
+def _infinite(**changes) -> ScheduleConfig:
+    return ScheduleConfig(**{"style": "infinite_cosine", "max_lr": ETA_MAX, "min_lr": ETA_MIN, "const_lr": ETA_CONST,
+                             "warmup": 10, "constant_end": 0.8, **changes})
+
+
+@pytest.mark.parametrize("previous, steps_done", [
+    (_infinite(), 0), (_infinite(), 80),  # anywhere up to the anneal's start (80 of 100)
+    (_infinite(constant_end=1.0), 100),  # a stage that never anneals, finished
+    (_infinite(rewarm=False, warmup=0, constant_end=1.0), 100),  # a continued stage continued again
+])
+def test_continuation_of_a_constant_phase_is_accepted(previous, steps_done):
+    check_continuation(_infinite(rewarm=False, warmup=0), previous, 100, steps_done)
+
+
+@pytest.mark.parametrize("previous, steps_done, const_lr, key, words", [
+    (None, 0, ETA_CONST, "schedule.rewarm", "no checkpoint stage"),
+    (ScheduleConfig(style="cosine"), 100, ETA_CONST, "schedule.rewarm", "'cosine'"),
+    (_infinite(), 81, ETA_CONST, "schedule.rewarm", "anneal at step 80"),
+    (_infinite(rewarm=False, warmup=0, constant_end=0.0), 10, ETA_CONST, "schedule.rewarm", "anneal at step 0"),
+    (_infinite(), 50, 1e-4, "schedule.const_lr", str(ETA_CONST)),
+])
+def test_continuation_that_cannot_continue_names_the_key(previous, steps_done, const_lr, key, words):
+    with pytest.raises(ConfigError) as caught:
+        check_continuation(_infinite(rewarm=False, warmup=0, const_lr=const_lr), previous, 100, steps_done)
+    assert caught.value.key == key and words in str(caught.value)
 
 
 def test_step_zero_never_trains_at_lr_zero():
@@ -308,6 +349,10 @@ BAD_SCHEDULES = [
     ("schedule.const_lr", {"style": "infinite_inv_sqrt"}),
     ("schedule.const_lr", {"style": "infinite_cosine", "max_lr": 1e-4, "const_lr": 2e-4}),
     ("schedule.min_lr", {"style": "infinite_cosine", "const_lr": 1e-4, "min_lr": 0.0}),
+    ("schedule.rewarm", {"style": "cosine", "rewarm": False}),
+    ("schedule.rewarm", {"style": "infinite_cosine", "const_lr": 1e-4, "warmup": 5, "rewarm": False}),
+    ("schedule.meta", {"style": "infinite_cosine", "const_lr": 1e-4, "rewarm": False, "meta": "autoregressive_cosine"}),
+    ("schedule.min_lr", {"style": "infinite_inv_sqrt", "const_lr": 1e-4, "rewarm": False, "constant_end": 0}),
 ]
 
 
@@ -378,3 +423,26 @@ def test_cli_does_not_import_torch(tmp_path):
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_cli_plots_a_chain_of_stages_and_checks_each_link(tmp_path, capsys):
+    infinite = {"style": "infinite_cosine", "max_lr": ETA_MAX, "min_lr": ETA_MIN, "const_lr": ETA_CONST}
+    chain = [({**infinite, "warmup": 5, "constant_end": 1.0}, 50),
+             ({**infinite, "rewarm": False, "constant_end": 1.0}, 40),
+             ({**infinite, "rewarm": False, "constant_end": 0.0}, 10)]
+    paths = []
+    for k, (schedule, steps) in enumerate(chain):
+        paths.append(tmp_path / f"s{k}.json")
+        paths[-1].write_text(json.dumps(raw_config(tmp_path, steps=steps, **schedule)))
+    argv = ["schedule", *map(str, paths), "--csv", str(tmp_path / "lr.csv"), "--plot", str(tmp_path / "lr.png")]
+    assert cli_main(argv) == 0
+    expected = [(k, lr_at(ScheduleConfig(**schedule), steps, t, k))
+                for k, (schedule, steps) in enumerate(chain) for t in range(steps)]
+    assert read_csv(tmp_path / "lr.csv") == [(step, k, lr) for step, (k, lr) in enumerate(expected)]
+    rows = read_csv(tmp_path / "lr.csv")
+    assert rows[50][2] == rows[89][2] == ETA_CONST  # the second stage holds eta_const from its first step
+    assert rows[90][2] == ETA_CONST and rows[-1][2] == pytest.approx(ETA_CONST * (ETA_MIN / ETA_CONST) ** 0.9)
+    assert (tmp_path / "lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert cli_main(["schedule", str(paths[2]), str(paths[1]), "--csv", str(tmp_path / "bad.csv")]) == 2
+    assert "schedule.rewarm" in capsys.readouterr().err and not (tmp_path / "bad.csv").exists()

@@ -12,7 +12,7 @@ from launch import assert_ok, run_megacpt
 
 def test_training_on_a_repeated_pattern_brings_the_loss_down(tmp_path, pattern_data):
     config = tiny_config(tmp_path / "run", [{"name": "a", "prefix": pattern_data["a"]}],
-                         data={"validation": [{"name": "a_val", "prefix": pattern_data["a"]}]},
+                         data={"validation": [{"name": "a_val", "prefix": pattern_data["a_val"]}]},
                          train={"steps": 30, "log_interval": 5})
     assert main(["train", write_config(tmp_path / "c.json", config)]) == 0
 

@@ -1,10 +1,11 @@
 """Training and validation datasets over Megatron indexed files, with compute-equivalent replay.
 
-The blend is megatron-core's own (`BlendedMegatronDatasetBuilder` -> `GPTDataset` / `BlendedDataset`, a
-deterministic greedy interleave that keeps every prefix of the sample stream at the target mix). megacpt
-adds the CPT policy on top: new sources share 1 - replay.fraction of the weight and replay sources share
-replay.fraction, so replay takes part of the batch instead of adding compute. It also checks every file
-before any compute is spent, and says for each sample which source it came from.
+Each source is megatron-core's own `GPTDataset` (its document and sample shuffle, cached indices), one epoch
+at a time. Which source each position of the stream takes is megacpt's exact per-batch apportionment
+(megacpt.data.blend) instead of megatron's `BlendedDataset`, whose greedy interleave keeps only prefixes of
+the whole stream at the mix. The CPT policy: new sources share 1 - replay.fraction of every batch and replay
+sources share replay.fraction, so replay takes part of the batch instead of adding compute. Every file is
+checked before any compute is spent, and the stream says for each sample which source it came from.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megacpt.config import DataConfig
+from megacpt.data.blend import Blend
 from megacpt.data.documents import DOCUMENT_BYTES_SUFFIX
 from megacpt.errors import UserError
 from megacpt.stages import StageRecord, TrainedStage
@@ -32,18 +34,21 @@ class WeightedSource:
     weight: float
 
 
-def blend_weights(data: DataConfig) -> list[WeightedSource]:
-    """Normalised blend: new sources share 1 - f, replay sources share f; zero-weight sources are left out."""
+def blend_groups(data: DataConfig) -> list[list[WeightedSource]]:
+    """[new sources, replay sources], each weight a share of the whole batch: new sources share 1 - f,
+    replay sources share f; zero-weight sources are left out."""
     fraction = data.replay.fraction
-    groups = [(data.sources, 1.0 - fraction), (data.replay.sources, fraction)]
-    blend = []
-    for sources, share in groups:
+    groups = []
+    for sources, share in ((data.sources, 1.0 - fraction), (data.replay.sources, fraction)):
         total = sum(s.weight for s in sources)
-        for s in sources:
-            weight = share * s.weight / total if total > 0 else 0.0
-            if weight > 0:
-                blend.append(WeightedSource(s.name, s.prefix, weight))
-    return blend
+        weighted = [WeightedSource(s.name, s.prefix, share * s.weight / total) for s in sources if total > 0]
+        groups.append([s for s in weighted if s.weight > 0])
+    return groups
+
+
+def blend_weights(data: DataConfig) -> list[WeightedSource]:
+    """Every source of the blend with its share of the batch."""
+    return [s for group in blend_groups(data) for s in group]
 
 
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
@@ -138,28 +143,6 @@ class _DatasetTokenizer:
         self.unique_identifiers = {"vocab_size": vocab_size, "eod": eod}  # part of megatron's cache hash
 
 
-class SourceTaggedDataset:
-    """A training sample stream where every index also tells which source it came from."""
-
-    def __init__(self, dataset, names: list[str]):
-        self.dataset = dataset
-        self.names = names
-        # BlendedDataset knows each sample's source; a single GPTDataset has only one.
-        index = getattr(dataset, "dataset_index", None)
-        self.source_index = np.asarray(index) if index is not None else np.zeros(len(dataset), dtype=np.int16)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, idx: int) -> dict:
-        return self.dataset[idx]
-
-    def samples_per_source(self, consumed: int) -> dict[str, int]:
-        """How many of the first `consumed` samples came from each source."""
-        counts = np.bincount(self.source_index[:consumed], minlength=len(self.names))
-        return {name: int(n) for name, n in zip(self.names, counts)}
-
-
 def files_cache_dir(cache_dir: str, prefixes: list[str]) -> str:
     """The cache folder for indices built over these files: keyed by each .bin/.idx's path, size and mtime.
 
@@ -193,7 +176,8 @@ def _gpt_config(blend, seq_length: int, seed: int, cache_dir: str, vocab_size: i
     )
 
 
-def _build(config, num_samples: int) -> object:
+def _build(config, num_samples: int | None) -> object:
+    """megatron's GPTDataset for one prefix: `num_samples` samples, or exactly one epoch for None."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
@@ -201,60 +185,92 @@ def _build(config, num_samples: int) -> object:
     return train
 
 
-def build_train_dataset(data: DataConfig, num_samples: int, seq_length: int, cache_dir: str,
-                        vocab_size: int, eod: int | None,
-                        earlier_stages: list[StageRecord] = ()) -> SourceTaggedDataset:
-    """The blended training stream of at least `num_samples` samples. Call on every rank (rank 0 builds first).
+class SourceStream:
+    """The samples of one source in order: epoch e is megatron's one-epoch GPTDataset built with seed + e.
 
-    With `replay.seen_only`, each replay source yields only samples that an earlier stage (from the
-    checkpoint's stage history) trained on; megatron's interleave still decides when a replay sample comes.
+    Sample n never depends on how many samples are asked for, so a longer stage reads the same first samples.
     """
-    blend = blend_weights(data)
-    os.makedirs(cache_dir, exist_ok=True)
-    weights = [s.weight for s in blend] if len(blend) > 1 else None
-    config = _gpt_config(([s.prefix for s in blend], weights), seq_length, data.seed, cache_dir, vocab_size, eod)
-    dataset = _build(config, num_samples)
-    if data.replay.seen_only:
-        replay_names = {s.name for s in data.replay.sources}
-        for i, source in enumerate(blend):
-            if source.name in replay_names:
-                dataset.datasets[i] = seen_samples(source, list(earlier_stages), cache_dir, vocab_size, eod, data.seed)
-    return SourceTaggedDataset(dataset, [s.name for s in blend])
+
+    def __init__(self, prefix: str, num_samples: int, seq_length: int, seed: int, cache_dir: str, vocab_size: int,
+                 eod: int | None):
+        def epoch(e: int):
+            return _build(_gpt_config(([prefix], None), seq_length, seed + e, cache_dir, vocab_size, eod), None)
+
+        first = epoch(0)
+        self.epoch_size = len(first)
+        self.epochs = [first] + [epoch(e) for e in range(1, -(-num_samples // self.epoch_size))]
+
+    def __getitem__(self, n: int) -> dict:
+        e, i = divmod(n, self.epoch_size)
+        return self.epochs[e][i]
 
 
 class SeenSamples:
-    """The samples of one source that an earlier stage trained on, replayed in a seeded order (reshuffled per pass)."""
+    """The first `count` samples of an earlier stage's source stream, replayed in a seeded order per pass."""
 
-    def __init__(self, dataset, sample_ids: np.ndarray, seed: int):
-        self.dataset, self.sample_ids, self.seed = dataset, sample_ids, seed
+    def __init__(self, stream: SourceStream, count: int, seed: int):
+        self.stream, self.count, self.seed = stream, count, seed
+        self._order: tuple[int, np.ndarray] | None = None
 
-    def __getitem__(self, idx: int) -> dict:
-        rounds, position = divmod(int(idx), len(self.sample_ids))
-        order = np.random.default_rng([self.seed, rounds]).permutation(len(self.sample_ids))
-        return self.dataset[int(self.sample_ids[order[position]])]
+    def __getitem__(self, n: int) -> dict:
+        rounds, position = divmod(int(n), self.count)
+        if self._order is None or self._order[0] != rounds:
+            self._order = (rounds, np.random.default_rng([self.seed, rounds]).permutation(self.count))
+        return self.stream[int(self._order[1][position])]
+
+
+class BlendedStream:
+    """The training sample stream: the blend says which source each position takes, the source streams what."""
+
+    def __init__(self, blend: Blend, sources: list, names: list[str]):
+        self.blend, self.sources, self.names = blend, sources, names
+
+    def __len__(self) -> int:
+        return len(self.blend)
+
+    def __getitem__(self, p: int) -> dict:
+        source, n = self.blend.locate(int(p))
+        return self.sources[source][n]
+
+    def source_of(self, p: int) -> str:
+        return self.names[self.blend.locate(int(p))[0]]
+
+    def samples_per_source(self, consumed: int) -> dict[str, int]:
+        """How many of the first `consumed` samples came from each source."""
+        return {name: int(n) for name, n in zip(self.names, self.blend.consumed_per_source(consumed))}
+
+
+def build_train_dataset(data: DataConfig, num_samples: int, global_batch_size: int, seq_length: int, cache_dir: str,
+                        vocab_size: int, eod: int | None, earlier_stages: list[StageRecord] = ()) -> BlendedStream:
+    """The blended training stream of at least `num_samples` samples. Call on every rank (rank 0 builds first).
+
+    With `replay.seen_only`, each replay source yields only samples that an earlier stage (from the
+    checkpoint's stage history) trained on; the blend still decides when a replay sample comes.
+    """
+    os.makedirs(cache_dir, exist_ok=True)
+    groups = blend_groups(data)
+    blend = Blend([[s.weight for s in group] for group in groups], global_batch_size, num_samples)
+    weighted = [s for group in groups for s in group]
+    needed = blend.consumed_per_source(len(blend))
+    replay_names = {s.name for s in data.replay.sources} if data.replay.seen_only else set()
+    sources = [seen_samples(s, list(earlier_stages), cache_dir, vocab_size, eod, data.seed) if s.name in replay_names
+               else SourceStream(s.prefix, int(n), seq_length, data.seed, cache_dir, vocab_size, eod)
+               for s, n in zip(weighted, needed)]
+    return BlendedStream(blend, sources, [s.name for s in weighted])
 
 
 def seen_samples(source: WeightedSource, stages: list[StageRecord], cache_dir: str, vocab_size: int, eod: int | None,
                  seed: int) -> SeenSamples:
-    """Rebuild the latest earlier megacpt stage that read `source.prefix` and keep the samples it consumed from it
-    (an imported stage has no data megacpt could replay)."""
+    """The samples of `source.prefix` that the latest earlier megacpt stage reading it consumed: the first ones of
+    that stage's stream of the source (an imported stage has no data megacpt could replay)."""
     for stage in reversed(stages):
-        if not isinstance(stage, TrainedStage) or stage.steps_done == 0:
+        if not isinstance(stage, TrainedStage):
             continue
-        earlier = stage.data
-        names = [s.name for s in earlier.sources + earlier.replay.sources if s.prefix == source.prefix]
-        if not names:
-            continue
-        consumed = stage.steps_done * stage.global_batch_size
-        old = build_train_dataset(earlier, stage.steps * stage.global_batch_size, stage.seq_length,
-                                  cache_dir, vocab_size, eod, stages[: stage.index])
-        k = old.names.index(names[0])
-        positions = np.flatnonzero(old.source_index[:consumed] == k)
-        blended = hasattr(old.dataset, "dataset_sample_index")
-        sample_ids = np.asarray(old.dataset.dataset_sample_index)[positions] if blended else positions
-        if len(sample_ids) == 0:
-            continue
-        return SeenSamples(old.dataset.datasets[k] if blended else old.dataset, sample_ids, seed)
+        names = [s.name for s in stage.data.sources + stage.data.replay.sources if s.prefix == source.prefix]
+        count = stage.samples.get(names[0], 0) if names else 0
+        if count:
+            stream = SourceStream(source.prefix, count, stage.seq_length, stage.data.seed, cache_dir, vocab_size, eod)
+            return SeenSamples(stream, count, seed)
     raise UserError(f"data.replay.seen_only: no earlier stage in the checkpoint's stage history trained on "
                     f"'{source.name}' ({source.prefix}); set init.checkpoint to a megacpt checkpoint whose history "
                     f"includes it, or set data.replay.seen_only to false")

@@ -1,0 +1,69 @@
+"""What a `megacpt train` run will do, worked out from the config and the checkpoint alone.
+
+`describe` answers the questions every stage transition raises (fresh, resume or new stage? which of
+weights, Adam's moments and step count, the schedule position, the data position and the RNG come from the
+checkpoint?) and the numbers that follow from them: the LRs of the first steps and the last, the samples per
+source. It builds no model and no dataset and writes nothing: the LRs are `lr_at`, the samples the blend's
+arithmetic. The train command prints it for `--dry-run`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from megacpt.checkpoint import LoadPlan
+from megacpt.config import RunConfig
+from megacpt.data.blend import Blend
+from megacpt.data.datasets import blend_groups
+from megacpt.schedule import lr_at
+
+
+def describe(config: RunConfig, plan: LoadPlan | None) -> dict[str, Any]:
+    """The run's mode, what it inherits, its stage, LRs and samples per source (JSON-able)."""
+    steps, batch = config.train.steps, config.train.global_batch_size
+    mode = "fresh" if plan is None else "resume" if plan.resume else "new_stage"
+    earlier = plan.state.stages if plan is not None else []
+    stage_index = earlier[-1].index if mode == "resume" else len(earlier)
+    first_t = plan.state.scheduler.t if plan is not None and plan.load_scheduler else 0
+    position = plan.state.data.consumed_samples if plan is not None and plan.load_data_position else 0
+    lrs = [lr_at(config.schedule, steps, t, stage_index) for t in range(steps)]
+    groups = blend_groups(config.data)
+    end = position + (steps - first_t) * batch
+    blend = Blend([[s.weight for s in group] for group in groups], batch, end)
+    samples = blend.consumed_per_source(end) - blend.consumed_per_source(position)
+    return {
+        "mode": mode,
+        "checkpoint": str(plan.tag_dir) if plan is not None else None,
+        "stage_index": stage_index,
+        "inherit": {
+            "weights": plan is not None,
+            "optimizer_moments": plan is not None and plan.load_optimizer,
+            "optimizer_step": plan is not None and plan.load_optimizer,
+            "optimizer_hyperparameters": False,  # always this config's (checkpoint.load_into_engine)
+            "schedule_position": plan is not None and plan.load_scheduler,
+            "data_position": plan is not None and plan.load_data_position,
+            "rng": plan is not None and plan.resume,
+        },
+        "steps": {"first": first_t, "last": steps - 1, "total": steps},
+        "peak_lr": max(lrs),
+        "first_lrs": [lrs[t] for t in range(first_t, min(first_t + 3, steps))],
+        "last_lr": lrs[-1],
+        "data_position": position,
+        "samples": {s.name: int(n) for s, n in zip([s for group in groups for s in group], samples)},
+    }
+
+
+def format_text(summary: dict[str, Any]) -> str:
+    """The summary as lines for a person."""
+    inherit = summary["inherit"]
+    source = f"from {summary['checkpoint']}" if summary["checkpoint"] else "from fresh weights"
+    steps = summary["steps"]
+    lines = [f"mode: {summary['mode']} {source}",
+             f"stage {summary['stage_index']}: steps {steps['first']} .. {steps['last']} of {steps['total']}, "
+             f"peak LR {summary['peak_lr']:.4g}",
+             "inherited from the checkpoint: " + (", ".join(k for k, v in inherit.items() if v) or "nothing"),
+             "fresh: " + (", ".join(k for k, v in inherit.items() if not v) or "nothing"),
+             "LR of the first steps: " + ", ".join(f"{lr:.4g}" for lr in summary["first_lrs"])
+             + f"; of the last step: {summary['last_lr']:.4g}",
+             f"data: from sample {summary['data_position']} of the stream, samples per source: "
+             + ", ".join(f"{k} {v}" for k, v in summary["samples"].items())]
+    return "\n".join(lines)
