@@ -40,7 +40,7 @@ def weighted_data(tmp_path_factory):
 
 
 def test_validation_bytes_count_each_label_token_at_its_documents_bytes_per_token(weighted_data, world):
-    data = DataConfig(sources=[{"name": "v", "prefix": weighted_data["prefix"]}],
+    data = DataConfig(sources=[{"name": "v", "prefix": weighted_data["prefix"]}], allow_validation_overlap=True,
                       validation=[{"name": "v", "prefix": weighted_data["prefix"]}])
     dataset = build_validation_datasets(data, 12, SEQ, str(weighted_data["folder"] / "cache"), 256, None)["v"]
     labels = [np.asarray(dataset[i]["labels"]) for i in range(12)]
@@ -52,14 +52,15 @@ def test_validation_bytes_count_each_label_token_at_its_documents_bytes_per_toke
 
 def test_data_without_a_bytes_file_has_no_bits_per_byte(tmp_path, world):
     prefix = write_indexed(tmp_path / "old", [[1] * 100] * 5)
-    data = DataConfig(sources=[{"name": "v", "prefix": prefix}], validation=[{"name": "v", "prefix": prefix}])
+    data = DataConfig(sources=[{"name": "v", "prefix": prefix}], validation=[{"name": "v", "prefix": prefix}],
+                      allow_validation_overlap=True)
     assert validation_bytes(build_validation_datasets(data, 2, SEQ, str(tmp_path / "c"), 256, None)["v"], 2) is None
 
 
 def test_loop_eval_and_plot_report_bits_per_byte(tmp_path, weighted_data, pattern_data, capsys):
     config = tiny_config(tmp_path / "run", [{"name": "a", "prefix": pattern_data["a"]}],
                          data={"validation": [{"name": "w", "prefix": weighted_data["prefix"]},
-                                              {"name": "a_val", "prefix": pattern_data["a"]}]},
+                                              {"name": "a_val", "prefix": pattern_data["a_val"]}]},
                          train={"steps": 3, "eval_interval": 3, "save_interval": 3, "eval_samples": 4})
     path = write_config(tmp_path / "config.json", config)
     assert main(["train", path]) == 0
@@ -69,7 +70,7 @@ def test_loop_eval_and_plot_report_bits_per_byte(tmp_path, weighted_data, patter
     # the same 4 samples (train.eval_samples), their bytes from the labels, independently of the code
     from megacpt.data.datasets import build_validation_datasets as build
 
-    data = DataConfig(sources=[{"name": "v", "prefix": weighted_data["prefix"]}],
+    data = DataConfig(sources=[{"name": "v", "prefix": weighted_data["prefix"]}], allow_validation_overlap=True,
                       validation=[{"name": "w", "prefix": weighted_data["prefix"]}], cache_dir=str(tmp_path / "c2"))
     dataset = build(data, 4, SEQ, data.cache_dir, 256, None)["w"]
     size = sum(weighted_data["weights"][np.asarray(dataset[i]["labels"])].sum() for i in range(4))

@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json and Path(args.json).exists() and not args.overwrite:
         raise UserError(f"--json {args.json} already exists; choose another path or pass --overwrite")
     config = load_config(args.config, args.overrides)
+    config.data.allow_validation_overlap = True  # --data NAME=PREFIX may name training data on purpose
     config.data.validation = select_validation(config.data.validation, args.data)
     if args.samples:
         config.train.eval_samples = args.samples
