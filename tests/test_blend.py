@@ -82,7 +82,7 @@ def test_stream_of_seven_sources_matches_the_apportionment_and_megatrons_order_p
     new = [{"name": f"new{i}", "prefix": pattern_data[k], "weight": w}
            for i, (k, w) in enumerate(zip("abc", (5, 3, 2)))]
     replay = [{"name": f"old{i}", "prefix": pattern_data[k], "weight": 1}
-              for i, k in enumerate(("a", "b", "c", "noise"))]
+              for i, k in enumerate(("noise", "a_val", "b_val", "noise_val"))]
     data = validate_config(tiny_config(tmp_path / "run", new,
                                        data={"replay": {"fraction": 0.1, "sources": replay}})).data
     cache = str(tmp_path / "cache")
