@@ -10,6 +10,7 @@ import pytest
 import sentencepiece
 import torch
 
+from megacpt import manifest
 from megacpt.cli import main
 from megacpt.config import TokenizerConfig, padded_vocab_size
 from megacpt.data.sentencepiece_training import train_sentencepiece
@@ -173,6 +174,7 @@ def test_a_tokenizer_that_does_not_extend_the_checkpoints_exits_2_and_writes_not
         ckpt = Path(shutil.copytree(ckpt, tmp_path / "ckpt"))
         tag = checkpoint_io.load(ckpt).tag_dir
         write_state(tag, read_state(tag).model_copy(update={"tokenizer": None}))
+        manifest.write_manifest(tag, manifest.describe(tag, manifest.tag_files(tag)))  # edited on purpose
         tokenizer = Path(sp_model)
     capsys.readouterr()
     assert cli("extend-vocab", "--checkpoint", ckpt, "--tokenizer", tokenizer, "--output", tmp_path / "out") == 2

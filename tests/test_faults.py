@@ -121,7 +121,7 @@ def test_train_refuses_a_damaged_latest_tag_and_names_the_file_and_the_older_tag
 def test_every_loader_verifies_the_tag_first(run_copy, pattern_data, capsys, command):
     _truncate(run_copy / "checkpoints" / TAG4 / "mp_rank_00_model_states.pt")
     config = _config(run_copy.parent / "eval_run", pattern_data,
-                     data={"validation": [{"name": "a", "prefix": pattern_data["a"]}]})
+                     data={"validation": [{"name": "a", "prefix": pattern_data["a_val"]}]})
     cfg = write_config(run_copy.parent / "c.json", config)
     subs = {"CONFIG": cfg, "CKPT": str(run_copy / "checkpoints"), "OUT": str(run_copy.parent / "out")}
     refused(capsys, [subs.get(a, a) for a in command], run_copy.parent, "mp_rank_00_model_states.pt", "truncated", TAG2)
@@ -268,7 +268,8 @@ def test_a_dataset_rewritten_under_the_same_prefix_gets_new_indices(tmp_path, wo
 
     prefix = write_indexed(tmp_path / "d", pattern_documents(11, 3, 60, 100))
     data = DataConfig(sources=[{"name": "d", "prefix": prefix}])
-    build = dict(num_samples=40, seq_length=64, cache_dir=str(tmp_path / "cache"), vocab_size=256, eod=None)
+    build = dict(num_samples=40, global_batch_size=4, seq_length=64, cache_dir=str(tmp_path / "cache"), vocab_size=256,
+                 eod=None)
     first = build_train_dataset(data, **build)[0]["tokens"].tolist()
     gc.collect()  # unmap the old files before they are rewritten
     time.sleep(0.01)

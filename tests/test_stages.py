@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from megacpt import manifest
 from megacpt.cli import main
 from megacpt.config import TokenizerConfig
 from megacpt.errors import UserError
@@ -50,6 +51,7 @@ def _broken(tmp_path: Path, edit) -> Path:
     raw = json.loads((tag / STATE_FILE).read_text())
     edit(raw)
     (tag / STATE_FILE).write_text(json.dumps(raw))
+    manifest.write_manifest(tag, manifest.describe(tag, manifest.tag_files(tag)))  # a complete, verified tag
     return tag
 
 

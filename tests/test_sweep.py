@@ -54,8 +54,8 @@ for task in tasks:
 def base_config(folder: Path, pattern_data: dict, steps: int = 3) -> dict:
     """Stage 1 on dataset b, validated on a (the old data) and b (the new); no run_dir: the sweep sets it."""
     config = tiny_config(folder / "unused", [{"name": "b", "prefix": pattern_data["b"]}],
-                         data={"validation": [{"name": "a", "prefix": pattern_data["a"]},
-                                              {"name": "b", "prefix": pattern_data["b"]}],
+                         data={"validation": [{"name": "a", "prefix": pattern_data["a_val"]},
+                                              {"name": "b", "prefix": pattern_data["b_val"]}],
                                "cache_dir": str(folder / "cache")},
                          train={"steps": steps, "eval_batches": 1}, schedule={"warmup": 1})
     del config["run_dir"]
@@ -162,8 +162,8 @@ def sweep_run(tmp_path_factory, pattern_data):
     reported, and run again to the end. Returns what each phase left."""
     folder = tmp_path_factory.mktemp("sweep")
     stage0 = tiny_config(folder / "stage0", [{"name": "a", "prefix": pattern_data["a"]}],
-                         data={"validation": [{"name": "a", "prefix": pattern_data["a"]},
-                                              {"name": "b", "prefix": pattern_data["b"]}]},
+                         data={"validation": [{"name": "a", "prefix": pattern_data["a_val"]},
+                                              {"name": "b", "prefix": pattern_data["b_val"]}]},
                          train={"steps": 3, "eval_batches": 1})
     assert_ok(run_megacpt(["train", write_config(folder / "stage0.json", stage0)]))
     base = write_config(folder / "base.json", base_config(folder, pattern_data))
