@@ -87,6 +87,29 @@ def test_tokenizer_train_is_reproducible_and_writes_model_and_vocab(tmp_path, co
     assert "a.model" in capsys.readouterr().out
 
 
+CODE = 'class A:\n    def f(self, x):\n        if x:\n            return [1,  2]\n\n        return "a  b"\n\tpass\n'
+
+
+@pytest.fixture(scope="module")
+def code_corpus(tmp_path_factory, write_jsonl) -> str:
+    """The source of a few standard-library modules: indented code with blank lines."""
+    import json as json_module
+
+    folder = Path(json_module.__file__).parent
+    texts = [path.read_text(encoding="utf-8") for path in sorted(folder.glob("*.py"))]
+    return write_jsonl(tmp_path_factory.mktemp("code") / "code.jsonl", texts)
+
+
+def test_keep_whitespace_tokenizer_round_trips_newlines_and_indentation(tmp_path, code_corpus):
+    assert cli_main(["tokenizer", "train", "--input", code_corpus, "--vocab-size", "400", "--keep-whitespace",
+                     "--output", str(tmp_path / "tok")]) == 0
+    tokenizer = build_tokenizer(TokenizerConfig(type="sentencepiece", model=str(tmp_path / "tok.model")))
+    ids = tokenizer.encode(CODE)
+    assert tokenizer.decode(ids) == CODE
+    assert tokenizer.decode(ids + tokenizer.encode(CODE)) == CODE + CODE  # no space invented between documents
+    assert len(tokenizer.encode(" " * 8)) <= 2  # runs of spaces are pieces, not a token per space
+
+
 def test_tokenizer_train_keeps_existing_output_unless_overwrite(tmp_path, corpus, write_jsonl, capsys):
     corpus_file = write_jsonl(tmp_path / "c.jsonl", corpus)
     (tmp_path / "tok.model").write_text("precious")

@@ -4,6 +4,11 @@ The settings are fixed so that the same inputs give the same model: one thread, 
 the first MAX_SENTENCES lines. The model has unk = 0 and eos = 1 (the EOD that preprocessing appends), no pad
 or bos, and byte fallback, so every text encodes without unk. Documents are split into lines for training:
 SentencePiece treats each input as one sentence and skips those longer than its max_sentence_length.
+
+SentencePiece's default normalisation (nmt_nfkc, extra whitespace removed, a space prefixed to each text) is
+right for prose but flattens code: newlines become spaces and indentation collapses. KEEP_WHITESPACE is the
+alternative for code: text is kept as it is, so newlines (byte pieces) and runs of spaces (their own pieces)
+survive an encode/decode round trip, and documents concatenate without an invented leading space.
 """
 from __future__ import annotations
 
@@ -17,13 +22,17 @@ from megacpt.data.output_files import atomic_outputs
 from megacpt.errors import UserError
 
 MAX_SENTENCES = 1_000_000  # SentencePiece holds every training line in memory
+KEEP_WHITESPACE = {"normalization_rule_name": "identity", "remove_extra_whitespaces": False,
+                   "add_dummy_prefix": False, "allow_whitespace_only_pieces": True}
 
 
 def train_sentencepiece(inputs: Sequence[str], vocab_size: int, output_prefix: str, *, json_key: str = "text",
-                        overwrite: bool = False) -> str:
-    """Train OUTPUT_PREFIX.model/.vocab on the lines of the documents in `inputs`; returns the .model path."""
+                        overwrite: bool = False, keep_whitespace: bool = False) -> str:
+    """Train OUTPUT_PREFIX.model/.vocab on the lines of the documents in `inputs`; returns the .model path.
+    `keep_whitespace` trains with KEEP_WHITESPACE (for code) instead of SentencePiece's default normalisation."""
+    settings = KEEP_WHITESPACE if keep_whitespace else {}
     with atomic_outputs(output_prefix, (".vocab", ".model"), overwrite) as temp_prefix:
-        write_model(sentencepiece_proto(inputs, vocab_size, json_key=json_key), temp_prefix)
+        write_model(sentencepiece_proto(inputs, vocab_size, json_key=json_key, **settings), temp_prefix)
     return output_prefix + ".model"
 
 

@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--vocab-size", type=int, required=True, metavar="N",
                        help="pieces in the model, including 256 byte pieces, unk and eos")
     train.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.model and PREFIX.vocab")
+    train.add_argument("--keep-whitespace", action="store_true",
+                       help="keep the text as it is (for code): newlines and runs of spaces survive encode/decode, "
+                            "instead of SentencePiece's default normalisation, which folds them into one space")
     extend = actions.add_parser(
         "extend", help="append pieces of a new corpus to a SentencePiece model, keeping every existing id",
         description="Train pieces on a new corpus and append up to N that the base model lacks; ids 0..V-1 keep "
@@ -38,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.action == "train":
         model = train_sentencepiece(args.input, args.vocab_size, args.output, json_key=args.json_key,
-                                    overwrite=args.overwrite)
+                                    overwrite=args.overwrite, keep_whitespace=args.keep_whitespace)
         print(f"tokenizer: wrote {model} and {args.output}.vocab ({args.vocab_size} pieces, EOD id 1)")
         return 0
     result = extend_tokenizer(args.base, args.input, args.add, args.output, json_key=args.json_key,

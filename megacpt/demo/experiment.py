@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     stop_on_sigterm()  # stop the children cleanly on SIGTERM too, as on Ctrl-C
     size = QUICK if args.quick else FULL
     paths = DemoPaths(Path(args.workdir).resolve())
-    settings = {"quick": args.quick, "seed": args.seed, "python": sys.version.split()[0], "size": asdict(size)}
+    settings = {"quick": args.quick, "seed": args.seed, "python": sys.version.split()[0], "size": asdict(size),
+                "tokenizer": "keep-whitespace"}
     pin_settings(paths, settings)
     start = time.monotonic()
     _timed("corpora", corpora_phase, paths, size)
@@ -96,12 +97,12 @@ def corpora_phase(paths: DemoPaths, size: DemoSize) -> bool:
 
 
 def tokenizer_phase(paths: DemoPaths, size: DemoSize) -> bool:
-    """A SentencePiece model trained on both training corpora."""
+    """A SentencePiece model trained on both training corpora, keeping code's newlines and indentation."""
     if Path(f"{paths.tokenizer_prefix}.model").is_file():
         return False
     run_jobs([Job("tokenizer", megacpt_command("tokenizer", "train", "--input",
                                                *(str(paths.corpus(n, "train")) for n in CORPORA),
-                                               "--vocab-size", str(size.vocab_size),
+                                               "--vocab-size", str(size.vocab_size), "--keep-whitespace",
                                                "--output", str(paths.tokenizer_prefix)),
                   paths.logs / "tokenizer.log")])
     return True
