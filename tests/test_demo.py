@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from megacpt.config import load_config
+from megacpt.config import TokenizerConfig, load_config
+from megacpt.data.tokenizers import build_tokenizer
 from megacpt.demo.configs import ARMS
 from megacpt.demo.corpora import chunk, docstrings_text, is_validation, strip_code
 
@@ -85,6 +86,13 @@ def test_quick_demo_writes_the_summary_the_figures_and_valid_configs(quick_demo)
         config = load_config(path)
         assert config.data.validation and {v.name for v in config.data.validation} == {"prose", "code"}
     assert "rewarm_replay" in result.stdout and "code" in result.stdout  # the console table
+
+
+def test_the_demo_tokenizer_keeps_code_newlines_and_indentation(quick_demo):
+    workdir, _, _ = quick_demo
+    tokenizer = build_tokenizer(TokenizerConfig(type="sentencepiece", model=str(workdir / "tokenizer" / "demo.model")))
+    code = "def f(x):\n    if x:\n        return [x,  1]\n\n    return None\n"
+    assert tokenizer.decode(tokenizer.encode(code)) == code
 
 
 def test_rerunning_the_demo_reuses_every_finished_phase(quick_demo):
