@@ -37,9 +37,11 @@ from megacpt.stages import (
     CheckpointState,
     ModelSignature,
     TrainedStage,
+    VocabExtendedStage,
     read_state,
     write_state,
 )
+from megacpt.vocab_rows import new_rows, zero_new_moments
 
 LATEST = "latest"
 _TAG = re.compile(r"step\d{8}")
@@ -154,6 +156,16 @@ class LoadPlan:
     load_data_position: bool
     universal: Path | None = None  # the tag's universal form, when it was saved in another layout
     changes: dict[str, list] = field(default_factory=dict)  # resumable config keys changed: [old, new]
+    # A weights-only tag of `megacpt extend-vocab`: the optimizer comes from the checkpoint it grew (fewer rows),
+    # and the moments of the new ids' rows start at zero.
+    optimizer_tag: Path | None = None
+    new_rows: range | None = None
+
+    @property
+    def optimizer_source(self) -> tuple[Path, CheckpointState]:
+        """The tag the optimizer state is loaded from, and its state."""
+        return (self.tag_dir, self.state) if self.optimizer_tag is None else (
+            self.optimizer_tag, read_state(self.optimizer_tag))
 
 
 def follow_layout(plan: LoadPlan, current: Layout, padded_vocab_size: int, is_main: bool) -> str | None:
@@ -164,26 +176,30 @@ def follow_layout(plan: LoadPlan, current: Layout, padded_vocab_size: int, is_ma
     """
     if not plan.load_optimizer:
         return None
-    saved = elastic.saved_layout(plan.tag_dir, plan.state.model.tensor_parallel)
-    if saved is not None and saved.loads_as(current):
+    tag_dir, state = plan.optimizer_source
+    saved = elastic.saved_layout(tag_dir, state.model.tensor_parallel)
+    grown = state.model.padded_vocab_size != padded_vocab_size  # rows added by a vocabulary extension
+    if saved is not None and saved.loads_as(current) and not grown:
         return None
     if current.zero_stage > 2:
-        raise UserError(f"checkpoint {plan.tag_dir} was saved at {saved}; ZeRO stage 3 cannot load it on another "
-                        "layout: use ZeRO stage 0, 1 or 2, or the checkpoint's own layout")
-    rows = min(plan.state.model.padded_vocab_size, padded_vocab_size)
+        raise UserError(f"checkpoint {tag_dir} was saved at {saved}; ZeRO stage 3 cannot load it on another "
+                        "layout or vocabulary size: use ZeRO stage 0, 1 or 2, or the checkpoint's own layout")
+    rows = min(state.model.padded_vocab_size, padded_vocab_size)
     outcome = [None]
     if is_main:
         try:
-            outcome = [elastic.ensure_universal(plan.tag_dir, saved, rows)[1]]
+            outcome = [elastic.ensure_universal(tag_dir, saved, rows)[1]]
         except UserError as e:
             outcome = [str(e)]
     torch.distributed.broadcast_object_list(outcome, src=0)
     if isinstance(outcome[0], str):
         raise UserError(outcome[0])
-    plan.universal = plan.tag_dir / elastic.UNIVERSAL
+    plan.universal = tag_dir / elastic.UNIVERSAL
     done = "converted it to DeepSpeed's universal form in" if outcome[0] else "loading its universal form from"
     saved_as = f"was saved at {saved}" if saved else "holds its optimizer state in universal form only"
-    return f"checkpoint {plan.tag_dir.name} {saved_as}, this run is {current}: {done} {plan.universal}"
+    now = f"{current}, {padded_vocab_size} vocabulary rows (it has {state.model.padded_vocab_size})" if grown \
+        else str(current)
+    return f"checkpoint {tag_dir.name} {saved_as}, this run is {now}: {done} {plan.universal}"
 
 
 def plan_load(config: RunConfig, checksums: bool = True) -> LoadPlan | None:
@@ -227,8 +243,28 @@ def plan_init(config: RunConfig, key: str = "init.checkpoint", checksums: bool =
                                            "(imported or merged): use 'new_stage'")
         changes = check_resume(config, state.config, tag_dir, own_run=False)
         return LoadPlan(tag_dir, state, True, True, True, True, changes=changes)
-    check_init_combination(init, state, config)
-    return LoadPlan(tag_dir, state, False, init.load_optimizer, init.load_scheduler, init.load_data_position)
+    optimizer_tag = grown_from(tag_dir, state) if init.load_optimizer and not state.has_optimizer else None
+    if optimizer_tag is not None and not read_state(optimizer_tag).has_optimizer:
+        raise ConfigError("init.load_optimizer", f"{tag_dir} holds weights only, and {optimizer_tag}, whose "
+                          "vocabulary it grew, holds no optimizer state either; set it to false")
+    check_init_combination(init if optimizer_tag is None else init.model_copy(update={"load_optimizer": False}),
+                           state, config)
+    return LoadPlan(tag_dir, state, False, init.load_optimizer, init.load_scheduler, init.load_data_position,
+                    optimizer_tag=optimizer_tag, new_rows=new_rows(state.stages) if optimizer_tag else None)
+
+
+def grown_from(tag_dir: Path, state: CheckpointState) -> Path | None:
+    """The checkpoint whose vocabulary `megacpt extend-vocab` grew into this weights-only tag (verified); its
+    optimizer state, with the new rows' moments at zero, is what init.load_optimizer keeps. None for other tags."""
+    last = state.stages[-1]
+    if not isinstance(last, VocabExtendedStage):
+        return None
+    try:
+        source = open_tag(last.checkpoint, key="init.load_optimizer")
+    except UserError as e:
+        raise UserError(f"{e} (the checkpoint whose vocabulary {tag_dir} grew, where init.load_optimizer finds "
+                        "Adam's moments)") from None
+    return source
 
 
 def set_aside_newer(tag_dir: Path) -> list[Path]:
@@ -326,6 +362,9 @@ def load_into_engine(engine, plan: LoadPlan, world) -> None:
         elastic.load_unpartitioned(engine, plan.universal, world.tensor_rank, world.tensor_size)
     else:
         _load_through_deepspeed(engine, plan)
+    if plan.optimizer_tag is not None:  # the optimizer came with the grown checkpoint's weights: take the new ones
+        _load_weights(engine, plan.tag_dir, world.tensor_rank)
+        zero_new_moments(engine, plan.new_rows, world.tensor_rank)
     # a load replaces the param group dicts
     for group, hyperparameters in zip(engine.basic_optimizer.param_groups, configured, strict=True):
         group.update(hyperparameters)
@@ -334,8 +373,16 @@ def load_into_engine(engine, plan: LoadPlan, world) -> None:
         set_rng_states(torch.load(rng_file, weights_only=True))
 
 
+def _load_weights(engine, tag_dir: Path, tensor_rank: int) -> None:
+    """The weights of `tag_dir` into a loaded engine, the fp32 master copy of a ZeRO/bf16 optimizer included."""
+    saved = torch.load(tag_dir / elastic.MODEL_STATES.format(tensor_rank), map_location="cpu", weights_only=False)
+    engine.module.load_state_dict(saved["module"], strict=True)
+    if engine.optimizer is not engine.basic_optimizer:
+        engine.optimizer.refresh_fp32_params()
+
+
 def _load_through_deepspeed(engine, plan: LoadPlan) -> None:
-    where = plan.universal or plan.tag_dir
+    where = plan.universal or plan.optimizer_source[0]
     path, _ = engine.load_checkpoint(
         str(where.parent), tag=where.name, load_module_strict=True,
         load_optimizer_states=plan.load_optimizer, load_lr_scheduler_states=False,

@@ -274,6 +274,15 @@ class ScheduleConfig(Section):
         return value
 
 
+class FreezeConfig(Section):
+    """Train only the rows of the newest vocabulary extension first (docs/DATA.md)."""
+
+    steps: int = Field(ge=0, description="For this many steps at the start of the stage, train only the input "
+                                         "embedding and output rows of the token ids the last `megacpt extend-vocab` "
+                                         "of the model's history added; every other weight (and its Adam moments) "
+                                         "stays bit-identical. Then everything trains.")
+
+
 class TrainConfig(Section):
     """The loop: steps, batch sizes, intervals."""
 
@@ -296,6 +305,8 @@ class TrainConfig(Section):
     activation_checkpointing: bool = Field(False,
                                            description="Recompute each layer in the backward pass (megatron-core full "
                                                        "recompute).")
+    freeze: FreezeConfig | None = Field(None, description="Train only the new vocabulary rows for the stage's first "
+                                                          "steps; omit to train everything from the start.")
     max_skipped_steps: int = Field(10, gt=0,
                                    description="Stop after this many consecutive skipped steps (a non-finite loss or "
                                                "grad norm, or an fp16 overflow).")

@@ -22,7 +22,7 @@ from megacpt import checkpoint
 from megacpt import run_dir as run_dir_files
 from megacpt.cli_helpers import add_set_argument
 from megacpt.config import RunConfig, dump_config, load_config
-from megacpt.errors import UserError
+from megacpt.errors import ConfigError, UserError
 from megacpt.evaluate import bits_per_byte, micro_batch_loss, validation_losses
 from megacpt.metrics import MetricsWriter, Throughput, format_duration
 from megacpt.stages import (
@@ -76,8 +76,27 @@ def preflight(config: RunConfig, checksums: bool = True) -> checkpoint.LoadPlan 
         check_available(config.logging.wandb)
     plan = checkpoint.plan_load(config, checksums)
     if plan is not None:
-        checkpoint.check_architecture(config, plan.state, plan.tag_dir, other_layout=plan.load_optimizer)
+        # weights through the universal form may change layout; a grown tag's own weights load as they are
+        checkpoint.check_architecture(config, plan.state, plan.tag_dir,
+                                      other_layout=plan.load_optimizer and plan.optimizer_tag is None)
+    check_freeze(config, plan)
     return plan
+
+
+def check_freeze(config: RunConfig, plan: checkpoint.LoadPlan | None) -> None:
+    """train.freeze needs new vocabulary rows to train: an extension in the history of the loaded checkpoint."""
+    from megacpt.vocab_rows import new_rows
+
+    freeze = config.train.freeze
+    if freeze is None or freeze.steps == 0:
+        return
+    if freeze.steps > config.train.steps:
+        raise ConfigError("train.freeze.steps", f"is {freeze.steps}, more than the stage's train.steps "
+                          f"{config.train.steps}")
+    if plan is None or new_rows(plan.state.stages) is None:
+        where = f"the history of {plan.tag_dir}" if plan else "fresh weights"
+        raise ConfigError("train.freeze", f"trains the rows of the last vocabulary extension only, but {where} has "
+                          "no `megacpt extend-vocab` stage; remove train.freeze or start from an extended checkpoint")
 
 
 class StopSignal:
@@ -151,10 +170,12 @@ def _train(config: RunConfig, world, plan: checkpoint.LoadPlan | None, signals: 
         load_universal=bool(plan and plan.universal and layout.zero_stage))
     stream, val_data = build_data(config, world, stages, stream_start(config, plan))
     tokens_before = restore(plan, engine, scheduler, stream, world)
+    freeze_message = start_freeze(config, engine, scheduler, stages, world)
 
     metrics = MetricsWriter(run_dir, world.is_main, config.logging.tensorboard, start_wandb(config, world, stages))
-    if layout_change:
-        metrics.print(layout_change)
+    for message in (layout_change, freeze_message):
+        if message:
+            metrics.print(message)
     params = sum(p.numel() for p in engine.module.parameters()) * world.tensor_size
     metrics.print(f"stage {stage.index} ({stage.name}): {config.train.steps} steps x {config.train.global_batch_size} "
                   f"samples x {config.model.seq_length} tokens; {params / 1e6:.1f}M parameters; world {world.size} "
@@ -172,6 +193,19 @@ def _train(config: RunConfig, world, plan: checkpoint.LoadPlan | None, signals: 
         TrainingLoop(config, world, engine, scheduler, stream, val_data, metrics, stages, tokens_before, guard).run()
     finally:
         metrics.close()
+
+
+def start_freeze(config: RunConfig, engine, scheduler, stages: list[StageRecord], world) -> str | None:
+    """train.freeze: only the newest vocabulary rows train until step `steps` of the stage (vocab_rows.py)."""
+    from megacpt.vocab_rows import Freeze, new_rows
+
+    freeze = config.train.freeze
+    if freeze is None or scheduler.t >= freeze.steps:
+        return None
+    rows = new_rows(stages)
+    Freeze(engine, rows, world.tensor_rank, lambda: scheduler.t < freeze.steps)
+    return (f"train.freeze: steps {scheduler.t + 1}-{freeze.steps} train only the embedding and output rows of ids "
+            f"{rows.start}-{rows.stop - 1}")
 
 
 def start_wandb(config: RunConfig, world, stages: list[StageRecord]):
