@@ -328,6 +328,11 @@ def check_init_combination(init: InitConfig, state: CheckpointState, config: Run
                 raise ConfigError("init.load_data_position", f"the checkpoint's stream was cut into batches and "
                                   f"samples with {key} {before}, this config has {now}; the stream continues "
                                   "exactly only with the same value")
+    if init.load_data_position and config.data.schedules():
+        raise ConfigError("init.load_data_position", f"{next(iter(config.data.schedules()))} is a mixture schedule "
+                          "over this stage's steps, but a continued data position goes on with the checkpoint's "
+                          "stream; set init.load_data_position to false (data.continue_sources continues each source "
+                          "instead)")
     if init.load_scheduler and not config.schedule.rewarm:
         raise ConfigError("init.load_scheduler", "schedule.rewarm false starts this stage's own schedule at step 0 in "
                           "the constant phase; it cannot also continue the checkpoint's schedule position: set it to "

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from megacpt.errors import ConfigError, UserError
@@ -99,23 +100,78 @@ class TokenizerConfig(Section):
         return self
 
 
+# A mixture schedule: [step, value] points, piecewise linear, constant outside (data/blend.py `scheduled`).
+SchedulePoints = list[tuple[int | float, float]]
+_POINTS_RULE = ("[step, value] points whose step is an int (an optimizer step of the stage, >= 0) or a float in "
+                "[0, 1] (a fraction of train.steps), in increasing order")
+
+
+def check_points(points: SchedulePoints, low: float, high: float, high_open: bool) -> SchedulePoints:
+    """Bounds of a mixture schedule's points that need no train.steps (RunConfig checks their order)."""
+    if not points:
+        raise ValueError(f"a schedule needs at least one point: {_POINTS_RULE}")
+    for step, value in points:
+        if isinstance(step, float) and not 0 <= step <= 1:
+            raise ValueError(f"step {step} is a float, so a fraction of train.steps, and must lie in [0, 1]; give an "
+                             "int for an optimizer step")
+        if isinstance(step, int) and step < 0:
+            raise ValueError(f"step {step} is negative")
+        if value < low or value > high or (high_open and value == high):
+            bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}{')' if high_open else ']'}"
+            raise ValueError(f"value {value} at step {step} must be {bounds}")
+    return points
+
+
+def point_steps(points: SchedulePoints, steps: int) -> list[float]:
+    """The optimizer step of each point of a schedule of a stage of `steps` steps."""
+    return [x * steps if isinstance(x, float) else float(x) for x, _ in points]
+
+
 class DataSource(Section):
     """One Megatron indexed dataset (PREFIX.bin / PREFIX.idx) with its blend weight."""
 
     name: str = Field(description="Name used in metrics (`samples`) and the stage history.")
     prefix: str = Field(description="Path prefix of the .bin/.idx pair.")
-    weight: float = Field(1.0, description="Relative weight within its group (new data or replay).")
+    weight: float | SchedulePoints = Field(
+        1.0, description="Relative weight within its group (new data or replay), >= 0: a number, or a mixture "
+                         "schedule, [[step, weight], ...] joined linearly and constant before the first point and "
+                         "after the last; an int step is an optimizer step of the stage, a float step in [0, 1] a "
+                         "fraction of train.steps (docs/DATA.md).")
+
+    @field_validator("weight")
+    @classmethod
+    def _weight_bounds(cls, value: float | SchedulePoints) -> float | SchedulePoints:
+        if isinstance(value, list):
+            return check_points(value, 0.0, math.inf, False)
+        if value < 0:
+            raise ValueError(f"{value} is negative; weights are >= 0")
+        return value
 
 
 class ReplayConfig(Section):
     """Compute-equivalent replay of earlier data (Ibrahim et al. 2024)."""
 
-    fraction: float = Field(0.0, ge=0, lt=1,
-                            description="Share of every batch drawn from the replay sources; new sources get 1 - "
-                                        "fraction.")
+    fraction: float | SchedulePoints = Field(
+        0.0, description="Share of every batch drawn from the replay sources, in [0, 1); new sources get 1 - "
+                         "fraction. A number, or a mixture schedule [[step, fraction], ...] as for a source's weight, "
+                         "e.g. [[0, 0.5], [1.0, 0.1]] falls from 50% at the start to 10% at the end.")
     sources: list[DataSource] = Field(default_factory=list, description="Earlier datasets to replay.")
     seen_only: bool = Field(False, description="Replay only the samples an earlier megacpt stage trained on (from the "
                                                "checkpoint's stage history).")
+
+    @field_validator("fraction")
+    @classmethod
+    def _fraction_bounds(cls, value: float | SchedulePoints) -> float | SchedulePoints:
+        if isinstance(value, list):
+            return check_points(value, 0.0, 1.0, True)
+        if not 0 <= value < 1:
+            raise ValueError(f"{value} must lie in [0, 1)")
+        return value
+
+    @property
+    def any_replay(self) -> bool:
+        """Whether some step draws replay samples."""
+        return any(v > 0 for _, v in self.fraction) if isinstance(self.fraction, list) else self.fraction > 0
 
 
 class ValidationSet(Section):
@@ -156,6 +212,13 @@ class DataConfig(Section):
                                  f"data.allow_validation_overlap to true if the overlap is intended")
         return value
 
+    def schedules(self) -> dict[str, SchedulePoints]:
+        """{dotted key: points} of every weight or fraction given as a mixture schedule."""
+        items = {f"data.sources.{i}.weight": s.weight for i, s in enumerate(self.sources)}
+        items |= {f"data.replay.sources.{i}.weight": s.weight for i, s in enumerate(self.replay.sources)}
+        items["data.replay.fraction"] = self.replay.fraction
+        return {key: value for key, value in items.items() if isinstance(value, list)}
+
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
         if not self.sources:
@@ -165,9 +228,10 @@ class DataConfig(Section):
         if dupes:
             raise ValueError(f"source names must be unique across sources and replay.sources; repeated: {dupes}")
         for group, items in (("sources", self.sources), ("replay.sources", self.replay.sources)):
-            if any(s.weight < 0 for s in items) or (items and sum(s.weight for s in items) <= 0):
+            constant = all(isinstance(s.weight, float) for s in items)
+            if items and constant and sum(s.weight for s in items) <= 0:
                 raise ValueError(f"weights in '{group}' must be >= 0 and sum to more than 0")
-        if self.replay.fraction > 0 and not self.replay.sources:
+        if self.replay.any_replay and not self.replay.sources:
             raise ValueError("replay.fraction > 0 needs replay.sources")
         new_prefixes = {os.path.normpath(s.prefix): s.name for s in self.sources}
         for s in self.replay.sources:
@@ -411,6 +475,7 @@ class RunConfig(Section):
                              f"train.micro_batch_size {self.train.micro_batch_size}")
         if self.init.mode == "resume" and self.init.checkpoint is None:
             raise ValueError("init.mode 'resume' needs init.checkpoint")
+        check_mixture_schedules(self.data, self.train.steps)
         return self
 
     @property
@@ -420,6 +485,29 @@ class RunConfig(Section):
     @property
     def data_cache_dir(self) -> Path:
         return Path(self.data.cache_dir) if self.data.cache_dir else Path(self.run_dir) / "data_cache"
+
+
+def check_mixture_schedules(data: DataConfig, steps: int) -> None:
+    """Each schedule's points in increasing step order, and each group's weights summing to more than 0 at
+    every step of the stage (raised as a ConfigError naming the key: pydantic passes it through)."""
+    from megacpt.data.blend import scheduled
+
+    schedules = data.schedules()
+    for key, points in schedules.items():
+        at = point_steps(points, steps)
+        for (x0, _), (x1, _), s0, s1 in zip(points, points[1:], at, at[1:]):
+            if s1 <= s0:
+                raise ConfigError(key, f"the steps must increase, but step {x1} (= step {s1:g} of train.steps "
+                                       f"{steps}) comes after step {x0} (= step {s0:g}); {_POINTS_RULE}")
+    every = np.arange(steps, dtype=np.float64)
+    for key, items in (("data.sources", data.sources), ("data.replay.sources", data.replay.sources)):
+        if not any(k.startswith(key + ".") for k in schedules) or (key == "data.replay.sources" and not items):
+            continue
+        total = sum(scheduled(s.weight, steps, every) for s in items)
+        if (total <= 0).any():
+            step = int(np.argmax(total <= 0))
+            raise ConfigError(key, f"the weights sum to 0 at step {step}; at every step some source of the group "
+                                   "needs a weight above 0")
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int) -> int:
@@ -492,6 +580,8 @@ def validate_config(raw: dict, source: str | None = None) -> RunConfig:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
         raise _first_error(e, raw, source) from None
+    except ConfigError as e:  # raised by a cross-section check, which does not know the file
+        raise ConfigError(e.key, e.message, e.source or source) from None
 
 
 def _first_error(e: ValidationError, raw: dict, source: str | None) -> ConfigError:

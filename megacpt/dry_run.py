@@ -12,8 +12,7 @@ from typing import Any
 
 from megacpt.checkpoint import LoadPlan
 from megacpt.config import RunConfig
-from megacpt.data.blend import Blend
-from megacpt.data.datasets import blend_groups
+from megacpt.data.datasets import build_blend
 from megacpt.schedule import lr_at
 
 
@@ -26,9 +25,8 @@ def describe(config: RunConfig, plan: LoadPlan | None) -> dict[str, Any]:
     first_t = plan.state.scheduler.t if plan is not None and plan.load_scheduler else 0
     position = plan.state.data.consumed_samples if plan is not None and plan.load_data_position else 0
     lrs = [lr_at(config.schedule, steps, t, stage_index) for t in range(steps)]
-    groups = blend_groups(config.data)
     end = position + (steps - first_t) * batch
-    blend = Blend([[s.weight for s in group] for group in groups], batch, end)
+    blend, names = build_blend(config.data, steps, batch, end)
     samples = blend.consumed_per_source(end) - blend.consumed_per_source(position)
     return {
         "mode": mode,
@@ -48,7 +46,7 @@ def describe(config: RunConfig, plan: LoadPlan | None) -> dict[str, Any]:
         "first_lrs": [lrs[t] for t in range(first_t, min(first_t + 3, steps))],
         "last_lr": lrs[-1],
         "data_position": position,
-        "samples": {s.name: int(n) for s, n in zip([s for group in groups for s in group], samples)},
+        "samples": {name: int(n) for name, n in zip(names, samples)},
     }
 
 

@@ -61,6 +61,14 @@ def check_resume(config: RunConfig, saved_config: SavedConfig, tag_dir: Path, ow
                                f"{_show(new)}. A resume continues the checkpoint's stage and must not change "
                                f"which samples or which schedule it means; to train with the new value, start a new "
                                f"stage in another run_dir with init.checkpoint = {tag_dir} and init.mode 'new_stage'")
+    if "train.steps" in changes:
+        fractional = [k for k, points in config.data.schedules().items()
+                      if any(isinstance(x, float) for x, _ in points)]
+        if fractional:
+            raise ConfigError("train.steps", f"the checkpoint {tag_dir} being resumed has {changes['train.steps'][0]}, "
+                              f"this config {config.train.steps}; {fractional[0]} has steps given as fractions of "
+                              "train.steps, so another length would change the mix of the steps already trained. Keep "
+                              "train.steps, or give that schedule's steps as ints (optimizer steps)")
     return changes
 
 

@@ -242,7 +242,8 @@ def build_data(config: RunConfig, world, stages: list[StageRecord], start: int):
     common = dict(seq_length=config.model.seq_length, cache_dir=str(config.data_cache_dir),
                   vocab_size=config.model.vocab_size, eod=eod_id(config.tokenizer))
     train_data = build_train_dataset(config.data, start + config.train.steps * config.train.global_batch_size,
-                                     config.train.global_batch_size, earlier_stages=stages[:-1], **common)
+                                     config.train.global_batch_size, earlier_stages=stages[:-1],
+                                     stage_steps=config.train.steps, **common)
     stream = BatchStream(train_data, config.train.global_batch_size, config.train.micro_batch_size,
                          world.data_rank, world.data_size, world.device)
     return stream, build_validation_datasets(config.data, config.train.eval_samples, **common)

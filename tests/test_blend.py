@@ -8,8 +8,8 @@ import pytest
 
 from megacpt.cli import main
 from megacpt.config import validate_config
-from megacpt.data.blend import Blend, batch_counts
-from megacpt.data.datasets import blend_groups, blend_weights, build_train_dataset
+from megacpt.data.blend import Blend, batch_counts, batch_shares
+from megacpt.data.datasets import build_train_dataset
 from megacpt.data.loader import BatchStream
 from megacpt.stages import read_state
 
@@ -31,9 +31,16 @@ def _config(tmp_path, pattern_data, fraction, **train):
 
 @pytest.mark.parametrize("fraction", [0.05, 0.25])
 def test_new_sources_share_one_minus_fraction_and_replay_shares_fraction(tmp_path, pattern_data, fraction):
-    config = validate_config(_config(tmp_path, pattern_data, fraction))
-    weights = {s.name: s.weight for s in blend_weights(config.data)}
-    assert weights == pytest.approx({"new": 1 - fraction, "old1": fraction * 0.75, "old2": fraction * 0.25}, abs=1e-12)
+    data = validate_config(_config(tmp_path, pattern_data, fraction)).data
+    shares = batch_shares(data.replay.fraction, [s.weight for s in data.sources],
+                          [s.weight for s in data.replay.sources], 10, 3)
+    assert shares == pytest.approx(np.array([[1 - fraction, fraction * 0.75, fraction * 0.25]] * 3), abs=1e-12)
+
+
+def _constant(groups: list[list[float]], batch_size: int, num_batches: int) -> np.ndarray:
+    """batch_counts of a mix that does not change: every batch the same shares."""
+    shares = np.tile([s for g in groups for s in g], (num_batches, 1))
+    return batch_counts(shares, [len(g) for g in groups], batch_size)
 
 
 def _assert_every_batch_is_apportioned(counts: np.ndarray, groups: list[list[float]], batch_size: int) -> None:
@@ -59,12 +66,12 @@ def _assert_every_batch_is_apportioned(counts: np.ndarray, groups: list[list[flo
     ([[0.6, 0.15], [0.25]], 4),  # integer quotas in the new group
 ])
 def test_every_batch_holds_each_source_and_group_share_within_one_sample(groups, batch_size):
-    _assert_every_batch_is_apportioned(batch_counts(groups, batch_size, 500), groups, batch_size)
+    _assert_every_batch_is_apportioned(_constant(groups, batch_size, 500), groups, batch_size)
 
 
 def test_three_new_and_four_replay_sources_at_ten_percent_put_0_or_1_replay_samples_in_every_batch_of_8():
     groups = [[0.9 / 3] * 3, [0.1 / 4] * 4]
-    counts = batch_counts(groups, 8, 400)
+    counts = _constant(groups, 8, 400)
     replay = counts[:, 3:].sum(axis=1)
     assert set(replay.tolist()) == {0, 1} and replay.sum() == round(0.1 * 8 * 400)
     assert set(counts[:, :3].sum(axis=1).tolist()) == {7, 8}
@@ -73,7 +80,7 @@ def test_three_new_and_four_replay_sources_at_ten_percent_put_0_or_1_replay_samp
 
 def test_a_longer_stream_keeps_every_earlier_batch():
     groups = [[0.9 / 3] * 3, [0.1 / 4] * 4]
-    short, long = Blend(groups, 8, 80), Blend(groups, 8, 800)
+    short, long = Blend(_constant(groups, 8, 10), 8), Blend(_constant(groups, 8, 100), 8)
     assert [short.locate(p) for p in range(80)] == [long.locate(p) for p in range(80)]
 
 
@@ -87,8 +94,7 @@ def test_stream_of_seven_sources_matches_the_apportionment_and_megatrons_order_p
                                        data={"replay": {"fraction": 0.1, "sources": replay}})).data
     cache = str(tmp_path / "cache")
     stream = build_train_dataset(data, 400, 8, 64, cache, 256, -1)
-    groups = [[s.weight for s in g] for g in blend_groups(data)]
-    expected = batch_counts(groups, 8, 50)
+    expected = _constant([[0.9 * w for w in (0.5, 0.3, 0.2)], [0.1 / 4] * 4], 8, 50)
     names = [s["name"] for s in new + replay]
     for b in range(50):
         in_batch = [stream.source_of(p) for p in range(8 * b, 8 * b + 8)]

@@ -1,7 +1,9 @@
 """The blend: which source each sample of the training stream comes from, batch by batch.
 
 Every global batch of G samples is apportioned exactly: first between the new data and the replay group
-(shares 1 - replay.fraction and replay.fraction), then inside each group between its sources. Each count is
+(shares 1 - replay.fraction and replay.fraction), then inside each group between its sources. A weight or the
+fraction may be a mixture schedule, piecewise linear over the stage's steps (`scheduled`), so each batch has
+its own shares (`batch_shares`, the one place that turns weights into shares). Each count is
 the floor or the ceiling of its quota (share x G), so every batch holds every source's and every group's share
 to within one sample, for any number of sources; which counts get the ceiling is decided by the largest
 carried remainder (the samples a source is owed from earlier batches), so over many batches the totals stay
@@ -13,7 +15,12 @@ a source's samples are read in its own (megatron's) order. This module is pure a
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+
+# A number, or [step, value] points: an int step is an optimizer step, a float one a fraction of the stage.
+Schedule = float | Sequence[Sequence[float]]
 
 # Quotas are integers in units of 1 / _SCALE of a sample, so the apportionment is exact and the same everywhere.
 _SCALE = 10**9
@@ -38,22 +45,45 @@ def _apportion(total: int, quotas: list[int], owed: list[int]) -> list[int]:
     return base
 
 
-def batch_counts(groups: list[list[float]], batch_size: int, num_batches: int) -> np.ndarray:
-    """[num_batches, sources] samples of each source in each batch; sources are numbered group after group.
+def scheduled(schedule: Schedule, stage_steps: int, steps: np.ndarray) -> np.ndarray:
+    """The value of `schedule` at each of `steps`: a number everywhere, or its points joined linearly and held
+    constant before the first and after the last (a float point step is a fraction of `stage_steps`)."""
+    if isinstance(schedule, (int, float)):
+        return np.full(len(steps), float(schedule))
+    xs = [x * stage_steps if isinstance(x, float) else x for x, _ in schedule]
+    return np.interp(steps, xs, [v for _, v in schedule])
 
-    `groups` holds each group's per-source shares of the whole batch (all shares together sum to 1).
+
+def batch_shares(fraction: Schedule, new: list[Schedule], replay: list[Schedule], stage_steps: int,
+                 num_batches: int) -> np.ndarray:
+    """[num_batches, sources] share of the batch of each source (new sources, then replay): at step b the new
+    sources share 1 - fraction(b), the replay sources fraction(b), each by its weight(b) over its group's."""
+    steps = np.arange(num_batches, dtype=np.float64)
+    f = scheduled(fraction, stage_steps, steps)
+    parts = []
+    for weights, share in ((new, 1.0 - f), (replay, f)):
+        w = np.stack([scheduled(s, stage_steps, steps) for s in weights], axis=1) if weights else \
+            np.zeros((num_batches, 0))
+        total = w.sum(axis=1, keepdims=True)
+        parts.append(np.divide(w * share[:, None], total, out=np.zeros_like(w), where=total > 0))
+    return np.concatenate(parts, axis=1)
+
+
+def batch_counts(shares: np.ndarray, group_sizes: list[int], batch_size: int) -> np.ndarray:
+    """[batches, sources] samples of each source in each batch; sources are numbered group after group.
+
+    Row b of `shares` holds each source's share of batch b (a row sums to 1).
     """
-    shares = [s for group in groups for s in group]
-    quotas = [round(s * batch_size * _SCALE) for s in shares]
-    quotas[int(np.argmax(quotas))] += batch_size * _SCALE - sum(quotas)  # float rounding, a few units at most
     members, start = [], 0
-    for group in groups:
-        members.append(list(range(start, start + len(group))))
-        start += len(group)
-    group_quotas = [sum(quotas[i] for i in m) for m in members]
-    group_owed, owed = [0] * len(groups), [0] * len(shares)
-    counts = np.zeros((num_batches, len(shares)), dtype=np.int64)
-    for b in range(num_batches):
+    for size in group_sizes:
+        members.append(list(range(start, start + size)))
+        start += size
+    group_owed, owed = [0] * len(group_sizes), [0] * start
+    counts = np.zeros(shares.shape, dtype=np.int64)
+    for b, row in enumerate(shares):
+        quotas = [round(s * batch_size * _SCALE) for s in row.tolist()]
+        quotas[int(np.argmax(quotas))] += batch_size * _SCALE - sum(quotas)  # float rounding, a few units at most
+        group_quotas = [sum(quotas[i] for i in m) for m in members]
         for m, n in zip(members, _apportion(batch_size, group_quotas, group_owed)):
             part = [owed[i] for i in m]
             counts[b, m] = _apportion(n, [quotas[i] for i in m], part)
@@ -73,10 +103,9 @@ def batch_order(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Blend:
     """Maps position p of the stream to (source, n): the n-th sample that source contributes."""
 
-    def __init__(self, groups: list[list[float]], batch_size: int, num_samples: int):
+    def __init__(self, counts: np.ndarray, batch_size: int):
         self.batch_size = batch_size
-        num_batches = -(-num_samples // batch_size)
-        self.counts = batch_counts(groups, batch_size, num_batches)
+        self.counts = counts
         self.before = np.vstack([np.zeros((1, self.counts.shape[1]), dtype=np.int64), np.cumsum(self.counts, axis=0)])
         self._cached: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
 

@@ -4,7 +4,8 @@ Each source is megatron-core's own `GPTDataset` (its document and sample shuffle
 at a time. Which source each position of the stream takes is megacpt's exact per-batch apportionment
 (megacpt.data.blend) instead of megatron's `BlendedDataset`, whose greedy interleave keeps only prefixes of
 the whole stream at the mix. The CPT policy: new sources share 1 - replay.fraction of every batch and replay
-sources share replay.fraction, so replay takes part of the batch instead of adding compute. Every file is
+sources share replay.fraction (either may follow a mixture schedule over the stage's steps), so replay takes
+part of the batch instead of adding compute. Every file is
 checked before any compute is spent, and the stream says for each sample which source it came from.
 """
 from __future__ import annotations
@@ -12,12 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
-from megacpt.config import DataConfig
-from megacpt.data.blend import Blend
+from megacpt.config import DataConfig, DataSource
+from megacpt.data.blend import Blend, batch_counts, batch_shares
 from megacpt.data.documents import DOCUMENT_BYTES_SUFFIX
 from megacpt.errors import UserError
 from megacpt.stages import StageRecord, TrainedStage
@@ -27,28 +27,22 @@ _FULL_SCAN_TOKENS = 1 << 28
 _CHUNK_TOKENS = 1 << 22
 
 
-@dataclass(frozen=True)
-class WeightedSource:
-    name: str
-    prefix: str
-    weight: float
+def blend_members(data: DataConfig) -> tuple[list[DataSource], list[DataSource]]:
+    """The new and the replay sources that take part in the blend: a source whose weight is a constant 0, and
+    every replay source at a constant replay.fraction of 0, are left out."""
+    new = [s for s in data.sources if s.weight != 0]
+    replay = [s for s in data.replay.sources if s.weight != 0] if data.replay.fraction != 0 else []
+    return new, replay
 
 
-def blend_groups(data: DataConfig) -> list[list[WeightedSource]]:
-    """[new sources, replay sources], each weight a share of the whole batch: new sources share 1 - f,
-    replay sources share f; zero-weight sources are left out."""
-    fraction = data.replay.fraction
-    groups = []
-    for sources, share in ((data.sources, 1.0 - fraction), (data.replay.sources, fraction)):
-        total = sum(s.weight for s in sources)
-        weighted = [WeightedSource(s.name, s.prefix, share * s.weight / total) for s in sources if total > 0]
-        groups.append([s for s in weighted if s.weight > 0])
-    return groups
-
-
-def blend_weights(data: DataConfig) -> list[WeightedSource]:
-    """Every source of the blend with its share of the batch."""
-    return [s for group in blend_groups(data) for s in group]
+def build_blend(data: DataConfig, stage_steps: int, batch_size: int, num_samples: int) -> tuple[Blend, list[str]]:
+    """The blend of a stream of at least `num_samples` samples (batch b follows the mix of step b of a stage of
+    `stage_steps` steps) and the names of its sources, in the blend's order."""
+    new, replay = blend_members(data)
+    num_batches = -(-num_samples // batch_size)
+    shares = batch_shares(data.replay.fraction, [s.weight for s in new], [s.weight for s in replay], stage_steps,
+                          num_batches)
+    return Blend(batch_counts(shares, [len(new), len(replay)], batch_size), batch_size), [s.name for s in new + replay]
 
 
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
@@ -241,25 +235,28 @@ class BlendedStream:
 
 
 def build_train_dataset(data: DataConfig, num_samples: int, global_batch_size: int, seq_length: int, cache_dir: str,
-                        vocab_size: int, eod: int | None, earlier_stages: list[StageRecord] = ()) -> BlendedStream:
+                        vocab_size: int, eod: int | None, earlier_stages: list[StageRecord] = (),
+                        stage_steps: int | None = None) -> BlendedStream:
     """The blended training stream of at least `num_samples` samples. Call on every rank (rank 0 builds first).
 
-    With `replay.seen_only`, each replay source yields only samples that an earlier stage (from the
-    checkpoint's stage history) trained on; the blend still decides when a replay sample comes.
+    Mixture schedules are laid over a stage of `stage_steps` steps (default: the stream's batches). With
+    `replay.seen_only`, each replay source yields only samples that an earlier stage (from the checkpoint's
+    stage history) trained on; the blend still decides when a replay sample comes.
     """
     os.makedirs(cache_dir, exist_ok=True)
-    groups = blend_groups(data)
-    blend = Blend([[s.weight for s in group] for group in groups], global_batch_size, num_samples)
-    weighted = [s for group in groups for s in group]
+    steps = stage_steps if stage_steps is not None else -(-num_samples // global_batch_size)
+    blend, names = build_blend(data, steps, global_batch_size, num_samples)
+    members = {s.name: s for s in data.sources + data.replay.sources}
     needed = blend.consumed_per_source(len(blend))
     replay_names = {s.name for s in data.replay.sources} if data.replay.seen_only else set()
-    sources = [seen_samples(s, list(earlier_stages), cache_dir, vocab_size, eod, data.seed) if s.name in replay_names
-               else SourceStream(s.prefix, int(n), seq_length, data.seed, cache_dir, vocab_size, eod)
-               for s, n in zip(weighted, needed)]
-    return BlendedStream(blend, sources, [s.name for s in weighted])
+    sources = [seen_samples(members[name], list(earlier_stages), cache_dir, vocab_size, eod, data.seed)
+               if name in replay_names
+               else SourceStream(members[name].prefix, int(n), seq_length, data.seed, cache_dir, vocab_size, eod)
+               for name, n in zip(names, needed)]
+    return BlendedStream(blend, sources, names)
 
 
-def seen_samples(source: WeightedSource, stages: list[StageRecord], cache_dir: str, vocab_size: int, eod: int | None,
+def seen_samples(source: DataSource, stages: list[StageRecord], cache_dir: str, vocab_size: int, eod: int | None,
                  seed: int) -> SeenSamples:
     """The samples of `source.prefix` that the latest earlier megacpt stage reading it consumed: the first ones of
     that stage's stream of the source (an imported stage has no data megacpt could replay)."""

@@ -84,6 +84,9 @@ def life(earlier: list[StageRun], own: np.ndarray, own_data: DataConfig | None,
     shift_start, replay = None, 0.0
     for i in range(1, len(datas)):
         if datas[i] is not None and (datas[i - 1] is None or _prefixes(datas[i - 1]) != _prefixes(datas[i])):
+            if isinstance(datas[i].replay.fraction, list):
+                raise UserError(f"{who}: the loss laws take one replay fraction per stage, but the stage that "
+                                "switched to new data schedules data.replay.fraction; predict a constant fraction")
             shift_start, replay = starts[i], float(datas[i].replay.fraction)
     return np.concatenate(parts + [own]), offset, shift_start, replay
 
