@@ -14,6 +14,7 @@ from megacpt.checkpoint import resolve_tag
 from megacpt.model.hf_mapping import VOCAB_ROWS
 
 from datagen import random_documents, tiny_config, write_config, write_indexed
+from launch import assert_ok, deepspeed_launch
 
 NEW = slice(300, 400)  # the ids the 100-piece extension added (the base has 300; padded 384, then 512)
 MODEL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "ffn_hidden_size": 256, "seq_length": 64}
@@ -146,3 +147,27 @@ def test_freeze_without_an_extension_or_with_too_few_or_many_steps_exits_2(
         assert cli("train", write_config(tmp_path / "config.json", config)) == 2
         assert key in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.launcher
+def test_freeze_at_tensor_parallel_2_trains_only_each_ranks_share_of_the_new_rows(
+        tmp_path, checkpoints, code_ids, new_tokenizer):  # noqa: F811
+    """The vocabulary is split by rows over the two ranks (256 each of 512): ids 300-399 are rank 1's rows 44-143."""
+    assert cli("extend-vocab", "--checkpoint", checkpoints[2], "--tokenizer", new_tokenizer,
+               "--output", tmp_path / "grown") == 0
+    grown = {"zero": 0, "grown": resolve_tag(tmp_path / "grown"), "tokenizer": new_tokenizer}
+    config = stage_config(tmp_path, grown, code_ids, load_optimizer=False, save_interval=1, freeze={"steps": 2})
+    config["parallel"] = {"tensor": 2}
+    assert_ok(deepspeed_launch(2, ["megacpt", "train", write_config(tmp_path / "config.json", config)]))
+    frozen_tag = tmp_path / "run" / "checkpoints" / "step00000002"
+    for rank, new in ((0, slice(0, 0)), (1, slice(44, 144))):
+        start, frozen = (torch.load(tag / elastic.MODEL_STATES.format(rank), map_location="cpu",
+                                    weights_only=False)["module"] for tag in (grown["grown"], frozen_tag))
+        for name, before in start.items():
+            if name.endswith("._extra_state"):
+                continue
+            kept = torch.ones(before.shape[0], dtype=torch.bool)
+            if name in VOCAB_ROWS:
+                kept[new] = False
+                assert (frozen[name][new] != before[new]).any(dim=1).all(), (rank, name)
+            assert torch.equal(frozen[name][kept], before[kept]), (rank, name)
