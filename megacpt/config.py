@@ -347,6 +347,26 @@ class FreezeConfig(Section):
                                          "stays bit-identical. Then everything trains.")
 
 
+class SpikeConfig(Section):
+    """Loss-spike handling (off unless the section is given): skip spiking steps, then roll back past them."""
+
+    zscore: float = Field(6.0, gt=0,
+                          description="A step whose loss (mean over the data-parallel ranks) exceeds the mean of the "
+                                      "window by more than zscore standard deviations is a spike: skipped like a "
+                                      "non-finite step (weights and Adam untouched).")
+    window: int = Field(50, ge=2, description="Losses of the most recent applied steps that the mean and standard "
+                                              "deviation are taken over; no step is judged before the window is "
+                                              "full.")
+    max_in_a_row: int = Field(3, gt=0, description="After this many spikes in a row, roll back to the newest "
+                                                   "checkpoint saved before the first of them and skip the spiked "
+                                                   "batches (recorded in RUN_DIR/spike_ledger.json).")
+    lr_factor: float = Field(1.0, gt=0, le=1, description="After a rollback, multiply the LR by this factor ...")
+    lr_steps: int = Field(0, ge=0, description="... for this many steps after the checkpoint rolled back to (0: the "
+                                               "LR is not lowered).")
+    max_rollbacks: int = Field(3, ge=0, description="Stop with exit code 2 when one more rollback than this would be "
+                                                    "needed (counted over the run's whole ledger).")
+
+
 class TrainConfig(Section):
     """The loop: steps, batch sizes, intervals."""
 
@@ -374,6 +394,8 @@ class TrainConfig(Section):
     max_skipped_steps: int = Field(10, gt=0,
                                    description="Stop after this many consecutive skipped steps (a non-finite loss or "
                                                "grad norm, or an fp16 overflow).")
+    spike: SpikeConfig | None = Field(None, description="Loss-spike detection, skipping and rollback; omit to not "
+                                                        "use it.")
 
     @model_validator(mode="before")
     @classmethod

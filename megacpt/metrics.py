@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from megacpt.errors import UserError
+from megacpt.run_dir import keep_metrics_until
 
 METRICS = "metrics.jsonl"
 
@@ -41,6 +42,14 @@ class MetricsWriter:
             self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(record)
+
+    def rewind(self, step: int) -> None:
+        """Drop the records of steps after `step` from metrics.jsonl (a rollback trains them again)."""
+        if not self.enabled:
+            return
+        self._file.close()
+        keep_metrics_until(self.path.parent, step)
+        self._file = open(self.path, "a", encoding="utf-8")
 
     def checkpoint_saved(self, step: int, path: Path) -> None:
         """Sinks that show checkpoints (W&B, as text) learn of a new one."""

@@ -237,11 +237,12 @@ class StageScheduler:
         self.steps = steps
         self.stage_index = stage_index
         self.t = 0
+        self.lr_factor = 1.0  # set by the loop for a step whose LR is lowered (after a loss-spike rollback)
         optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: self.apply())
         self.apply()
 
     def current_lr(self) -> float:
-        return lr_at(self.schedule, self.steps, self.t, self.stage_index)
+        return lr_at(self.schedule, self.steps, self.t, self.stage_index) * self.lr_factor
 
     def apply(self) -> None:
         lr = self.current_lr()

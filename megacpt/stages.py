@@ -163,6 +163,8 @@ class CheckpointState(Record):
     scheduler: SchedulerState | None = Field(description="None for weights-only imports.")
     data: DataPosition | None = Field(description="None for weights-only imports.")
     merge: list[MergeSource] | None = Field(None, description="The merged checkpoints and weights (`megacpt merge`).")
+    spike_window: list[float] | None = Field(None, description="The recent losses that train.spike judges the next "
+                                                               "step against (spikes.py).")
 
 
 def read_state(tag_dir: Path) -> CheckpointState:

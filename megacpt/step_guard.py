@@ -7,7 +7,10 @@ step of the stage: the schedule and the data move on, the model does not. The lo
 fp16-overflow steps the same way (`count_skipped`): they consumed their batch too.
 
 The same one-element-per-question all-reduce also tells every rank whether any rank received a stop
-signal, so the loop needs no second collective (and no second host sync) per step.
+signal and sums the ranks' losses, so the loop needs no second collective (and no second host sync) per
+step. With `train.spike`, the step's loss (the mean over ranks: every rank judges the same number) is judged
+against a window of recent ones (spikes.py), and a spike is skipped the same way; so is a step whose batch
+the spike ledger names (`skip_batch`, set by the loop).
 """
 from __future__ import annotations
 
@@ -15,18 +18,27 @@ from typing import Callable
 
 import torch
 
+from megacpt.spikes import SpikeDetector
+
 
 class StepGuard:
     """Decides, with one tiny all-reduce per step, whether the update about to happen is applied."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, stop_requested: Callable[[], bool]):
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, stop_requested: Callable[[], bool],
+                 spikes: SpikeDetector | None = None):
         self.optimizer = optimizer
         self.device = device
         self.stop_requested = stop_requested
+        self.spikes = spikes
         self.stop_agreed = False
         self.loss_is_finite = torch.ones((), dtype=torch.bool, device=device)
-        self.skipped_in_a_row = 0
-        self.skipped_total = 0
+        self.loss = torch.zeros((), device=device)  # this rank's mean loss of the step, set with loss_is_finite
+        self.skip_batch = False  # set by the loop for a step whose batch the spike ledger names
+        self.step_loss: float | None = None  # the step's loss, mean over the ranks (once the step is decided)
+        self.skipped_because: str | None = None  # why the last step made no update: "non-finite", "spike", "ledger"
+        self.skipped_in_a_row = 0  # non-finite and fp16-overflow steps
+        self.spikes_in_a_row = 0
+        self.skipped_total = 0  # every step without an update
         self._step = optimizer.step
         optimizer.step = self._guarded_step
 
@@ -38,20 +50,32 @@ class StepGuard:
 
     def count_skipped(self) -> None:
         """One more step without an update: skipped here, or by DeepSpeed on an fp16 overflow."""
+        self.skipped_because = "non-finite"
         self.skipped_in_a_row += 1
         self.skipped_total += 1
 
     def _guarded_step(self, *args, **kwargs):
-        ok = (self.loss_is_finite & self._gradients_finite()).float()
+        bad = 1.0 - (self.loss_is_finite & self._gradients_finite()).float()
         stop = torch.tensor(1.0 if self.stop_requested() else 0.0, device=self.device)
-        flags = torch.stack([ok, -stop])  # MIN over ranks: all finite?  -MAX: any stop?
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
-        all_finite, minus_stop = flags.tolist()
-        self.stop_agreed = minus_stop < 0
-        if all_finite < 1:
+        # SUM over ranks: how many not finite, how many stop, the losses (tensor-parallel ranks share their
+        # data-parallel rank's loss, so the world's mean is the data-parallel mean)
+        flags = torch.stack([bad, stop, self.loss.float()])
+        torch.distributed.all_reduce(flags)
+        not_finite, stops, losses = flags.tolist()
+        self.stop_agreed = stops > 0
+        self.step_loss = losses / torch.distributed.get_world_size()
+        if not_finite > 0:
             self.count_skipped()
             return None
-        self.skipped_in_a_row = 0
+        if self.skip_batch or (self.spikes is not None and self.spikes.is_spike(self.step_loss)):
+            self.skipped_because = "ledger" if self.skip_batch else "spike"
+            self.spikes_in_a_row += not self.skip_batch
+            self.skipped_total += 1
+            return None
+        self.skipped_because = None
+        self.skipped_in_a_row = self.spikes_in_a_row = 0
+        if self.spikes is not None:
+            self.spikes.accept(self.step_loss)
         return self._step(*args, **kwargs)
 
     def agree_to_stop(self) -> bool:

@@ -25,6 +25,7 @@ from megacpt.config import RunConfig, dump_config, load_config
 from megacpt.errors import ConfigError, UserError
 from megacpt.evaluate import bits_per_byte, micro_batch_loss, validation_losses
 from megacpt.metrics import MetricsWriter, Throughput, format_duration
+from megacpt.spikes import LEDGER, Rollback, SpikedBatch, SpikeDetector, SpikeLedger
 from megacpt.stages import (
     CheckpointState,
     DataPosition,
@@ -34,6 +35,7 @@ from megacpt.stages import (
     SchedulerState,
     StageRecord,
     TrainedStage,
+    read_state,
 )
 
 
@@ -181,7 +183,10 @@ def _train(config: RunConfig, world, plan: checkpoint.LoadPlan | None, signals: 
                   f"samples x {config.model.seq_length} tokens; {params / 1e6:.1f}M parameters; world {world.size} "
                   f"(tensor {world.tensor_size} x data {world.data_size}{cpu_threads(world)}); "
                   f"{'resuming ' if plan and plan.resume else 'from '}{plan.tag_dir if plan else 'fresh weights'}")
-    guard = StepGuard(engine.basic_optimizer, world.device, signals.requested)
+    spike = config.train.spike
+    window = plan.state.spike_window if plan and plan.resume else None
+    guard = StepGuard(engine.basic_optimizer, world.device, signals.requested,
+                      SpikeDetector(spike, window) if spike else None)
     try:
         if scheduler.t < config.train.steps and guard.agree_to_stop():
             metrics.print(f"stop signal received before step {scheduler.t + 1}, the first of this run: no step "
@@ -280,7 +285,8 @@ def stage_records(config: RunConfig, plan: checkpoint.LoadPlan | None) -> list[S
 
 
 class TrainingLoop:
-    """The step loop: train, log, evaluate, checkpoint, stop on signals or too many non-finite steps."""
+    """The step loop: train, log, evaluate, checkpoint, stop on signals or too many non-finite steps, roll back
+    after too many loss spikes."""
 
     def __init__(self, config, world, engine, scheduler, stream, val_data, metrics, stages, tokens_before, guard):
         self.config, self.world, self.engine, self.guard = config, world, engine, guard
@@ -288,6 +294,8 @@ class TrainingLoop:
         self.metrics, self.stages = metrics, stages
         self.tokens_per_step = config.train.global_batch_size * config.model.seq_length
         self.tokens_at_start, self.start_t = tokens_before, scheduler.t
+        self.ledger = SpikeLedger.read(config.run_dir)  # honoured even when train.spike is off now
+        self.spiked = []  # the current row of spikes (spikes.SpikedBatch)
 
     def total_tokens(self) -> int:
         """Tokens trained on by this model over all stages."""
@@ -301,11 +309,16 @@ class TrainingLoop:
         start_t = self.start_t
         if start_t > 0:
             self.metrics.print(f"resuming stage {self.stages[-1].index} at step {start_t}/{cfg.steps}")
-        for step in range(start_t, cfg.steps):  # the loop's own count: one global batch per step
+        while self.scheduler.t < cfg.steps:  # one global batch per step
+            step = self.scheduler.t
+            self.guard.skip_batch = self.ledger.skips(step + 1)
+            self.scheduler.lr_factor = self.ledger.lr_factor(step + 1, cfg.spike)
             lr = self.scheduler.current_lr()
+            first_sample = self.stream.consumed_samples
             loss = self.train_step()
             losses.append(loss)
             done = step + 1
+            self.note_skip(done, first_sample)
             diverged = self.guard.skipped_in_a_row >= cfg.max_skipped_steps
             if done % cfg.log_interval == 0 or done == cfg.steps or diverged:
                 mean_loss = torch.stack(losses).mean()
@@ -320,6 +333,11 @@ class TrainingLoop:
                     f"gradient or an fp16 overflow (train.max_skipped_steps = {cfg.max_skipped_steps}); stopping "
                     f"without saving. The last good checkpoint in {checkpoint.checkpoint_dir(self.config.run_dir)} "
                     "is kept; lower schedule.max_lr or check the data")
+            if cfg.spike and self.guard.spikes_in_a_row >= cfg.spike.max_in_a_row:
+                self.roll_back(done)
+                losses.clear()
+                throughput.last_tokens = self.total_tokens()
+                continue
             if cfg.eval_interval and done % cfg.eval_interval == 0 and done != cfg.steps:
                 self.evaluate(done)
             stop = self.guard.stop_agreed  # every rank agrees (decided in the step's one all-reduce)
@@ -331,6 +349,65 @@ class TrainingLoop:
                 self.metrics.print(f"stop signal received: saved a checkpoint at step {done}, exiting")
                 return
 
+    def note_skip(self, step: int, first_sample: int) -> None:
+        """Log a spike or a ledger skip; keep the current row of spikes (an applied step ends it)."""
+        reason, loss = self.guard.skipped_because, self.guard.step_loss
+        if reason is None:
+            self.spiked.clear()
+        if reason == "spike":
+            self.spiked.append(SpikedBatch(step=step, samples=[first_sample, self.stream.consumed_samples], loss=loss))
+            mean, std = self.guard.spikes.stats()
+            self.metrics.write({"step": step, "event": "spike", "loss": loss, "window_mean": mean, "window_std": std,
+                                "in_a_row": self.guard.spikes_in_a_row})
+            self.metrics.print(f"step {step}: loss {loss:.4f} is a spike (window mean {mean:.4f}, std {std:.4f}): "
+                               f"skipped, {self.guard.spikes_in_a_row} in a row")
+        elif reason == "ledger":
+            self.metrics.write({"step": step, "event": "spike_ledger_skip", "loss": loss})
+            self.metrics.print(f"step {step}: its batch spiked before a rollback ({LEDGER}): skipped")
+
+    def roll_back(self, step: int) -> None:
+        """Go back to the newest checkpoint before the first spike of the row, record the spiked batches in
+        the ledger and continue from there. Every rank takes part."""
+        cfg = self.config.train.spike
+        root = checkpoint.checkpoint_dir(self.config.run_dir)
+        first = self.spiked[0].step
+        steps = ", ".join(str(b.step) for b in self.spiked)
+        if len(self.ledger.rollbacks) >= cfg.max_rollbacks:
+            raise UserError(
+                f"steps {steps} were loss spikes in a row, and this run has rolled back "
+                f"{len(self.ledger.rollbacks)} times already (train.spike.max_rollbacks = {cfg.max_rollbacks}); "
+                f"stopping without saving. The rollbacks are in {Path(self.config.run_dir) / LEDGER}, the "
+                f"checkpoints in {root} are kept; check the data of those steps or lower schedule.max_lr")
+        target = [checkpoint.newest_verified(root, before=checkpoint.tag_name(first)) if self.world.is_main else None]
+        torch.distributed.broadcast_object_list(target, src=0)
+        if target[0] is None:
+            raise UserError(f"steps {steps} were loss spikes in a row, but no checkpoint of this run before step "
+                            f"{first} verifies, so there is nothing to roll back to; stopping without saving. Set "
+                            "train.save_interval so that one exists")
+        tag_dir = target[0]
+        state = read_state(tag_dir)
+        if self.world.is_main:  # newer tags aside first: a kill before the ledger entry replays the same spikes
+            checkpoint.set_aside_newer(tag_dir)
+            self.ledger.add(self.config.run_dir, Rollback(at_step=step, to_step=state.step, batches=self.spiked))
+        else:
+            self.ledger.rollbacks.append(Rollback(at_step=step, to_step=state.step, batches=self.spiked))
+        torch.distributed.barrier()
+        plan = checkpoint.LoadPlan(tag_dir, state, True, True, True, True)
+        restore(plan, self.engine, self.scheduler, self.stream, self.world)
+        self.guard.spikes = SpikeDetector(cfg, state.spike_window)
+        self.guard.skipped_in_a_row = self.guard.spikes_in_a_row = 0
+        self.tokens_at_start, self.start_t = state.tokens, state.step
+        self.spiked = []
+        self.metrics.rewind(state.step)
+        rollback = self.ledger.rollbacks[-1]
+        self.metrics.write({"step": state.step, "event": "rollback", "rollback": len(self.ledger.rollbacks),
+                            "at_step": step, "spiked_steps": [b.step for b in rollback.batches],
+                            "checkpoint": str(tag_dir)})
+        lowered = f"; LR x {cfg.lr_factor} for {cfg.lr_steps} steps" if cfg.lr_steps and cfg.lr_factor < 1 else ""
+        self.metrics.print(f"steps {steps} were loss spikes in a row: rolled back to {tag_dir} (rollback "
+                           f"{len(self.ledger.rollbacks)} of at most {cfg.max_rollbacks}); their batches are skipped "
+                           f"from now on{lowered}")
+
     def train_step(self) -> torch.Tensor:
         """One optimizer step over the accumulated micro-batches; returns this rank's mean loss (no host sync)."""
         micro_batches = self.stream.next_step()
@@ -341,6 +418,7 @@ class TrainingLoop:
             total = total + loss.detach()
             if i == len(micro_batches) - 1:
                 self.guard.loss_is_finite = torch.isfinite(total)
+                self.guard.loss = total / len(micro_batches)
             self.engine.step()
         if not self.engine.was_step_applied():
             # fp16 overflow: DeepSpeed skipped the update and the LR step, but the batch is consumed. The step
@@ -386,7 +464,8 @@ class TrainingLoop:
             model=ModelSignature.of(self.config.model, self.config.parallel.tensor), tokenizer=self.config.tokenizer,
             has_optimizer=True, stages=self.stages[:-1] + [stage],
             scheduler=SchedulerState.model_validate(self.scheduler.state_dict()),
-            data=DataPosition(**self.stream.state_dict(), samples=samples))
+            data=DataPosition(**self.stream.state_dict(), samples=samples),
+            spike_window=self.guard.spikes.state() if self.guard.spikes else None)
         tag_dir = checkpoint.save(self.engine, self.config.run_dir, step, state, self.world.rank,
                                   self.config.checkpoint.keep_last)
         self.metrics.checkpoint_saved(step, tag_dir)
