@@ -295,7 +295,7 @@ class TrainingLoop:
         self.tokens_per_step = config.train.global_batch_size * config.model.seq_length
         self.tokens_at_start, self.start_t = tokens_before, scheduler.t
         self.ledger = SpikeLedger.read(config.run_dir)  # honoured even when train.spike is off now
-        self.spiked = []  # the current row of spikes (spikes.SpikedBatch)
+        self.spiked, self.spike_records = [], []  # the current row of spikes: SpikedBatch, metrics record
 
     def total_tokens(self) -> int:
         """Tokens trained on by this model over all stages."""
@@ -353,12 +353,13 @@ class TrainingLoop:
         """Log a spike or a ledger skip; keep the current row of spikes (an applied step ends it)."""
         reason, loss = self.guard.skipped_because, self.guard.step_loss
         if reason is None:
-            self.spiked.clear()
+            self.spiked, self.spike_records = [], []
         if reason == "spike":
             self.spiked.append(SpikedBatch(step=step, samples=[first_sample, self.stream.consumed_samples], loss=loss))
             mean, std = self.guard.spikes.stats()
-            self.metrics.write({"step": step, "event": "spike", "loss": loss, "window_mean": mean, "window_std": std,
-                                "in_a_row": self.guard.spikes_in_a_row})
+            self.spike_records.append({"step": step, "event": "spike", "loss": loss, "window_mean": mean,
+                                       "window_std": std, "in_a_row": self.guard.spikes_in_a_row})
+            self.metrics.write(self.spike_records[-1])
             self.metrics.print(f"step {step}: loss {loss:.4f} is a spike (window mean {mean:.4f}, std {std:.4f}): "
                                f"skipped, {self.guard.spikes_in_a_row} in a row")
         elif reason == "ledger":
@@ -397,12 +398,11 @@ class TrainingLoop:
         self.guard.spikes = SpikeDetector(cfg, state.spike_window)
         self.guard.skipped_in_a_row = self.guard.spikes_in_a_row = 0
         self.tokens_at_start, self.start_t = state.tokens, state.step
-        self.spiked = []
-        self.metrics.rewind(state.step)
-        rollback = self.ledger.rollbacks[-1]
+        self.metrics.rewind(state.step)  # the steps after it are trained again; the record keeps the spikes
         self.metrics.write({"step": state.step, "event": "rollback", "rollback": len(self.ledger.rollbacks),
-                            "at_step": step, "spiked_steps": [b.step for b in rollback.batches],
-                            "checkpoint": str(tag_dir)})
+                            "at_step": step, "spiked_steps": [b.step for b in self.spiked],
+                            "spikes": self.spike_records, "checkpoint": str(tag_dir)})
+        self.spiked, self.spike_records = [], []
         lowered = f"; LR x {cfg.lr_factor} for {cfg.lr_steps} steps" if cfg.lr_steps and cfg.lr_factor < 1 else ""
         self.metrics.print(f"steps {steps} were loss spikes in a row: rolled back to {tag_dir} (rollback "
                            f"{len(self.ledger.rollbacks)} of at most {cfg.max_rollbacks}); their batches are skipped "
