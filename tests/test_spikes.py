@@ -20,7 +20,7 @@ from megacpt.config import ScheduleConfig
 from megacpt.schedule import lr_at
 
 from datagen import optimizer_file_state, pattern_documents, read_metrics, tiny_config, write_config, write_indexed
-from launch import assert_ok, clean_env, deepspeed_launch, run_megacpt
+from launch import assert_ok, clean_env, deepspeed_launch, run_megacpt, wait_for_step
 
 G, SEQ, STEPS = 8, 64, 24
 GARBAGE = 200  # garbage tokens are >= GARBAGE, the pattern's are below
@@ -155,11 +155,16 @@ def _wait_after_rollback(run_dir: Path, proc: subprocess.Popen, step: int | None
     raise TimeoutError("no rollback")
 
 
-@pytest.mark.parametrize("kill_after", [None, 17], ids=["at-the-rollback", "after-step-17"])
-def test_kill_9_after_the_rollback_then_resume_gives_the_same_result(tmp_path, spiky, reference, kill_after):
+@pytest.mark.parametrize("kill_after", ["step 11", "rollback", "step 17"])
+def test_kill_9_before_or_after_the_rollback_then_resume_gives_the_same_result(tmp_path, spiky, reference, kill_after):
+    """Killed before the spikes (the resume judges them against the window saved at step 10), right after the
+    rollback, or after a checkpoint saved since (step 15)."""
     cfg = _config(tmp_path, spiky)
     proc = _start(cfg)
-    _wait_after_rollback(tmp_path / "run", proc, kill_after)
+    if kill_after == "step 11":
+        wait_for_step(tmp_path / "run", 11, proc)
+    else:
+        _wait_after_rollback(tmp_path / "run", proc, 17 if kill_after == "step 17" else None)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert_ok(run_megacpt(["train", cfg]))
@@ -212,7 +217,7 @@ def test_two_ranks_judge_alike_and_roll_back_as_one_rank_does(tmp_path, spiky, r
     """Data-parallel 2: the spikes, the rollback and the ledger's batches are those of the one-rank run."""
     result = deepspeed_launch(2, ["megacpt", "train", _config(tmp_path, spiky)])
     assert_ok(result)
-    assert [r["step"] for r in _events(tmp_path / "run", "spike")] == [13, 14, 15]
+    assert [r["spiked_steps"] for r in _events(tmp_path / "run", "rollback")] == [[13, 14, 15]]
     ledger = json.loads((tmp_path / "run" / "spike_ledger.json").read_text())
     expected = json.loads((reference / "spike_ledger.json").read_text())
     assert [[(b["step"], b["samples"]) for b in r["batches"]] for r in ledger["rollbacks"]] == [
