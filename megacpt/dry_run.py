@@ -14,6 +14,7 @@ from megacpt.checkpoint import LoadPlan
 from megacpt.config import RunConfig
 from megacpt.data.datasets import build_blend
 from megacpt.schedule import lr_at
+from megacpt.vocab_rows import new_rows
 
 
 def describe(config: RunConfig, plan: LoadPlan | None) -> dict[str, Any]:
@@ -47,7 +48,19 @@ def describe(config: RunConfig, plan: LoadPlan | None) -> dict[str, Any]:
         "last_lr": lrs[-1],
         "data_position": position,
         "samples": {name: int(n) for name, n in zip(names, samples)},
+        # where a grown (extend-vocab) checkpoint's kept optimizer comes from: the checkpoint it grew
+        "optimizer_from": str(plan.optimizer_tag) if plan is not None and plan.optimizer_tag else None,
+        "freeze": _freeze(config, plan),
     }
+
+
+def _freeze(config: RunConfig, plan: LoadPlan | None) -> dict[str, int] | None:
+    """train.freeze: until which step only which token ids' rows train (None: everything trains)."""
+    freeze = config.train.freeze
+    rows = new_rows(plan.state.stages) if plan is not None else None
+    if freeze is None or not freeze.steps or rows is None:
+        return None
+    return {"until_step": freeze.steps, "first_id": rows.start, "last_id": rows.stop - 1}
 
 
 def format_text(summary: dict[str, Any]) -> str:
@@ -64,4 +77,11 @@ def format_text(summary: dict[str, Any]) -> str:
              + f"; of the last step: {summary['last_lr']:.4g}",
              f"data: from sample {summary['data_position']} of the stream, samples per source: "
              + ", ".join(f"{k} {v}" for k, v in summary["samples"].items())]
+    if summary["optimizer_from"]:
+        lines.append(f"optimizer moments from {summary['optimizer_from']} (the checkpoint the vocabulary extension "
+                     "grew; new rows start at zero)")
+    if summary["freeze"]:
+        freeze = summary["freeze"]
+        lines.append(f"train.freeze: steps 1-{freeze['until_step']} train only the embedding and output rows of ids "
+                     f"{freeze['first_id']}-{freeze['last_id']}")
     return "\n".join(lines)

@@ -3,6 +3,7 @@ K steps (every other weight and every frozen Adam moment bit-identical, then eve
 stage that keeps the optimizer of the checkpoint the extension grew keeps the old rows' moments exactly and
 starts the new rows' at zero. Moments are read back through DeepSpeed's universal form (elastic.py), not
 through the code under test."""
+import json
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,12 @@ def test_freeze_at_tensor_parallel_2_trains_only_each_ranks_share_of_the_new_row
                 kept[new] = False
                 assert (frozen[name][new] != before[new]).any(dim=1).all(), (rank, name)
             assert torch.equal(frozen[name][kept], before[kept]), (rank, name)
+
+
+def test_dry_run_says_where_the_moments_come_from_and_what_is_frozen(tmp_path, grown, code_ids, capsys):
+    config = stage_config(tmp_path, grown, code_ids, load_optimizer=True, freeze={"steps": 2})
+    assert cli("train", write_config(tmp_path / "config.json", config), "--dry-run", "--json") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["optimizer_from"] == str(grown["stage0"])
+    assert summary["freeze"] == {"until_step": 2, "first_id": 300, "last_id": 399}
+    assert not (tmp_path / "run").exists()
