@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megacpt.errors import UserError
 from megacpt.model.hf_mapping import VOCAB_ROWS
 from megacpt.stages import StageRecord, VocabExtendedStage
 
@@ -63,9 +64,13 @@ def fragments(engine) -> list[Fragment]:
     named = list(engine.module.named_parameters())
     if engine.optimizer is optimizer:  # ZeRO 0 in fp32: torch's AdamW updates the parameters themselves
         return [Fragment(name, p, 0, Span(p, 0, p.numel())) for name, p in named if p.requires_grad]
+    if not all(hasattr(p, "_hp_mapping") for _, p in named):
+        raise UserError(f"{type(engine.optimizer).__name__} keeps no map of where each parameter's master copy "
+                        "lives: train.freeze and a grown checkpoint's kept moments need ZeRO stage 0 in fp32, ZeRO "
+                        "stage 1 or 2, or bf16 (not fp16 without ZeRO, not ZeRO 3)")
     found = []
     for name, p in named:
-        mapping = getattr(p, "_hp_mapping", None)
+        mapping = p._hp_mapping
         if mapping is None:  # no piece of it in this rank's partition
             continue
         flat = optimizer.param_groups[mapping.param_group_index]["params"][0]
