@@ -328,6 +328,9 @@ def check_init_combination(init: InitConfig, state: CheckpointState, config: Run
                 raise ConfigError("init.load_data_position", f"the checkpoint's stream was cut into batches and "
                                   f"samples with {key} {before}, this config has {now}; the stream continues "
                                   "exactly only with the same value")
+    if init.load_data_position and config.data.continue_sources:
+        raise ConfigError("data.continue_sources", "init.load_data_position already continues the checkpoint's whole "
+                          "stream (and every source in it); set one of them to false")
     if init.load_data_position and config.data.schedules():
         raise ConfigError("init.load_data_position", f"{next(iter(config.data.schedules()))} is a mixture schedule "
                           "over this stage's steps, but a continued data position goes on with the checkpoint's "

@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("megacpt.data.preprocess", "tokenize jsonl/txt into Megatron indexed datasets (PREFIX.bin/.idx)"),
     "tokenizer": ("megacpt.data.tokenizer_command",
                   "train a SentencePiece tokenizer, or extend one with pieces of a new corpus"),
+    "data": ("megacpt.data.data_command", "show the samples a training step read, from the run's sample ledger "
+                                          "(logging.sample_ledger)"),
     "schedule": ("megacpt.planning.schedule_command",
                  "write the LR of every step of a config's stage, or of a chain of stages, as CSV (and a plot)"),
     "plan": ("megacpt.planning.plan_command", "parameter count, memory per GPU, step time and the best layout for a "

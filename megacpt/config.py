@@ -194,6 +194,10 @@ class DataConfig(Section):
                                                         "is also trained on is refused unless "
                                                         "allow_validation_overlap.")
     seed: int = Field(1234, description="Seed of the sample order (shuffling and blending).")
+    continue_sources: bool = Field(False, description="A source (same prefix) that an earlier stage of the "
+                                   "checkpoint's lineage trained on starts at the first sample that stage did not "
+                                   "use, with that stage's seed, so nothing repeats until the source's epoch ends "
+                                   "(seen-only replay sources excepted); refused when its files changed since.")
     cache_dir: str | None = Field(None, description="Where dataset indices are cached; default RUN_DIR/data_cache.")
 
     @field_validator("validation")
@@ -462,6 +466,9 @@ class LoggingConfig(Section):
                               description="Also write TensorBoard events to RUN_DIR/tensorboard (needs the 'tb' "
                                           "extra).")
     wandb: WandbConfig | None = Field(None, description="Also log to Weights & Biases; omit to not use it.")
+    sample_ledger: bool = Field(False, description="Write RUN_DIR/samples.jsonl: per optimizer step, the ids of the "
+                                "samples of each source it trained on (`megacpt data show RUN_DIR --step S` prints "
+                                "them); rewritten up to the checkpoint's step on a resume.")
 
 
 class RunConfig(Section):

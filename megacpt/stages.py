@@ -39,6 +39,28 @@ class Resume(Record):
     changed: dict[str, list[Any]]
 
 
+class SourceFile(Record):
+    """A dataset file as a stage saw it when it started."""
+
+    path: str = Field(description="Absolute path of the .bin or .idx.")
+    size: int = Field(ge=0)
+    checksum: str = Field(description="CRC32C (data.datasets.file_checksum).")
+
+
+class SourceUse(Record):
+    """What a stage read of one source: samples [start, stop) of the source's stream, i.e. megatron's
+    GPTDataset of `prefix` epoch after epoch (epoch e shuffled with seed + e) at the stage's seq_length.
+
+    Seen-only replay replays these samples; `data.continue_sources` starts the next stage's stream of the
+    prefix at `stop`."""
+
+    prefix: str
+    seed: int = Field(description="The stream's data.seed (a continued source keeps the seed it started with).")
+    start: int = Field(ge=0, description="The source's first sample in this stage.")
+    stop: int = Field(ge=0, description="One past its last sample trained on, up to steps_done.")
+    files: list[SourceFile] = Field(default_factory=list, description="The .idx and .bin at the stage's start.")
+
+
 class TrainedStage(Record):
     """A stage `megacpt train` ran: where, from what, on which data, how far."""
 
@@ -54,6 +76,9 @@ class TrainedStage(Record):
     schedule: ScheduleConfig
     data: DataConfig
     samples: dict[str, int] = Field(description="Samples trained on per source name, up to steps_done.")
+    sources: dict[str, SourceUse] = Field(default_factory=dict,
+                                          description="Per source name: the samples of its stream read, up to "
+                                                      "steps_done (empty in records of older megacpt versions).")
     resumes: list[Resume] = Field(default_factory=list, description="Restarts that changed a config key a resume "
                                                                      "may change (megacpt/resume.py).")
 
@@ -61,6 +86,15 @@ class TrainedStage(Record):
     def tokens(self) -> int:
         """Tokens trained on in this stage up to `steps_done`."""
         return self.steps_done * self.global_batch_size * self.seq_length
+
+    def uses(self) -> dict[str, SourceUse]:
+        """`sources`, or for a record written before it, what `samples` implies: the first samples of each
+        source's stream (no file identities)."""
+        if self.sources or not self.samples:
+            return self.sources
+        prefixes = {s.name: s.prefix for s in self.data.sources + self.data.replay.sources}
+        return {name: SourceUse(prefix=prefixes[name], seed=self.data.seed, start=0, stop=n)
+                for name, n in self.samples.items() if name in prefixes}
 
 
 class ImportedStage(Record):

@@ -33,6 +33,8 @@ from megacpt.stages import (
     Resume,
     SavedConfig,
     SchedulerState,
+    SourceFile,
+    SourceUse,
     StageRecord,
     TrainedStage,
     read_state,
@@ -82,6 +84,11 @@ def preflight(config: RunConfig, checksums: bool = True) -> checkpoint.LoadPlan 
         checkpoint.check_architecture(config, plan.state, plan.tag_dir,
                                       other_layout=plan.load_optimizer and plan.optimizer_tag is None)
     check_freeze(config, plan)
+    if config.data.continue_sources and plan is not None:
+        from megacpt.data.datasets import check_continued_files, continued_uses
+
+        earlier = plan.state.stages[:-1] if plan.resume else plan.state.stages
+        check_continued_files(continued_uses(config.data, earlier, config.model.seq_length), checksums)
     return plan
 
 
@@ -170,8 +177,16 @@ def _train(config: RunConfig, world, plan: checkpoint.LoadPlan | None, signals: 
     engine, _, scheduler = build_engine(
         config, world, lambda opt: StageScheduler(opt, config.schedule, config.train.steps, stage.index),
         load_universal=bool(plan and plan.universal and layout.zero_stage))
-    stream, val_data = build_data(config, world, stages, stream_start(config, plan))
+    begin = stream_start(config, plan)
+    stream, val_data = build_data(config, world, stages, begin)
     tokens_before = restore(plan, engine, scheduler, stream, world)
+    files = source_identities(stream.dataset, stage) if world.is_main else {}
+    sample_ledger = None
+    if config.logging.sample_ledger and world.is_main:
+        from megacpt.data.ledger import SampleLedger
+
+        done = scheduler.t if plan is not None and plan.resume else 0
+        sample_ledger = SampleLedger(run_dir, stream.dataset, config.train.global_batch_size, begin, done)
     freeze_message = start_freeze(config, engine, scheduler, stages, world)
 
     metrics = MetricsWriter(run_dir, world.is_main, config.logging.tensorboard, start_wandb(config, world, stages))
@@ -195,9 +210,12 @@ def _train(config: RunConfig, world, plan: checkpoint.LoadPlan | None, signals: 
         if plan is None or not plan.resume:
             metrics.write({"step": 0, "event": "stage_start", "stage": stage.index, "stage_name": stage.name,
                            "init": str(plan.tag_dir) if plan else None})
-        TrainingLoop(config, world, engine, scheduler, stream, val_data, metrics, stages, tokens_before, guard).run()
+        TrainingLoop(config, world, engine, scheduler, stream, val_data, metrics, stages, tokens_before, guard,
+                     begin, files, sample_ledger).run()
     finally:
         metrics.close()
+        if sample_ledger is not None:
+            sample_ledger.close()
 
 
 def start_freeze(config: RunConfig, engine, scheduler, stages: list[StageRecord], world) -> str | None:
@@ -254,6 +272,15 @@ def build_data(config: RunConfig, world, stages: list[StageRecord], start: int):
     return stream, build_validation_datasets(config.data, config.train.eval_samples, **common)
 
 
+def source_identities(dataset, stage: TrainedStage) -> dict[str, list[SourceFile]]:
+    """The files of each source the stage reads from its stream, as the stage first saw them (a resumed stage
+    keeps its record's)."""
+    from megacpt.data.datasets import source_files
+
+    return {name: stage.sources[name].files if name in stage.sources else source_files(source.prefix)
+            for name, (source, _, _) in dataset.uses(0, 0).items()}
+
+
 def restore(plan: checkpoint.LoadPlan | None, engine, scheduler, stream, world) -> int:
     """Load what the plan says into the engine, scheduler and stream; returns the tokens the model has seen."""
     if plan is not None:
@@ -288,8 +315,11 @@ class TrainingLoop:
     """The step loop: train, log, evaluate, checkpoint, stop on signals or too many non-finite steps, roll back
     after too many loss spikes."""
 
-    def __init__(self, config, world, engine, scheduler, stream, val_data, metrics, stages, tokens_before, guard):
+    def __init__(self, config, world, engine, scheduler, stream, val_data, metrics, stages, tokens_before, guard,
+                 begin: int, files: dict[str, list[SourceFile]], sample_ledger=None):
         self.config, self.world, self.engine, self.guard = config, world, engine, guard
+        self.begin, self.files = begin, files  # where the stage starts in the stream; its sources' files
+        self.sample_ledger = sample_ledger  # RUN_DIR/samples.jsonl on the main rank, if logging.sample_ledger
         self.scheduler, self.stream, self.val_data = scheduler, stream, val_data
         self.metrics, self.stages = metrics, stages
         self.tokens_per_step = config.train.global_batch_size * config.model.seq_length
@@ -316,6 +346,8 @@ class TrainingLoop:
             lr = self.scheduler.current_lr()
             first_sample = self.stream.consumed_samples
             loss = self.train_step()
+            if self.sample_ledger is not None:
+                self.sample_ledger.write(step + 1, first_sample)
             losses.append(loss)
             done = step + 1
             self.note_skip(done, first_sample)
@@ -399,6 +431,8 @@ class TrainingLoop:
         self.guard.skipped_in_a_row = self.guard.spikes_in_a_row = 0
         self.tokens_at_start, self.start_t = state.tokens, state.step
         self.metrics.rewind(state.step)  # the steps after it are trained again; the record keeps the spikes
+        if self.sample_ledger is not None:
+            self.sample_ledger.rewind(state.step)
         self.metrics.write({"step": state.step, "event": "rollback", "rollback": len(self.ledger.rollbacks),
                             "at_step": step, "spiked_steps": [b.step for b in self.spiked],
                             "spikes": self.spike_records, "checkpoint": str(tag_dir)})
@@ -458,7 +492,11 @@ class TrainingLoop:
 
     def save(self, step: int) -> None:
         samples = self.stream.dataset.samples_per_source(self.stream.consumed_samples)
-        stage = self.stages[-1].model_copy(update={"steps_done": step, "samples": samples})
+        sources = {name: SourceUse(prefix=source.prefix, seed=source.seed, start=first, stop=stop,
+                                   files=self.files.get(name, []))
+                   for name, (source, first, stop) in self.stream.dataset.uses(self.begin,
+                                                                               self.stream.consumed_samples).items()}
+        stage = self.stages[-1].model_copy(update={"steps_done": step, "samples": samples, "sources": sources})
         state = CheckpointState(
             step=step, tokens=self.total_tokens(), config=SavedConfig.model_validate(dump_config(self.config)),
             model=ModelSignature.of(self.config.model, self.config.parallel.tensor), tokenizer=self.config.tokenizer,

@@ -13,14 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 
 from megacpt.config import DataConfig, DataSource
 from megacpt.data.blend import Blend, batch_counts, batch_shares
 from megacpt.data.documents import DOCUMENT_BYTES_SUFFIX
-from megacpt.errors import UserError
-from megacpt.stages import StageRecord, TrainedStage
+from megacpt.errors import ConfigError, UserError
+from megacpt.manifest import checksum
+from megacpt.stages import SourceFile, SourceUse, StageRecord, TrainedStage
 
 # Scan at most this many tokens for out-of-vocabulary ids (larger files are checked on evenly spaced chunks).
 _FULL_SCAN_TOKENS = 1 << 28
@@ -182,35 +184,52 @@ def _build(config, num_samples: int | None) -> object:
 class SourceStream:
     """The samples of one source in order: epoch e is megatron's one-epoch GPTDataset built with seed + e.
 
-    Sample n never depends on how many samples are asked for, so a longer stage reads the same first samples.
+    Sample n of the stream never depends on how many samples are asked for, so a longer stage reads the same
+    first samples. A stream that continues an earlier stage's (`start`) yields its samples start, start + 1, ...;
+    `id_of` gives a sample's number in the whole stream (its id in the ledger).
     """
 
     def __init__(self, prefix: str, num_samples: int, seq_length: int, seed: int, cache_dir: str, vocab_size: int,
-                 eod: int | None):
-        def epoch(e: int):
-            return _build(_gpt_config(([prefix], None), seq_length, seed + e, cache_dir, vocab_size, eod), None)
+                 eod: int | None, start: int = 0):
+        self._epoch = lambda e: _build(_gpt_config(([prefix], None), seq_length, seed + e, cache_dir, vocab_size,
+                                                   eod), None)
+        first = self._epoch(0)
+        self.prefix, self.seed, self.start, self.epoch_size = prefix, seed, start, len(first)
+        self.epochs = [first] + [self._epoch(e) for e in range(1, -(-(start + num_samples) // self.epoch_size))]
 
-        first = epoch(0)
-        self.epoch_size = len(first)
-        self.epochs = [first] + [epoch(e) for e in range(1, -(-num_samples // self.epoch_size))]
+    def id_of(self, n: int) -> int:
+        return self.start + n
+
+    def sample(self, sample_id: int) -> dict:
+        """Sample `sample_id` of the stream. Training builds every epoch it reads up front (on every rank);
+        a later one is built here only for a reader such as `megacpt data show`."""
+        e, i = divmod(sample_id, self.epoch_size)
+        while e >= len(self.epochs):
+            self.epochs.append(self._epoch(len(self.epochs)))
+        return self.epochs[e][i]
 
     def __getitem__(self, n: int) -> dict:
-        e, i = divmod(n, self.epoch_size)
-        return self.epochs[e][i]
+        return self.sample(self.id_of(n))
 
 
 class SeenSamples:
-    """The first `count` samples of an earlier stage's source stream, replayed in a seeded order per pass."""
+    """Samples `ids` of an earlier stage's stream of a source, replayed in a seeded order reshuffled per pass."""
 
-    def __init__(self, stream: SourceStream, count: int, seed: int):
-        self.stream, self.count, self.seed = stream, count, seed
+    def __init__(self, stream: SourceStream, ids: np.ndarray, seed: int):
+        self.stream, self.ids, self.seed = stream, ids, seed
         self._order: tuple[int, np.ndarray] | None = None
 
-    def __getitem__(self, n: int) -> dict:
-        rounds, position = divmod(int(n), self.count)
+    def id_of(self, n: int) -> int:
+        rounds, position = divmod(int(n), len(self.ids))
         if self._order is None or self._order[0] != rounds:
-            self._order = (rounds, np.random.default_rng([self.seed, rounds]).permutation(self.count))
-        return self.stream[int(self._order[1][position])]
+            self._order = (rounds, np.random.default_rng([self.seed, rounds]).permutation(len(self.ids)))
+        return int(self.ids[self._order[1][position]])
+
+    def sample(self, sample_id: int) -> dict:
+        return self.stream.sample(sample_id)
+
+    def __getitem__(self, n: int) -> dict:
+        return self.sample(self.id_of(n))
 
 
 class BlendedStream:
@@ -233,6 +252,22 @@ class BlendedStream:
         """How many of the first `consumed` samples came from each source."""
         return {name: int(n) for name, n in zip(self.names, self.blend.consumed_per_source(consumed))}
 
+    def ids(self, positions: range) -> dict[str, list[int]]:
+        """{source: the ids (in its own stream) of the samples at `positions`}, sources in the blend's order."""
+        out: dict[str, list[int]] = {name: [] for name in self.names}
+        for p in positions:
+            source, n = self.blend.locate(p)
+            out[self.names[source]].append(self.sources[source].id_of(n))
+        return {name: ids for name, ids in out.items() if ids}
+
+    def uses(self, begin: int, consumed: int) -> dict[str, tuple[SourceStream, int, int]]:
+        """{source: (its stream, first id, one past the last id)} read by positions [begin, consumed); seen-only
+        replay sources, which read no stream of their own, are left out."""
+        first, last = self.blend.consumed_per_source(begin), self.blend.consumed_per_source(consumed)
+        return {name: (source, source.id_of(int(a)), source.id_of(int(b)))
+                for name, source, a, b in zip(self.names, self.sources, first, last)
+                if isinstance(source, SourceStream)}
+
 
 def build_train_dataset(data: DataConfig, num_samples: int, global_batch_size: int, seq_length: int, cache_dir: str,
                         vocab_size: int, eod: int | None, earlier_stages: list[StageRecord] = (),
@@ -240,8 +275,9 @@ def build_train_dataset(data: DataConfig, num_samples: int, global_batch_size: i
     """The blended training stream of at least `num_samples` samples. Call on every rank (rank 0 builds first).
 
     Mixture schedules are laid over a stage of `stage_steps` steps (default: the stream's batches). With
-    `replay.seen_only`, each replay source yields only samples that an earlier stage (from the checkpoint's
-    stage history) trained on; the blend still decides when a replay sample comes.
+    `replay.seen_only`, each replay source yields only samples that earlier stages (from the checkpoint's
+    stage history) trained on; the blend still decides when a replay sample comes. With `continue_sources`,
+    a source an earlier stage read starts where that stage stopped.
     """
     os.makedirs(cache_dir, exist_ok=True)
     steps = stage_steps if stage_steps is not None else -(-num_samples // global_batch_size)
@@ -249,25 +285,102 @@ def build_train_dataset(data: DataConfig, num_samples: int, global_batch_size: i
     members = {s.name: s for s in data.sources + data.replay.sources}
     needed = blend.consumed_per_source(len(blend))
     replay_names = {s.name for s in data.replay.sources} if data.replay.seen_only else set()
-    sources = [seen_samples(members[name], list(earlier_stages), cache_dir, vocab_size, eod, data.seed)
-               if name in replay_names
-               else SourceStream(members[name].prefix, int(n), seq_length, data.seed, cache_dir, vocab_size, eod)
-               for name, n in zip(names, needed)]
+    continued = continued_uses(data, list(earlier_stages), seq_length) if data.continue_sources else {}
+    sources = []
+    for name, n in zip(names, needed):
+        if name in replay_names:
+            sources.append(seen_samples(members[name], list(earlier_stages), cache_dir, vocab_size, eod, data.seed))
+            continue
+        use = continued.get(name)
+        seed, start = (use.seed, use.stop) if use else (data.seed, 0)
+        sources.append(SourceStream(members[name].prefix, int(n), seq_length, seed, cache_dir, vocab_size, eod, start))
     return BlendedStream(blend, sources, names)
+
+
+def _same_prefix(a: str, b: str) -> bool:
+    return os.path.normpath(a) == os.path.normpath(b)
+
+
+def _trained_uses(stages: list[StageRecord], prefix: str) -> list[tuple[TrainedStage, SourceUse]]:
+    """(stage, use) of every earlier megacpt stage that read `prefix`'s stream, oldest first (an imported stage
+    has no data megacpt could know of)."""
+    return [(stage, use) for stage in stages if isinstance(stage, TrainedStage)
+            for use in stage.uses().values() if _same_prefix(use.prefix, prefix)]
+
+
+def continued_uses(data: DataConfig, stages: list[StageRecord], seq_length: int) -> dict[str, SourceUse]:
+    """{source name: the latest earlier use of its prefix} for every source `continue_sources` continues (all but
+    seen-only replay sources): its stream goes on at that use's `stop`, with that use's seed."""
+    seen_only = {s.name for s in data.replay.sources} if data.replay.seen_only else set()
+    out = {}
+    for source in data.sources + data.replay.sources:
+        uses = _trained_uses(stages, source.prefix) if source.name not in seen_only else []
+        if not uses:
+            continue
+        stage, use = uses[-1]
+        if stage.seq_length != seq_length:
+            raise ConfigError("data.continue_sources", f"'{source.name}' ({source.prefix}) was read by stage "
+                              f"{stage.index} ({stage.name}) in samples of model.seq_length {stage.seq_length}, this "
+                              f"config has {seq_length}: samples cut another way cannot continue where those "
+                              "stopped; use the same seq_length or set data.continue_sources to false")
+        out[source.name] = use
+    return out
+
+
+def check_continued_files(uses: dict[str, SourceUse], checksums: bool = True) -> None:
+    """Every continued source's files are the ones its earlier stage read (size, and CRC32C with `checksums`)."""
+    for name, use in uses.items():
+        for saw in use.files:
+            if not os.path.isfile(saw.path):
+                raise UserError(f"data.continue_sources: {saw.path} of source '{name}' is gone")
+            size = os.path.getsize(saw.path)
+            now = file_checksum(saw.path) if checksums else saw.checksum
+            if (size, now) != (saw.size, saw.checksum):
+                raise UserError(f"data.continue_sources: {saw.path} of source '{name}' changed since an earlier stage "
+                                f"read it ({saw.size} bytes, CRC32C {saw.checksum}; now {size} bytes, CRC32C "
+                                f"{now}), so 'the first sample not yet used' means nothing any more; restore the "
+                                "file, or set data.continue_sources to false and start the source over")
+
+
+# Files up to this size are checksummed whole; a larger .bin by evenly spaced chunks (with its size and the whole
+# .idx, which holds every document's length, that tells a regenerated dataset from the one a stage read).
+_WHOLE_FILE = 1 << 30
+_CHUNKS, _CHUNK_BYTES = 256, 1 << 20
+
+
+def file_checksum(path: str) -> str:
+    """CRC32C of a dataset file: all of it up to 1 GiB, else of 256 evenly spaced MiB."""
+    import crc32c
+
+    size = os.path.getsize(path)
+    if size <= _WHOLE_FILE:
+        return checksum(Path(path))
+    value = 0
+    with open(path, "rb") as f:
+        for offset in np.linspace(0, size - _CHUNK_BYTES, _CHUNKS).astype(np.int64):
+            f.seek(int(offset))
+            value = crc32c.crc32c(f.read(_CHUNK_BYTES), value)
+    return f"{value:08x}"
+
+
+def source_files(prefix: str) -> list[SourceFile]:
+    """The identity of a source's .idx and .bin, for a stage record."""
+    return [SourceFile(path=os.path.abspath(path), size=os.path.getsize(path), checksum=file_checksum(path))
+            for path in (prefix + ".idx", prefix + ".bin")]
 
 
 def seen_samples(source: DataSource, stages: list[StageRecord], cache_dir: str, vocab_size: int, eod: int | None,
                  seed: int) -> SeenSamples:
-    """The samples of `source.prefix` that the latest earlier megacpt stage reading it consumed: the first ones of
-    that stage's stream of the source (an imported stage has no data megacpt could replay)."""
-    for stage in reversed(stages):
-        if not isinstance(stage, TrainedStage):
-            continue
-        names = [s.name for s in stage.data.sources + stage.data.replay.sources if s.prefix == source.prefix]
-        count = stage.samples.get(names[0], 0) if names else 0
-        if count:
-            stream = SourceStream(source.prefix, count, stage.seq_length, stage.data.seed, cache_dir, vocab_size, eod)
-            return SeenSamples(stream, count, seed)
+    """The samples of `source.prefix` that earlier megacpt stages trained on: the ranges their records keep of
+    the stream of the latest stage that read it (earlier stages' ranges of the same stream included)."""
+    uses = _trained_uses(stages, source.prefix)
+    if uses and uses[-1][1].stop > uses[-1][1].start:
+        last_stage, last = uses[-1]
+        same = [u for stage, u in uses if u.seed == last.seed and stage.seq_length == last_stage.seq_length]
+        ids = np.unique(np.concatenate([np.arange(u.start, u.stop) for u in same]))
+        stream = SourceStream(source.prefix, int(ids[-1]) + 1, last_stage.seq_length, last.seed, cache_dir,
+                              vocab_size, eod)
+        return SeenSamples(stream, ids, seed)
     raise UserError(f"data.replay.seen_only: no earlier stage in the checkpoint's stage history trained on "
                     f"'{source.name}' ({source.prefix}); set init.checkpoint to a megacpt checkpoint whose history "
                     f"includes it, or set data.replay.seen_only to false")
