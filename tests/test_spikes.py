@@ -68,6 +68,7 @@ def spiky(tmp_path_factory) -> str:
 
 def _config(tmp_path: Path, prefix: str, spike: dict | None = None, **train) -> str:
     config = tiny_config(tmp_path / "run", [{"name": "a", "prefix": prefix}], schedule=SCHEDULE,
+                         logging={"sample_ledger": True},
                          train={"steps": STEPS, "global_batch_size": G, "micro_batch_size": 4, "save_interval": 5,
                                 "log_interval": 1, "spike": {**SPIKE, **(spike or {})}, **train})
     return write_config(tmp_path / "c.json", config)
@@ -113,6 +114,10 @@ def test_spikes_are_skipped_then_the_run_rolls_back_past_them(reference):
     assert train[STEPS]["skipped_steps"] == 6  # by this process: three spikes, then their three ledger steps
     assert sum(train[STEPS]["samples"].values()) == STEPS * G
     assert (reference / "checkpoints" / "latest").read_text() == f"step{STEPS:08d}"
+    # the sample ledger was rewound with the rollback: every step once, each its own global batch
+    lines = [json.loads(line) for line in (reference / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["samples"]["a"]) for r in lines] == [(s, list(range((s - 1) * G, s * G)))
+                                                                for s in range(1, STEPS + 1)]
 
 
 def test_skipped_spikes_leave_the_weights_and_adam_untouched(tmp_path, spiky):
