@@ -113,3 +113,20 @@ def optimizer_file_state(tag_dir: Path, zero: int = 0) -> tuple[list[dict], list
         n = p.numel()
         flat.append((p, state["exp_avg"][:n], state["exp_avg_sq"][:n], float(state["step"])))
     return base["param_groups"], flat
+
+
+def train_recording(monkeypatch, config_path: str) -> list[tuple[int, ...]]:
+    """Run `megacpt train` in this process; the token rows of every micro-batch its loop trained on, in order."""
+    from megacpt import train
+    from megacpt.cli import main
+
+    rows, real = [], train.micro_batch_loss
+
+    def recording(model, mb):
+        rows.extend(tuple(row) for row in mb["tokens"].tolist())
+        return real(model, mb)
+
+    monkeypatch.setattr(train, "micro_batch_loss", recording)
+    assert main(["train", config_path]) == 0
+    monkeypatch.undo()
+    return rows

@@ -13,7 +13,7 @@ from megacpt.data.datasets import build_train_dataset
 from megacpt.data.loader import BatchStream
 from megacpt.stages import read_state
 
-from datagen import read_metrics, tiny_config, write_config, write_indexed
+from datagen import read_metrics, tiny_config, train_recording, write_config, write_indexed
 
 
 def _data(pattern_data, fraction, new_weight=1.0):
@@ -188,22 +188,6 @@ def test_corrupt_index_is_refused(tmp_path, capsys):
     assert "x.idx" in err
 
 
-def _train_recording(monkeypatch, config_path: str) -> list[tuple[int, ...]]:
-    """Run `megacpt train` in this process; return the token rows of every micro-batch the loop trained on."""
-    from megacpt import train
-
-    rows, real = [], train.micro_batch_loss
-
-    def recording(model, mb):
-        rows.extend(tuple(row) for row in mb["tokens"].tolist())
-        return real(model, mb)
-
-    monkeypatch.setattr(train, "micro_batch_loss", recording)
-    assert main(["train", config_path]) == 0
-    monkeypatch.undo()
-    return rows
-
-
 def _is_pattern(row: tuple[int, ...], period: int, offset: int) -> bool:
     return set(row) <= {(offset + 7 * i) % 256 for i in range(period)}  # a pattern cycles through these tokens
 
@@ -216,7 +200,7 @@ def test_seen_only_replays_only_samples_the_earlier_stage_trained_on(tmp_path, p
 
     stage0 = tiny_config(tmp_path / "stage0", [{"name": "old", "prefix": pattern_data["noise"]},
                                                 {"name": "b", "prefix": pattern_data["b"]}], train={"steps": 3})
-    rows = _train_recording(monkeypatch, write_config(tmp_path / "s0.json", stage0))
+    rows = train_recording(monkeypatch, write_config(tmp_path / "s0.json", stage0))
     trained_on = [row for row in rows if not _is_pattern(row, 5, 100)]  # the blend's 'old' samples
     history = read_state(checkpoint.resolve_tag(tmp_path / "stage0" / "checkpoints")).stages
     assert len(rows) == 12 and len(trained_on) == len(set(trained_on)) == 6 == history[-1].samples["old"]
@@ -227,7 +211,7 @@ def test_seen_only_replays_only_samples_the_earlier_stage_trained_on(tmp_path, p
                                           "sources": [{"name": "old", "prefix": pattern_data["noise"]}]}},
                          init={"checkpoint": str(tmp_path / "stage0" / "checkpoints")}, train={"steps": 3})
     path = write_config(tmp_path / "s1.json", stage1)
-    consumed = _train_recording(monkeypatch, path)
+    consumed = train_recording(monkeypatch, path)
     replayed = [row for row in consumed if not _is_pattern(row, 11, 3)]
     assert len(consumed) == 12 and len(replayed) == 6 == read_metrics(tmp_path / "stage1")[-1]["samples"]["old"]
     assert sorted(replayed) == sorted(trained_on)  # the 6 seen samples, each once in the first pass

@@ -9,23 +9,7 @@ from megacpt.cli import main
 from megacpt.data.datasets import SourceStream
 from megacpt.stages import read_state
 
-from datagen import random_documents, read_metrics, tiny_config, write_config, write_indexed
-
-
-def _train_recording(monkeypatch, config_path: str) -> list[tuple[int, ...]]:
-    """Run `megacpt train` in this process; the token rows of every micro-batch it trained on, in order."""
-    from megacpt import train
-
-    rows, real = [], train.micro_batch_loss
-
-    def recording(model, mb):
-        rows.extend(tuple(row) for row in mb["tokens"].tolist())
-        return real(model, mb)
-
-    monkeypatch.setattr(train, "micro_batch_loss", recording)
-    assert main(["train", config_path]) == 0
-    monkeypatch.undo()
-    return rows
+from datagen import random_documents, read_metrics, tiny_config, train_recording, write_config, write_indexed
 
 
 @pytest.fixture
@@ -52,8 +36,8 @@ def _stage1(tmp_path, pattern_data, small, **data) -> dict:
 
 def test_a_continued_source_repeats_and_skips_nothing_across_two_stages(tmp_path, pattern_data, small, world,
                                                                          monkeypatch):
-    rows0 = _train_recording(monkeypatch, write_config(tmp_path / "s0.json", _stage0(tmp_path, pattern_data, small)))
-    rows1 = _train_recording(monkeypatch, write_config(tmp_path / "s1.json", _stage1(tmp_path, pattern_data, small)))
+    rows0 = train_recording(monkeypatch, write_config(tmp_path / "s0.json", _stage0(tmp_path, pattern_data, small)))
+    rows1 = train_recording(monkeypatch, write_config(tmp_path / "s1.json", _stage1(tmp_path, pattern_data, small)))
     stream = SourceStream(small, 40, 64, 1234, str(tmp_path / "cache"), 256, -1)
     samples = [tuple(stream[i]["tokens"].tolist()) for i in range(40)]
     x0 = [r for r in rows0 if r in samples]
@@ -70,9 +54,9 @@ def test_a_continued_source_repeats_and_skips_nothing_across_two_stages(tmp_path
 
 
 def test_without_continuation_the_source_starts_over(tmp_path, pattern_data, small, world, monkeypatch):
-    rows0 = _train_recording(monkeypatch, write_config(tmp_path / "s0.json", _stage0(tmp_path, pattern_data, small)))
+    rows0 = train_recording(monkeypatch, write_config(tmp_path / "s0.json", _stage0(tmp_path, pattern_data, small)))
     config = _stage1(tmp_path, pattern_data, small, continue_sources=False)
-    rows1 = _train_recording(monkeypatch, write_config(tmp_path / "s1.json", config))
+    rows1 = train_recording(monkeypatch, write_config(tmp_path / "s1.json", config))
     x0 = [r for r in rows0 if not set(r) <= {(3 + 7 * i) % 256 for i in range(11)}]
     assert rows1.count(x0[0]) >= 1  # the first sample comes again
 
@@ -98,15 +82,15 @@ def test_a_continued_source_whose_files_changed_is_refused_naming_the_file(tmp_p
 
 def test_seen_only_replay_reads_the_same_record_as_continuation(tmp_path, pattern_data, small, world, monkeypatch):
     """Stage 2 replays, seen-only, exactly what stages 0 and 1 read of x (one contiguous range of its stream)."""
-    _train_recording(monkeypatch, write_config(tmp_path / "s0.json", _stage0(tmp_path, pattern_data, small)))
-    _train_recording(monkeypatch, write_config(tmp_path / "s1.json", _stage1(tmp_path, pattern_data, small)))
+    train_recording(monkeypatch, write_config(tmp_path / "s0.json", _stage0(tmp_path, pattern_data, small)))
+    train_recording(monkeypatch, write_config(tmp_path / "s1.json", _stage1(tmp_path, pattern_data, small)))
     n = read_state(checkpoint.resolve_tag(tmp_path / "stage1" / "checkpoints")).stages[-1].sources["xx"].stop
     stage2 = tiny_config(tmp_path / "stage2", [{"name": "c", "prefix": pattern_data["c"]}],
                          data={"replay": {"fraction": 0.5, "seen_only": True,
                                           "sources": [{"name": "x", "prefix": small}]}},
                          init={"checkpoint": str(tmp_path / "stage1" / "checkpoints")},
                          train={"steps": n // 2, "global_batch_size": 4, "micro_batch_size": 2})
-    rows2 = _train_recording(monkeypatch, write_config(tmp_path / "s2.json", stage2))
+    rows2 = train_recording(monkeypatch, write_config(tmp_path / "s2.json", stage2))
     stream = SourceStream(small, n, 64, 1234, str(tmp_path / "cache"), 256, -1)
     seen = {tuple(stream[i]["tokens"].tolist()) for i in range(n)}
     replayed = [r for r in rows2 if not set(r) <= {(50 + 7 * i) % 256 for i in range(17)}]  # not pattern c
