@@ -373,8 +373,8 @@ def seen_samples(source: DataSource, stages: list[StageRecord], cache_dir: str, 
                  seed: int) -> SeenSamples:
     """The samples of `source.prefix` that earlier megacpt stages trained on: the ranges their records keep of
     the stream of the latest stage that read it (earlier stages' ranges of the same stream included)."""
-    uses = _trained_uses(stages, source.prefix)
-    if uses and uses[-1][1].stop > uses[-1][1].start:
+    uses = [(stage, use) for stage, use in _trained_uses(stages, source.prefix) if use.stop > use.start]
+    if uses:
         last_stage, last = uses[-1]
         same = [u for stage, u in uses if u.seed == last.seed and stage.seq_length == last_stage.seq_length]
         ids = np.unique(np.concatenate([np.arange(u.start, u.stop) for u in same]))
