@@ -12,7 +12,7 @@ from typing import Any
 
 from megacpt.checkpoint import LoadPlan
 from megacpt.config import RunConfig
-from megacpt.data.datasets import build_blend
+from megacpt.data.datasets import build_blend, continued_uses
 from megacpt.schedule import lr_at
 from megacpt.vocab_rows import new_rows
 
@@ -51,7 +51,16 @@ def describe(config: RunConfig, plan: LoadPlan | None) -> dict[str, Any]:
         # where a grown (extend-vocab) checkpoint's kept optimizer comes from: the checkpoint it grew
         "optimizer_from": str(plan.optimizer_tag) if plan is not None and plan.optimizer_tag else None,
         "freeze": _freeze(config, plan),
+        "continued_sources": _continued(config, plan),
     }
+
+
+def _continued(config: RunConfig, plan: LoadPlan | None) -> dict[str, int]:
+    """data.continue_sources: {source: the sample of its stream it starts at} for the sources that continue."""
+    if not config.data.continue_sources or plan is None:
+        return {}
+    earlier = plan.state.stages[:-1] if plan.resume else plan.state.stages
+    return {name: use.stop for name, use in continued_uses(config.data, earlier, config.model.seq_length).items()}
 
 
 def _freeze(config: RunConfig, plan: LoadPlan | None) -> dict[str, int] | None:
@@ -77,6 +86,9 @@ def format_text(summary: dict[str, Any]) -> str:
              + f"; of the last step: {summary['last_lr']:.4g}",
              f"data: from sample {summary['data_position']} of the stream, samples per source: "
              + ", ".join(f"{k} {v}" for k, v in summary["samples"].items())]
+    if summary["continued_sources"]:
+        lines.append("data.continue_sources: " + ", ".join(f"{k} at sample {v} of its stream"
+                                                            for k, v in summary["continued_sources"].items()))
     if summary["optimizer_from"]:
         lines.append(f"optimizer moments from {summary['optimizer_from']} (the checkpoint the vocabulary extension "
                      "grew; new rows start at zero)")

@@ -1,4 +1,5 @@
 """data.continue_sources: a source read by an earlier stage goes on at its first unused sample."""
+import json
 import shutil
 
 import numpy as np
@@ -35,7 +36,7 @@ def _stage1(tmp_path, pattern_data, small, **data) -> dict:
 
 
 def test_a_continued_source_repeats_and_skips_nothing_across_two_stages(tmp_path, pattern_data, small, world,
-                                                                         monkeypatch):
+                                                                         monkeypatch, capsys):
     rows0 = train_recording(monkeypatch, write_config(tmp_path / "s0.json", _stage0(tmp_path, pattern_data, small)))
     rows1 = train_recording(monkeypatch, write_config(tmp_path / "s1.json", _stage1(tmp_path, pattern_data, small)))
     stream = SourceStream(small, 40, 64, 1234, str(tmp_path / "cache"), 256, -1)
@@ -51,6 +52,9 @@ def test_a_continued_source_repeats_and_skips_nothing_across_two_stages(tmp_path
     assert (record[0].sources["x"].start, record[0].sources["x"].stop) == (0, 8)
     assert (record[1].sources["xx"].start, record[1].sources["xx"].stop) == (8, 8 + n1)
     assert record[1].sources["b"].start == 0 and record[1].sources["xx"].files == record[0].sources["x"].files
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "s1.json"), "--dry-run", "--json"]) == 0  # a resume: still continued
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["continued_sources"] == {"xx": 8}
 
 
 def test_without_continuation_the_source_starts_over(tmp_path, pattern_data, small, world, monkeypatch):
