@@ -419,11 +419,13 @@ def set_rng_states(states: dict) -> None:
 
 
 def save(engine, run_dir: str | Path, step: int, state: CheckpointState, world_rank: int,
-         keep_last: int | None) -> Path:
+         keep_last: int | None, asynchronous: bool = False) -> "Path | PendingSave":
     """Write a complete tag (files, state, manifest), then move `latest` to it, then apply retention.
 
     Call on every rank. A write failure removes the partial tag and raises a UserError saying why
-    (no space, permission denied) with `latest` untouched.
+    (no space, permission denied) with `latest` untouched. `asynchronous` (DeepSpeed's decoupled checkpoint
+    engine writing in the background): return a PendingSave once megacpt's own files are written; its
+    `finish`, called before the weights change again, waits for DeepSpeed's files and completes the tag.
     """
     root = checkpoint_dir(run_dir)
     tag = tag_name(step)
@@ -438,14 +440,33 @@ def save(engine, run_dir: str | Path, step: int, state: CheckpointState, world_r
         torch.save(rng_states(), tag_dir / f"rng_rank{world_rank}.pt")
         if world_rank == 0:
             write_state(tag_dir, state)
+    pending = PendingSave(tag_dir, world_rank, keep_last)
+    return pending if asynchronous else pending.finish(engine)
+
+
+@dataclass
+class PendingSave:
+    """A tag whose DeepSpeed files may still be being written: no manifest yet, `latest` not moved."""
+
+    tag_dir: Path
+    world_rank: int
+    keep_last: int | None
+
+    def finish(self, engine) -> Path:
+        """Wait until this rank's files are written (DeepSpeed's commit), then manifest, `latest`, retention."""
+        writer = engine.checkpoint_engine
+        if writer.get_commit_info() is not None:  # None: written synchronously, or already committed
+            writer.commit(writer.get_commit_info())
+        root = self.tag_dir.parent
+        with _removed_on_write_failure(self.tag_dir):
+            torch.distributed.barrier()
+            _write_manifest(self.tag_dir, self.world_rank)
+            if self.world_rank == 0:
+                write_atomic(root / LATEST, self.tag_dir.name)  # durable: file and folder entry
+        if self.world_rank == 0 and self.keep_last:
+            prune(root, self.keep_last)
         torch.distributed.barrier()
-        _write_manifest(tag_dir, world_rank)
-        if world_rank == 0:
-            write_atomic(root / LATEST, tag)  # durable: file and folder entry
-    if world_rank == 0 and keep_last:
-        prune(root, keep_last)
-    torch.distributed.barrier()
-    return tag_dir
+        return self.tag_dir
 
 
 def _write_manifest(tag_dir: Path, world_rank: int) -> None:

@@ -47,6 +47,8 @@ class MegatronMPU:
     get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
     get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
     get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    get_data_parallel_group_ranks = staticmethod(
+        lambda: torch.distributed.get_process_group_ranks(parallel_state.get_data_parallel_group()))
     get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
     get_pipeline_model_parallel_world_size = staticmethod(parallel_state.get_pipeline_model_parallel_world_size)
     get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
@@ -62,6 +64,9 @@ def setup_world(tensor_parallel: int, seed: int) -> World:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
+    # the node count and index that DeepSpeed's launcher sets and its checkpoint writers read (srun sets neither)
+    os.environ.setdefault("CROSS_SIZE", os.environ.get("SLURM_NNODES", "1"))
+    os.environ.setdefault("CROSS_RANK", os.environ.get("SLURM_NODEID", "0"))
     world_size = int(os.environ["WORLD_SIZE"])
     if world_size % tensor_parallel:
         raise UserError(f"the world size {world_size} is not divisible by parallel.tensor {tensor_parallel}")

@@ -22,6 +22,8 @@ def deepspeed_config(config: RunConfig, data_parallel: int, load_universal: bool
     ds = _without_gpu_precision(derived_deepspeed_config(config, data_parallel))
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
+    if config.checkpoint.async_save:  # DeepSpeed's decoupled engine: a writer process per rank (checkpoint.py)
+        ds.setdefault("checkpoint", {}).setdefault("writer", {}).update(type="PYTHON", decoupled=True)
     return ds
 
 

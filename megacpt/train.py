@@ -216,6 +216,8 @@ def _train(config: RunConfig, world, plan: checkpoint.LoadPlan | None, signals: 
         metrics.close()
         if sample_ledger is not None:
             sample_ledger.close()
+        if engine.checkpoint_engine.is_decoupled():  # stop the writer process, which outlives us otherwise
+            engine.checkpoint_engine.cleanup()
 
 
 def start_freeze(config: RunConfig, engine, scheduler, stages: list[StageRecord], world) -> str | None:
@@ -326,6 +328,7 @@ class TrainingLoop:
         self.tokens_at_start, self.start_t = tokens_before, scheduler.t
         self.ledger = SpikeLedger.read(config.run_dir)  # honoured even when train.spike is off now
         self.spiked, self.spike_records = [], []  # the current row of spikes: SpikedBatch, metrics record
+        self.pending = None  # a started save: (checkpoint.PendingSave, step, seconds the loop waited so far)
 
     def total_tokens(self) -> int:
         """Tokens trained on by this model over all stages."""
@@ -376,7 +379,7 @@ class TrainingLoop:
             if done == cfg.steps or stop or (cfg.save_interval and done % cfg.save_interval == 0):
                 if done == cfg.steps and self.val_data:
                     self.evaluate(done)
-                self.save(done)
+                self.save(done, finish=done == cfg.steps or stop)
             if stop:
                 self.metrics.print(f"stop signal received: saved a checkpoint at step {done}, exiting")
                 return
@@ -453,6 +456,7 @@ class TrainingLoop:
             if i == len(micro_batches) - 1:
                 self.guard.loss_is_finite = torch.isfinite(total)
                 self.guard.loss = total / len(micro_batches)
+                self.finish_save()  # before the update changes what an asynchronous save is writing
             self.engine.step()
         if not self.engine.was_step_applied():
             # fp16 overflow: DeepSpeed skipped the update and the LR step, but the batch is consumed. The step
@@ -490,7 +494,10 @@ class TrainingLoop:
         self.metrics.print(f"step {step}/{cfg.steps}  loss {loss:.4f}  lr {lr:.3e}  "
                            f"{rate:,.0f} tok/s  ETA {format_duration(eta)}")
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, finish: bool) -> None:
+        """Start a save; with checkpoint.async_save DeepSpeed's files are written while the next step computes,
+        unless `finish` (the last step, a stop) waits for them now."""
+        start = time.perf_counter()
         samples = self.stream.dataset.samples_per_source(self.stream.consumed_samples)
         sources = {name: SourceUse(prefix=source.prefix, seed=source.seed, start=first, stop=stop,
                                    files=self.files.get(name, []))
@@ -504,10 +511,25 @@ class TrainingLoop:
             scheduler=SchedulerState.model_validate(self.scheduler.state_dict()),
             data=DataPosition(**self.stream.state_dict(), samples=samples),
             spike_window=self.guard.spikes.state() if self.guard.spikes else None)
-        tag_dir = checkpoint.save(self.engine, self.config.run_dir, step, state, self.world.rank,
-                                  self.config.checkpoint.keep_last)
+        pending = checkpoint.save(self.engine, self.config.run_dir, step, state, self.world.rank,
+                                  self.config.checkpoint.keep_last, asynchronous=True)
+        self.pending = (pending, step, time.perf_counter() - start)
+        if finish or not self.config.checkpoint.async_save:
+            self.finish_save()
+
+    def finish_save(self) -> None:
+        """Complete the started save, if any (manifest, `latest`); record how long the loop waited for it."""
+        if self.pending is None:
+            return
+        start = time.perf_counter()
+        pending, step, waited = self.pending
+        tag_dir = pending.finish(self.engine)
+        self.pending = None
+        waited += time.perf_counter() - start
         self.metrics.checkpoint_saved(step, tag_dir)
-        self.metrics.print(f"saved checkpoint {tag_dir}")
+        self.metrics.write({"step": step, "event": "checkpoint", "tag": tag_dir.name, "blocked_s": waited,
+                            "async": self.config.checkpoint.async_save})
+        self.metrics.print(f"saved checkpoint {tag_dir} (the loop waited {waited:.2f} s for it)")
 
 
 def _dp_group():
