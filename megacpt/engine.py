@@ -23,7 +23,9 @@ def deepspeed_config(config: RunConfig, data_parallel: int, load_universal: bool
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     if config.checkpoint.async_save:  # DeepSpeed's decoupled engine: a writer process per rank (checkpoint.py)
-        ds.setdefault("checkpoint", {}).setdefault("writer", {}).update(type="PYTHON", decoupled=True)
+        writer = ds.setdefault("checkpoint", {}).setdefault("writer", {})
+        writer.setdefault("type", "PYTHON")  # plain buffered writes; FAST needs DeepSpeed's compiled async_io op
+        writer["decoupled"] = True
     return ds
 
 
