@@ -1,13 +1,15 @@
-"""`megacpt demo`: the corpora are clean and deterministic, and `--quick` runs end to end, then reuses its phases."""
+"""`megacpt demo`: the corpora are clean and deterministic, and `--quick` runs end to end, then reuses its phases
+and adds arms to a finished directory."""
 import ast
 import json
 import time
 
+import numpy
 import pytest
 
 from megacpt.config import TokenizerConfig, load_config
 from megacpt.data.tokenizers import build_tokenizer
-from megacpt.demo.configs import ARMS
+from megacpt.demo.configs import ARMS, QUICK, stage0_of
 from megacpt.demo.corpora import chunk, docstrings_text, is_validation, strip_code
 
 from launch import assert_ok, run_megacpt
@@ -58,34 +60,83 @@ def test_validation_split_is_a_stable_hash_of_the_text():
     assert is_validation("document 0") == is_validation("document " + "0")
 
 
+def test_unknown_or_repeated_arms_are_refused(tmp_path):
+    for arms in ("rewarm,bogus", "rewarm,rewarm", "rewarm,"):
+        result = run_megacpt(["demo", "--quick", "--arms", arms, "--workdir", str(tmp_path / "w")], timeout=120)
+        assert result.returncode == 2 and "--arms" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "w").exists()
+
+
+FIRST_ARMS = ("rewarm", "infinite")
+
+
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
+    """Two arms first; then every arm in the same directory, which trains only the arms added."""
     workdir = tmp_path_factory.mktemp("demo")
+    first = run_megacpt(["demo", "--quick", "--arms", ",".join(FIRST_ARMS), "--workdir", str(workdir)], timeout=1800)
+    assert_ok(first)
+    assert json.loads((workdir / "summary.json").read_text())["arms"].keys() == set(FIRST_ARMS)
     start = time.monotonic()
     result = run_megacpt(["demo", "--quick", "--workdir", str(workdir)], timeout=1800)
     assert_ok(result)
     return workdir, result, time.monotonic() - start
 
 
+def _metrics(workdir, run):
+    lines = (workdir / "runs" / run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_an_arm_added_later_trains_only_that_arm(quick_demo):
+    _, result, _ = quick_demo
+    for phase in ("stage0", "stage0_infinite", *(f"stage1_{arm}" for arm in FIRST_ARMS)):
+        assert f"[{phase}] reused" in result.stdout, result.stdout
+    for arm in set(ARMS) - set(FIRST_ARMS):
+        assert f"[stage1_{arm}] megacpt train" in result.stdout
+
+
 def test_quick_demo_writes_the_summary_the_figures_and_valid_configs(quick_demo):
     workdir, result, _ = quick_demo
     summary = json.loads((workdir / "summary.json").read_text())
-    assert set(summary["stage0"]) == {"prose", "code"}
+    assert set(summary["stage0"]) == set(summary["stage0_infinite"]) == {"prose", "code"}
     assert set(summary["arms"]) == set(ARMS)
     for arm, result_ in summary["arms"].items():
+        stage0 = summary[stage0_of(arm)]
         for key in ("final", "delta"):
             assert set(result_[key]) == {"prose", "code"}, (arm, key)
-        assert result_["final"]["code"] < summary["stage0"]["code"], f"{arm}: stage 1 did not lower the code loss"
+        assert result_["final"]["code"] < stage0["code"], f"{arm}: stage 1 did not lower the code loss"
         for name in ("prose", "code"):
-            assert result_["delta"][name] == pytest.approx(result_["final"][name] - summary["stage0"][name])
+            assert result_["delta"][name] == pytest.approx(result_["final"][name] - stage0[name])
+        evals = [r for r in _metrics(workdir, f"stage1_{arm}") if "eval" in r]
+        steps = [0] + [r["step"] for r in evals]
+        prose = [stage0["prose"]] + [r["eval"]["prose"] for r in evals]
+        assert steps[-1] == QUICK.stage1_steps
+        assert result_["prose_area"] == pytest.approx(numpy.trapezoid(prose, steps))
+        assert result_["prose_area_above_stage0"] == pytest.approx(numpy.trapezoid(prose, steps)
+                                                                   - stage0["prose"] * steps[-1])
+    assert set(summary["checks"]) == {"every_arm_adapts_to_code", "replay_forgets_less_prose",
+                                      "replay_code_within_10pct_of_rewarm", "rewarm_arms_beat_constant_on_code"}
     for figure in ("forgetting.png", "lr.png"):
         assert (workdir / figure).read_bytes().startswith(b"\x89PNG")
     configs = sorted((workdir / "configs").glob("*.json"))
-    assert [c.stem for c in configs] == sorted(["stage0"] + [f"stage1_{arm}" for arm in ARMS])
+    assert [c.stem for c in configs] == sorted(["stage0", "stage0_infinite"] + [f"stage1_{arm}" for arm in ARMS])
     for path in configs:
         config = load_config(path)
         assert config.data.validation and {v.name for v in config.data.validation} == {"prose", "code"}
     assert "rewarm_replay" in result.stdout and "code" in result.stdout  # the console table
+
+
+def test_the_infinite_arm_holds_its_constant_lr_across_the_switch_and_anneals_at_the_end(quick_demo):
+    workdir, _, _ = quick_demo
+    const_lr = QUICK.max_lr * QUICK.infinite_const_ratio
+    stage0 = [r["lr"] for r in _metrics(workdir, "stage0_infinite") if "loss" in r]
+    stage1 = [r["lr"] for r in _metrics(workdir, "stage1_infinite") if "loss" in r]
+    assert max(stage0) == pytest.approx(QUICK.max_lr, rel=0.05) and stage0[-1] == pytest.approx(const_lr)
+    anneal = round(QUICK.infinite_constant_end * QUICK.stage1_steps)
+    assert stage1[:anneal] == pytest.approx([const_lr] * anneal)  # no re-warm
+    assert all(b < a for a, b in zip(stage1[anneal - 1:], stage1[anneal:]))
+    assert stage1[-1] < const_lr / 2
 
 
 def test_the_demo_tokenizer_keeps_code_newlines_and_indentation(quick_demo):
@@ -96,15 +147,34 @@ def test_the_demo_tokenizer_keeps_code_newlines_and_indentation(quick_demo):
 
 
 def test_rerunning_the_demo_reuses_every_finished_phase(quick_demo):
-    workdir, first, first_seconds = quick_demo
+    workdir, _, added_seconds = quick_demo
     start = time.monotonic()
     again = run_megacpt(["demo", "--quick", "--workdir", str(workdir)], timeout=600)
     assert_ok(again)
-    for phase in ("corpora", "tokenizer", "datasets", "stage0", *(f"stage1_{arm}" for arm in ARMS)):
+    for phase in ("corpora", "tokenizer", "datasets", "stage0", "stage0_infinite", *(f"stage1_{a}" for a in ARMS)):
         assert f"[{phase}] reused" in again.stdout, again.stdout
     assert "megacpt train" not in again.stdout
-    assert time.monotonic() - start < first_seconds / 3
+    assert time.monotonic() - start < added_seconds / 2
     assert json.loads((workdir / "summary.json").read_text())["arms"].keys() == set(ARMS)
+
+
+@pytest.mark.parametrize("path, key", [("configs/stage1_constant.json", "schedule.max_lr"),
+                                       ("runs/stage1_infinite/config.json", "schedule.max_lr"),
+                                       ("configs/stage0.json", "schedule.max_lr")])
+def test_a_run_whose_config_is_not_the_demos_is_refused_not_reused(quick_demo, path, key):
+    workdir, _, _ = quick_demo
+    original = (workdir / path).read_text()
+    config = json.loads(original)
+    config["schedule"]["max_lr"] *= 2
+    (workdir / path).write_text(json.dumps(config))
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+    try:
+        result = run_megacpt(["demo", "--quick", "--workdir", str(workdir)], timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert path in result.stderr and key in result.stderr
+        assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()} == before
+    finally:
+        (workdir / path).write_text(original)
 
 
 def test_a_workdir_made_with_other_settings_is_refused(quick_demo):

@@ -1,8 +1,10 @@
-"""The demo's sizes and the run configs it writes: stage 0 on prose, then three stage-1 arms on code.
+"""The demo's sizes and the run configs it writes: stage 0 on prose, then the stage-1 arms on code.
 
-Plain dicts in the schema of megacpt/config.py, written to DIR/configs/ so that a user can rerun or edit
-them with `megacpt train`. Every arm has the same steps and batch (the same compute); they differ only in
-the schedule and in replay, which is compute-equivalent (it takes 25% of each batch, not extra steps).
+Plain dicts in the schema of megacpt/config.py, written to DIR/configs/ so that a user can rerun them with
+`megacpt train`. Every arm has the same steps and batch (the same compute); they differ only in the schedule
+and in replay, which is compute-equivalent (it takes a share of each batch, not extra steps). Every arm starts
+from the cosine stage 0 except `infinite`, which has its own stage 0 (the same steps and data) with an
+infinite schedule held at its constant LR, and continues it without a re-warm.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from pathlib import Path
 from megacpt.demo.corpora import CORPORA, corpus_path
 from megacpt.sweep.grid import Axis, Sweep, SweepRun
 
-ARMS = ("rewarm", "rewarm_replay", "constant")
+ARMS = ("rewarm", "rewarm_replay", "constant", "infinite")
+STAGE0 = "stage0"
+STAGE0_INFINITE = "stage0_infinite"
 REPLAY_FRACTION = 0.25  # Ibrahim et al.'s choice for a strong shift (Pile -> German); prose -> code is one
 
 
@@ -36,6 +40,9 @@ class DemoSize:
     min_lr_ratio: float = 0.1  # cosine decays to 10% of the peak, as in both papers
     warmup: float = 0.05
     constant_lr_ratio: float = 0.1  # Gupta et al.'s constant baseline: 3e-5 against a 3e-4 peak
+    infinite_const_ratio: float = 0.55  # Ibrahim et al.'s infinite schedules: const_lr 1.65e-4 against 3e-4
+    infinite_cooldown_end: float = 0.6  # as in their 405M configs: cooldown to const_lr over warmup..60%
+    infinite_constant_end: float = 0.9  # the infinite arm's stage 1 anneals over its last 10% of steps
 
 
 FULL = DemoSize(corpus_chars=None, vocab_size=2048, num_layers=4, hidden_size=192, num_attention_heads=6,
@@ -81,12 +88,17 @@ def stage1_run(arm: str) -> str:
     return f"stage1_{arm}"
 
 
-def stage1_sweep(paths: DemoPaths, size: DemoSize, seed: int) -> Sweep:
-    """The three arms as a sweep over one axis, "arm": DIR/configs/stage1_ARM.json, DIR/runs/stage1_ARM, and
-    the sweep's manifest and report, so `megacpt sweep --report DIR` reads a demo's work directory too."""
+def stage0_of(arm: str) -> str:
+    """The stage-0 run an arm starts from."""
+    return STAGE0_INFINITE if arm == "infinite" else STAGE0
+
+
+def stage1_sweep(paths: DemoPaths, size: DemoSize, seed: int, arms: tuple[str, ...] = ARMS) -> Sweep:
+    """The arms as a sweep over one axis, "arm": DIR/configs/stage1_ARM.json, DIR/runs/stage1_ARM, and the
+    sweep's manifest and report, so `megacpt sweep --report DIR` reads a demo's work directory too."""
     runs = tuple(SweepRun(stage1_run(arm), {"arm": arm}, {"arm": arm}, stage1_config(paths, size, seed, arm))
-                 for arm in ARMS)
-    return Sweep(paths.root, (Axis("arm", ARMS),), runs)
+                 for arm in arms)
+    return Sweep(paths.root, (Axis("arm", arms),), runs)
 
 
 def _interval(steps: int, count: int) -> int:
@@ -122,16 +134,23 @@ def _cosine(size: DemoSize) -> dict:
     return {"style": "cosine", "max_lr": size.max_lr, "min_lr": size.max_lr * size.min_lr_ratio, "warmup": size.warmup}
 
 
-def stage0_config(paths: DemoPaths, size: DemoSize, seed: int) -> dict:
-    """Pretraining on prose from random weights: warmup, then cosine to 10% of the peak."""
-    config = _base(paths, size, "stage0", size.stage0_steps, seed)
+def _infinite(size: DemoSize) -> dict:
+    """Infinite cosine: warmup, cooldown to const_lr, then held there (constant_end 1: no anneal)."""
+    return {**_cosine(size), "style": "infinite_cosine", "const_lr": size.max_lr * size.infinite_const_ratio,
+            "cooldown_end": size.infinite_cooldown_end, "constant_end": 1.0}
+
+
+def stage0_config(paths: DemoPaths, size: DemoSize, seed: int, name: str = STAGE0) -> dict:
+    """Pretraining on prose from random weights: warmup, then cosine to 10% of the peak; or, for the infinite
+    arm's stage 0, the infinite schedule held at its constant LR."""
+    config = _base(paths, size, name, size.stage0_steps, seed)
     config["data"]["sources"] = [_source(paths, "prose")]
-    config["schedule"] = _cosine(size)
+    config["schedule"] = _infinite(size) if name == STAGE0_INFINITE else _cosine(size)
     return config
 
 
 def stage1_config(paths: DemoPaths, size: DemoSize, seed: int, arm: str) -> dict:
-    """One arm of stage 1 on code, from stage 0's final weights as a new stage, optimizer state dropped."""
+    """One arm of stage 1 on code, from its stage 0's final weights as a new stage, optimizer state dropped."""
     config = _base(paths, size, stage1_run(arm), size.stage1_steps, seed)
     config["data"]["sources"] = [_source(paths, "code")]
     if arm == "rewarm_replay":
@@ -140,8 +159,11 @@ def stage1_config(paths: DemoPaths, size: DemoSize, seed: int, arm: str) -> dict
         config["schedule"] = {"style": "constant", "max_lr": size.max_lr * size.constant_lr_ratio, "warmup": 0}
     elif arm in ("rewarm", "rewarm_replay"):
         config["schedule"] = _cosine(size)
+    elif arm == "infinite":  # const_lr continued without warmup, then a geometric anneal to min_lr at the end
+        config["schedule"] = {**_infinite(size), "rewarm": False, "warmup": 0,
+                              "constant_end": size.infinite_constant_end}
     else:
         raise ValueError(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
-    config["init"] = {"checkpoint": str(paths.run_dir("stage0") / "checkpoints"), "mode": "new_stage",
+    config["init"] = {"checkpoint": str(paths.run_dir(stage0_of(arm)) / "checkpoints"), "mode": "new_stage",
                       "load_optimizer": False, "load_scheduler": False, "load_data_position": False}
     return config

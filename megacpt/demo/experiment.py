@@ -2,12 +2,15 @@
 
 Phases, each driving the same CLI and config files a user would:
 corpora (prose and code from this Python) -> tokenizer (`megacpt tokenizer train`) -> datasets
-(`megacpt preprocess`) -> stage 0 on prose (`megacpt train`) -> stage 1 on code in three arms -> report.
+(`megacpt preprocess`) -> stage 0 on prose (`megacpt train`; the infinite arm has its own) -> stage 1 on code
+in the arms chosen with --arms -> report.
 
 A phase's outputs are its completion mark: files that appear only when complete (corpora, tokenizer,
 datasets), or a run whose latest checkpoint is its last step. A re-run reuses finished phases, and `megacpt
-train` resumes an interrupted stage from its RUN_DIR. The settings are pinned in DIR/demo.json, so a work
-directory is never silently reused for a different demo.
+train` resumes an interrupted stage from its RUN_DIR, so an arm added to a work directory later costs only
+that arm. The settings are pinned in DIR/demo.json, and every run's config on disk (DIR/configs/, and the
+config.json a started run recorded) must be the one this demo trains: a work directory is never silently
+reused for a different demo or mixed with edited runs.
 """
 from __future__ import annotations
 
@@ -20,12 +23,13 @@ from pathlib import Path
 from typing import Callable
 
 from megacpt.cli_helpers import require_matplotlib
-from megacpt.config import load_config
-from megacpt.demo.configs import FULL, QUICK, DemoPaths, DemoSize, stage0_config, stage1_sweep
+from megacpt.config import dump_config, load_config, validate_config
+from megacpt.demo.configs import ARMS, FULL, QUICK, DemoPaths, DemoSize, stage0_config, stage0_of, stage1_sweep
 from megacpt.demo.corpora import CORPORA, SPLITS, write_corpora
 from megacpt.errors import UserError
+from megacpt.resume import diff
 from megacpt.sweep.execute import Job, is_finished, megacpt_command, run_jobs, stop_on_sigterm, train
-from megacpt.sweep.grid import write_once, write_sweep
+from megacpt.sweep.grid import write_manifest, write_once
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a smaller demo (about 2 minutes on 2 cores) for a first look and the tests")
     parser.add_argument("--seed", type=int, default=1234, help="train.seed and data.seed of every run (default: 1234)")
+    parser.add_argument("--arms", type=parse_arms, default=ARMS, metavar="ARM,...",
+                        help=f"the stage-1 arms to train and report, comma-separated (default: all: {','.join(ARMS)})")
+
+
+def parse_arms(text: str) -> tuple[str, ...]:
+    """--arms A,B: known arms, each once, in the order given."""
+    arms = tuple(a.strip() for a in text.split(","))
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not all(arms) or len(set(arms)) != len(arms):
+        raise argparse.ArgumentTypeError(f"'{text}': expected distinct arms from {', '.join(ARMS)}")
+    return arms
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,21 +60,46 @@ def run(args: argparse.Namespace) -> int:
     settings = {"quick": args.quick, "seed": args.seed, "python": sys.version.split()[0], "size": asdict(size),
                 "tokenizer": "keep-whitespace"}
     pin_settings(paths, settings)
+    arms = stage1_sweep(paths, size, args.seed, args.arms)
+    runs = {name: stage0_config(paths, size, args.seed, name) for name in dict.fromkeys(map(stage0_of, args.arms))}
+    runs.update({run.name: run.config for run in arms.runs})
+    check_reuse(paths, runs)  # before anything is written or trained
     start = time.monotonic()
     _timed("corpora", corpora_phase, paths, size)
     _timed("tokenizer", tokenizer_phase, paths, size)
     _timed("datasets", datasets_phase, paths)
-    _timed("stage0", train_phase, paths, "stage0", stage0_config(paths, size, args.seed))
-    arms = stage1_sweep(paths, size, args.seed)
-    write_sweep(arms)
-    for run in arms.runs:
-        _timed(run.name, train_phase, paths, run.name, run.config)
+    for name in runs:
+        write_once(paths.config(name), runs[name])
+    write_manifest(arms)
+    for name in runs:
+        _timed(name, train_phase, paths, name)
     from megacpt.demo.report import write_report
 
     write_report(paths, arms)
     print(f"[demo] done in {time.monotonic() - start:.0f} s; configs in {paths.root / 'configs'}, "
           f"report in {paths.root / 'summary.json'}, forgetting.png, lr.png", flush=True)
     return 0
+
+
+def check_reuse(paths: DemoPaths, runs: dict[str, dict]) -> None:
+    """Refuse a run whose config file, or the config its run directory was trained with, is not the one this
+    demo trains: reusing it would mix another experiment into the report."""
+    for name, raw in runs.items():
+        wanted = dump_config(validate_config(raw))
+        for path in (paths.config(name), paths.run_dir(name) / "config.json"):
+            if not path.is_file():
+                continue
+            try:
+                found = dump_config(validate_config(json.loads(path.read_text(encoding="utf-8"))))
+            except (UserError, json.JSONDecodeError) as e:
+                raise UserError(f"{path} is not a config this demo can reuse ({e}); delete {paths.config(name)} and "
+                                f"{paths.run_dir(name)} to train {name} again, or choose another --workdir") from None
+            changed = diff(found, wanted)
+            if changed:
+                key, (old, new) = next(iter(changed.items()))
+                raise UserError(f"{path} has {key} = {json.dumps(old, default=_absent)}, but this demo trains {name} "
+                                f"with {json.dumps(new, default=_absent)}; delete {paths.config(name)} and "
+                                f"{paths.run_dir(name)} to train it again, or choose another --workdir")
 
 
 def pin_settings(paths: DemoPaths, settings: dict) -> None:
@@ -74,6 +114,10 @@ def pin_settings(paths: DemoPaths, settings: dict) -> None:
         return
     paths.root.mkdir(parents=True, exist_ok=True)
     pinned.write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def _absent(value: object) -> str:
+    return "(none)"  # resume.diff's mark for a key one side lacks
 
 
 def _timed(name: str, phase: Callable[..., bool], *args) -> None:
@@ -123,9 +167,9 @@ def datasets_phase(paths: DemoPaths) -> bool:
     return True
 
 
-def train_phase(paths: DemoPaths, run: str, config: dict) -> bool:
-    """`megacpt train` on the run's config file, written once so that a user's edits stick; resumes if interrupted."""
-    config_path = write_once(paths.config(run), config)
+def train_phase(paths: DemoPaths, run: str) -> bool:
+    """`megacpt train` on the run's config file; resumes if interrupted."""
+    config_path = paths.config(run)
     config = load_config(config_path)
     if is_finished(config):
         return False

@@ -200,7 +200,12 @@ def write_sweep(sweep: Sweep) -> None:
     for run in sweep.runs:
         write_once(sweep.config_path(run.name), run.config)
     if not path.is_file():
-        write_atomic(path, json.dumps(manifest, indent=1) + "\n")
+        write_manifest(sweep)
+
+
+def write_manifest(sweep: Sweep) -> None:
+    """DIR/sweep.json, replacing any earlier manifest (the demo checks its runs itself, see demo/experiment.py)."""
+    write_atomic(sweep.root / MANIFEST, json.dumps(sweep.manifest(), indent=1) + "\n")
 
 
 def write_once(path: Path, config: dict) -> Path:
