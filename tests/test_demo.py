@@ -133,9 +133,9 @@ def test_the_infinite_arm_holds_its_constant_lr_across_the_switch_and_anneals_at
     stage0 = [r["lr"] for r in _metrics(workdir, "stage0_infinite") if "loss" in r]
     stage1 = [r["lr"] for r in _metrics(workdir, "stage1_infinite") if "loss" in r]
     assert max(stage0) == pytest.approx(QUICK.max_lr, rel=0.05) and stage0[-1] == pytest.approx(const_lr)
-    anneal = round(QUICK.infinite_constant_end * QUICK.stage1_steps)
-    assert stage1[:anneal] == pytest.approx([const_lr] * anneal)  # no re-warm
-    assert all(b < a for a, b in zip(stage1[anneal - 1:], stage1[anneal:]))
+    anneal = round(QUICK.infinite_constant_end * QUICK.stage1_steps)  # the step logged as anneal + 1 runs t = anneal
+    assert stage1[:anneal + 1] == pytest.approx([const_lr] * (anneal + 1))  # no re-warm
+    assert all(b < a for a, b in zip(stage1[anneal:], stage1[anneal + 1:]))
     assert stage1[-1] < const_lr / 2
 
 
