@@ -9,8 +9,10 @@ import pytest
 
 from megacpt.config import TokenizerConfig, load_config
 from megacpt.data.tokenizers import build_tokenizer
-from megacpt.demo.configs import ARMS, QUICK, stage0_of
+from megacpt.demo.configs import ARMS, QUICK, REPLAY_SCHEDULE, DemoPaths, stage0_of, stage1_config
 from megacpt.demo.corpora import chunk, docstrings_text, is_validation, strip_code
+from megacpt.demo.experiment import check_reuse
+from megacpt.errors import UserError
 
 from launch import assert_ok, run_megacpt
 
@@ -67,6 +69,25 @@ def test_unknown_or_repeated_arms_are_refused(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_a_run_is_reused_only_with_the_config_the_demo_trains(tmp_path):
+    paths = DemoPaths(tmp_path)
+    runs = {"stage1_constant": stage1_config(paths, QUICK, 1, "constant")}
+    check_reuse(paths, runs)  # nothing on disk yet
+    config = json.loads(json.dumps(runs["stage1_constant"]))
+    config["train"]["log_interval"] = 1  # the default written out: the same config
+    for path in (paths.config("stage1_constant"), paths.run_dir("stage1_constant") / "config.json"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config))
+        check_reuse(paths, runs)
+        config["train"]["seed"] = 2
+        path.write_text(json.dumps(config))
+        with pytest.raises(UserError, match=r"config.json has train.seed = 2, but this demo trains stage1_constant "
+                                             r"with 1|stage1_constant.json has train.seed = 2"):
+            check_reuse(paths, runs)
+        config["train"]["seed"] = 1
+        path.write_text(json.dumps(config))
+
+
 FIRST_ARMS = ("rewarm", "infinite")
 
 
@@ -115,6 +136,11 @@ def test_quick_demo_writes_the_summary_the_figures_and_valid_configs(quick_demo)
         assert result_["prose_area"] == pytest.approx(numpy.trapezoid(prose, steps))
         assert result_["prose_area_above_stage0"] == pytest.approx(numpy.trapezoid(prose, steps)
                                                                    - stage0["prose"] * steps[-1])
+    samples = [r["samples"]["prose"] for r in _metrics(workdir, "stage1_replay_schedule") if "loss" in r]
+    (_, start), (_, end) = REPLAY_SCHEDULE
+    fraction = start + (end - start) * numpy.arange(QUICK.stage1_steps) / QUICK.stage1_steps
+    expected = numpy.cumsum(fraction * QUICK.global_batch_size)  # batch b (logged as step b + 1) at fraction(b)
+    assert numpy.abs(numpy.array(samples) - expected).max() <= 1
     assert set(summary["checks"]) == {"every_arm_adapts_to_code", "replay_forgets_less_prose",
                                       "replay_code_within_10pct_of_rewarm", "rewarm_arms_beat_constant_on_code"}
     for figure in ("forgetting.png", "lr.png"):

@@ -14,10 +14,13 @@ from pathlib import Path
 from megacpt.demo.corpora import CORPORA, corpus_path
 from megacpt.sweep.grid import Axis, Sweep, SweepRun
 
-ARMS = ("rewarm", "rewarm_replay", "constant", "infinite")
+ARMS = ("rewarm", "rewarm_replay", "constant", "infinite", "replay_schedule")
 STAGE0 = "stage0"
 STAGE0_INFINITE = "stage0_infinite"
 REPLAY_FRACTION = 0.25  # Ibrahim et al.'s choice for a strong shift (Pile -> German); prose -> code is one
+# replay_schedule: 50% of each batch at the start of stage 1, falling linearly to 10% at its end (a mixture
+# schedule, docs/DATA.md): more replay while the re-warmed LR is high and forgetting fastest, less later.
+REPLAY_SCHEDULE = [[0, 0.5], [1.0, 0.1]]
 
 
 @dataclass(frozen=True)
@@ -153,11 +156,12 @@ def stage1_config(paths: DemoPaths, size: DemoSize, seed: int, arm: str) -> dict
     """One arm of stage 1 on code, from its stage 0's final weights as a new stage, optimizer state dropped."""
     config = _base(paths, size, stage1_run(arm), size.stage1_steps, seed)
     config["data"]["sources"] = [_source(paths, "code")]
-    if arm == "rewarm_replay":
-        config["data"]["replay"] = {"fraction": REPLAY_FRACTION, "sources": [_source(paths, "prose")]}
+    if arm in ("rewarm_replay", "replay_schedule"):
+        fraction = REPLAY_FRACTION if arm == "rewarm_replay" else REPLAY_SCHEDULE
+        config["data"]["replay"] = {"fraction": fraction, "sources": [_source(paths, "prose")]}
     if arm == "constant":
         config["schedule"] = {"style": "constant", "max_lr": size.max_lr * size.constant_lr_ratio, "warmup": 0}
-    elif arm in ("rewarm", "rewarm_replay"):
+    elif arm in ("rewarm", "rewarm_replay", "replay_schedule"):
         config["schedule"] = _cosine(size)
     elif arm == "infinite":  # const_lr continued without warmup, then a geometric anneal to min_lr at the end
         config["schedule"] = {**_infinite(size), "rewarm": False, "warmup": 0,

@@ -21,8 +21,9 @@ from megacpt.sweep import report
 from megacpt.sweep.grid import Sweep
 
 STAGE0_STYLE = {STAGE0: ("stage 0 (prose)", "0.5", "-"), "stage0_infinite": ("stage 0 infinite (prose)", "0.5", ":")}
-ARM_COLORS = {"rewarm": "tab:red", "rewarm_replay": "tab:blue", "constant": "tab:green", "infinite": "tab:purple"}
-ARM_LINES = {"rewarm_replay": "--"}  # dashed, so that it shows on top of rewarm's identical LR
+ARM_COLORS = {"rewarm": "tab:red", "rewarm_replay": "tab:blue", "constant": "tab:green", "infinite": "tab:purple",
+              "replay_schedule": "tab:orange"}
+ARM_LINES = {"rewarm_replay": "--", "replay_schedule": ":"}  # so that they show on top of rewarm's identical LR
 CODE_TOLERANCE = 0.10  # rewarm_replay's code loss may be at most 10% above rewarm's
 
 
