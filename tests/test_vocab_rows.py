@@ -14,7 +14,7 @@ from megacpt import elastic
 from megacpt.checkpoint import resolve_tag
 from megacpt.model.hf_mapping import VOCAB_ROWS
 
-from datagen import random_documents, tiny_config, write_config, write_indexed
+from datagen import random_documents, read_metrics, tiny_config, write_config, write_indexed
 from launch import assert_ok, deepspeed_launch
 
 NEW = slice(300, 400)  # the ids the 100-piece extension added (the base has 300; padded 384, then 512)
@@ -106,6 +106,12 @@ def test_freeze_trains_only_the_new_rows_for_k_steps_then_everything(tmp_path, g
                 assert (now[NEW] != 0).any(dim=1).all() if name == "output_layer.weight" else (now[NEW] != 0).any()
             else:
                 assert torch.equal(now, before), (name, key)
+    if not load_optimizer:  # step 1 from zero moments: exp_avg = (1 - beta1) x the applied (clipped) gradient
+        first = moments(tags / "step00000001", 512, tmp_path / "first")
+        applied = torch.cat([first[name]["exp_avg"][NEW].flatten() for name in VOCAB_ROWS]).norm() / (1 - 0.9)
+        logged = next(r["grad_norm"] for r in read_metrics(tmp_path / "run") if r["step"] == 1 and "loss" in r)
+        # the norm that clipping and the log see is the new rows' gradient alone
+        assert applied.item() == pytest.approx(min(logged, 1.0), rel=1e-4)
 
 
 def test_kept_optimizer_of_a_grown_checkpoint_keeps_old_moments_and_zeroes_new_ones(tmp_path, grown, code_ids,
