@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where corpora, tokenizer, data, configs, runs and the report go (default: "
                              "./megacpt-demo)")
     parser.add_argument("--quick", action="store_true",
-                        help="a smaller demo (about 2 minutes on 2 cores) for a first look and the tests")
+                        help="a smaller demo (about 3 minutes on 2 cores) for a first look and the tests")
     parser.add_argument("--seed", type=int, default=1234, help="train.seed and data.seed of every run (default: 1234)")
     parser.add_argument("--arms", type=parse_arms, default=ARMS, metavar="ARM,...",
                         help=f"the stage-1 arms to train and report, comma-separated (default: all: {','.join(ARMS)})")
