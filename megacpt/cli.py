@@ -34,8 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "checkpoint": ("megacpt.tools.checkpoint_command", "verify checkpoint tags against their manifests; --clean "
                                                        "removes unfinished saves"),
     "generate": ("megacpt.tools.generate", "greedy decoding from a checkpoint, for a quick look"),
-    "demo": ("megacpt.demo.experiment", "forgetting and replay end to end on CPU: prose -> code, three stage-1 arms "
-                                        "(--quick: ~2 min)"),
+    "demo": ("megacpt.demo.experiment", "forgetting and replay end to end on CPU: prose -> code, five stage-1 arms "
+                                        "(--quick: ~3 min)"),
     "eval": ("megacpt.evaluation.eval_command", "loss and perplexity of a checkpoint on each validation set (the "
                                                 "training loop's numbers)"),
     "plot": ("megacpt.evaluation.plot", "LR and per-dataset validation loss against tokens for runs and their earlier "
