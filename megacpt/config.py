@@ -436,7 +436,8 @@ class CheckpointConfig(Section):
 
     async_save: bool = Field(False, description="Write DeepSpeed's files in a background process per rank (DeepSpeed's "
                                                 "decoupled checkpoint engine) while the next step computes; the tag "
-                                                "gets its manifest and `latest` moves only once they are complete.")
+                                                "gets its manifest and `latest` moves only once they are complete. "
+                                                "ZeRO stage 0 only.")
 
     keep_last: int | None = Field(None, gt=0,
                                   description="Keep only the newest N tags (older ones are removed after a new one is "

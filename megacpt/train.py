@@ -78,6 +78,10 @@ def preflight(config: RunConfig, checksums: bool = True) -> checkpoint.LoadPlan 
         from megacpt.wandb_sink import check_available
 
         check_available(config.logging.wandb)
+    if config.checkpoint.async_save and int(config.deepspeed.get("zero_optimization", {}).get("stage", 0)) > 0:
+        raise ConfigError("checkpoint.async_save", "works with ZeRO stage 0 only: DeepSpeed's decoupled checkpoint "
+                          "engine cannot hand ZeRO's optimizer partitions to its writer process (torch refuses to "
+                          "serialize a non-leaf tensor that requires grad); set it to false or use stage 0")
     plan = checkpoint.plan_load(config, checksums)
     if plan is not None:
         # weights through the universal form may change layout; a grown tag's own weights load as they are

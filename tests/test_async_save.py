@@ -88,19 +88,27 @@ def test_a_kill_during_an_asynchronous_save_leaves_the_previous_checkpoint_in_ch
     assert saves == [4, 8, 12]
 
 
+def test_zero_1_with_async_save_is_exit_2_naming_the_key(tmp_path, pattern_data, capsys):
+    from megacpt.cli import main
+
+    cfg = _config(tmp_path, pattern_data, zero_optimization={"stage": 1})
+    assert main(["train", cfg]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.async_save" in err and "ZeRO stage 0" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.launcher
-def test_two_ranks_zero_1_save_asynchronously(tmp_path, pattern_data):
-    """Each rank's writer process writes its optimizer shard; the tags verify and training equals a synchronous
-    run's."""
-    zero = {"zero_optimization": {"stage": 1}}
+def test_two_ranks_save_asynchronously_as_synchronously(tmp_path, pattern_data):
+    """Data-parallel 2, ZeRO 0: rank 0's writer process writes the model file; the tags verify and training
+    equals a synchronous run's."""
     results = {}
     for name, asynchronous in (("sync", False), ("async", True)):
-        cfg = _config(tmp_path, pattern_data, name, asynchronous, **zero)
+        cfg = _config(tmp_path, pattern_data, name, asynchronous)
         assert_ok(deepspeed_launch(2, ["megacpt", "train", cfg]))
         results[name] = _losses(tmp_path / name)
         checkpoints = tmp_path / name / "checkpoints"
         assert all(manifest.problems(checkpoints / f"step{s:08d}") == [] for s in (4, 8, 12))
-        assert len(list((checkpoints / "step00000012").glob("*optim_states.pt"))) == 2
     assert results["async"] == results["sync"]
     state = json.loads((tmp_path / "async" / "checkpoints" / "step00000012" / "megacpt_state.json").read_text())
     assert state["step"] == STEPS
