@@ -58,6 +58,11 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def samples_trained(run_dir: str | Path) -> dict[str, int]:
+    """Samples per source after the last training step (event records, a checkpoint's for one, follow it)."""
+    return [r for r in read_metrics(run_dir) if "loss" in r and "event" not in r][-1]["samples"]
+
+
 def trained_stage(index: int, run_dir: str | Path, steps_done: int, steps: int | None = None, **fields):
     """A TrainedStage record as `megacpt train` saves it; `fields` override the tiny defaults (batch 4 x 64 tokens,
     a cosine schedule, one source 'x')."""

@@ -13,7 +13,7 @@ from megacpt.data.datasets import build_train_dataset
 from megacpt.data.loader import BatchStream
 from megacpt.stages import read_state
 
-from datagen import read_metrics, tiny_config, train_recording, write_config, write_indexed
+from datagen import read_metrics, samples_trained, tiny_config, train_recording, write_config, write_indexed
 
 
 def _data(pattern_data, fraction, new_weight=1.0):
@@ -204,7 +204,7 @@ def test_seen_only_replays_only_samples_the_earlier_stage_trained_on(tmp_path, p
     trained_on = [row for row in rows if not _is_pattern(row, 5, 100)]  # the blend's 'old' samples
     history = read_state(checkpoint.resolve_tag(tmp_path / "stage0" / "checkpoints")).stages
     assert len(rows) == 12 and len(trained_on) == len(set(trained_on)) == 6 == history[-1].samples["old"]
-    assert read_metrics(tmp_path / "stage0")[-1]["samples"] == {"old": 6, "b": 6}
+    assert samples_trained(tmp_path / "stage0") == {"old": 6, "b": 6}
 
     stage1 = tiny_config(tmp_path / "stage1", [{"name": "new", "prefix": pattern_data["a"]}],
                          data={"replay": {"fraction": 0.5, "seen_only": True,
@@ -213,7 +213,7 @@ def test_seen_only_replays_only_samples_the_earlier_stage_trained_on(tmp_path, p
     path = write_config(tmp_path / "s1.json", stage1)
     consumed = train_recording(monkeypatch, path)
     replayed = [row for row in consumed if not _is_pattern(row, 11, 3)]
-    assert len(consumed) == 12 and len(replayed) == 6 == read_metrics(tmp_path / "stage1")[-1]["samples"]["old"]
+    assert len(consumed) == 12 and len(replayed) == 6 == samples_trained(tmp_path / "stage1")["old"]
     assert sorted(replayed) == sorted(trained_on)  # the 6 seen samples, each once in the first pass
 
     config = load_config(path)  # control: without seen_only the same replay source brings unseen samples

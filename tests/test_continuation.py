@@ -10,7 +10,7 @@ from megacpt.cli import main
 from megacpt.data.datasets import SourceStream
 from megacpt.stages import read_state
 
-from datagen import random_documents, read_metrics, tiny_config, train_recording, write_config, write_indexed
+from datagen import random_documents, samples_trained, tiny_config, train_recording, write_config, write_indexed
 
 
 @pytest.fixture
@@ -43,8 +43,8 @@ def test_a_continued_source_repeats_and_skips_nothing_across_two_stages(tmp_path
     samples = [tuple(stream[i]["tokens"].tolist()) for i in range(40)]
     x0 = [r for r in rows0 if r in samples]
     x1 = [r for r in rows1 if r in samples]
-    n0 = read_metrics(tmp_path / "stage0")[-1]["samples"]["x"]
-    n1 = read_metrics(tmp_path / "stage1")[-1]["samples"]["xx"]
+    n0 = samples_trained(tmp_path / "stage0")["x"]
+    n1 = samples_trained(tmp_path / "stage1")["xx"]
     assert len(x0) == n0 == 8 and len(x1) == n1 and n1 > stream.epoch_size - n0  # stage 1 crosses the epoch's end
     assert x0 + x1 == samples[:n0 + n1]  # in order: nothing repeated, nothing skipped
     assert len(set(samples[:stream.epoch_size])) == stream.epoch_size

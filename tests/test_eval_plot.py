@@ -251,7 +251,9 @@ def test_tensorboard_gets_the_metrics_scalars_and_a_text_event_at_each_stage_sta
             assert [s.step for s in events.Scalars(f"eval/{val}")] == eval_steps
         logged = [_evals(runs[name])[s]["b_val"] for s in eval_steps]
         assert [s.value for s in events.Scalars("eval/b_val")] == pytest.approx(logged)
-        (text,) = events.Tensors("events/text_summary")
-        start = json.loads(text.tensor_proto.string_val[0].decode())
-        assert text.step == 0 and start["event"] == "stage_start" and start["stage"] == int(name[-1])
+        texts = [(t.step, json.loads(t.tensor_proto.string_val[0].decode()))
+                 for t in events.Tensors("events/text_summary")]
+        (step, start), *saves = texts
+        assert step == 0 and start["event"] == "stage_start" and start["stage"] == int(name[-1])
+        assert {event["event"] for _, event in saves} == {"checkpoint"}
         assert start["init"] == (None if name == "stage0" else str(runs["stage0"] / "checkpoints" / "step00000006"))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from datagen import read_metrics, tiny_config, write_config
+from datagen import read_metrics, samples_trained, tiny_config, write_config
 from launch import assert_ok, deepspeed_launch, run_megacpt, run_python
 
 STEPS = 10
@@ -32,7 +32,7 @@ def reference_losses(tmp_path_factory, pattern_data):
     assert_ok(run_megacpt(["train", _config(tmp_path, "dp1", pattern_data)]))
     losses = _losses(tmp_path / "dp1")
     assert len(losses) == STEPS
-    return losses, read_metrics(tmp_path / "dp1")[-1]["samples"]
+    return losses, samples_trained(tmp_path / "dp1")
 
 
 @pytest.mark.launcher
@@ -47,7 +47,7 @@ def test_loss_trajectory_matches_one_process(tmp_path, pattern_data, reference_l
     reference, reference_samples = reference_losses
     worst = max(abs(a - b) for a, b in zip(losses, reference))
     assert worst <= 1e-4, (losses, reference)
-    assert read_metrics(tmp_path / name)[-1]["samples"] == reference_samples
+    assert samples_trained(tmp_path / name) == reference_samples
 
 
 @pytest.fixture(scope="module")
