@@ -7,8 +7,8 @@ save the wait for DeepSpeed's writer and megacpt's manifest before the next upda
 is always waited for, so it is reported apart. Also the run's wall time, since the writer process competes
 for the same cores.
 
-    flock /tmp/megacpt-heavy.lock python benchmarks/async_save.py --size demo
-    flock /tmp/megacpt-heavy.lock python benchmarks/async_save.py --size pythia-160m --steps 8 --save-interval 2
+    python benchmarks/async_save.py --size demo
+    python benchmarks/async_save.py --size pythia-160m --steps 8 --save-interval 2
 
 Prints a table and, on its last line, JSON.
 """
