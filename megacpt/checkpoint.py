@@ -419,13 +419,14 @@ def set_rng_states(states: dict) -> None:
 
 
 def save(engine, run_dir: str | Path, step: int, state: CheckpointState, world_rank: int,
-         keep_last: int | None, asynchronous: bool = False) -> "Path | PendingSave":
-    """Write a complete tag (files, state, manifest), then move `latest` to it, then apply retention.
+         keep_last: int | None) -> "PendingSave":
+    """Start a tag: DeepSpeed's files, RNG and state; the returned PendingSave's `finish` completes it (manifest,
+    `latest`, retention).
 
     Call on every rank. A write failure removes the partial tag and raises a UserError saying why
-    (no space, permission denied) with `latest` untouched. `asynchronous` (DeepSpeed's decoupled checkpoint
-    engine writing in the background): return a PendingSave once megacpt's own files are written; its
-    `finish`, called before the weights change again, waits for DeepSpeed's files and completes the tag.
+    (no space, permission denied) with `latest` untouched. With DeepSpeed's decoupled checkpoint engine
+    (checkpoint.async_save) its files are still being written when this returns; `finish`, called before the
+    weights change again, waits for them.
     """
     root = checkpoint_dir(run_dir)
     tag = tag_name(step)
@@ -440,8 +441,7 @@ def save(engine, run_dir: str | Path, step: int, state: CheckpointState, world_r
         torch.save(rng_states(), tag_dir / f"rng_rank{world_rank}.pt")
         if world_rank == 0:
             write_state(tag_dir, state)
-    pending = PendingSave(tag_dir, world_rank, keep_last)
-    return pending if asynchronous else pending.finish(engine)
+    return PendingSave(tag_dir, world_rank, keep_last)
 
 
 @dataclass

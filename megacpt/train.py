@@ -516,7 +516,7 @@ class TrainingLoop:
             data=DataPosition(**self.stream.state_dict(), samples=samples),
             spike_window=self.guard.spikes.state() if self.guard.spikes else None)
         pending = checkpoint.save(self.engine, self.config.run_dir, step, state, self.world.rank,
-                                  self.config.checkpoint.keep_last, asynchronous=True)
+                                  self.config.checkpoint.keep_last)
         self.pending = (pending, step, time.perf_counter() - start)
         if finish or not self.config.checkpoint.async_save:
             self.finish_save()
