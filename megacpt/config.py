@@ -199,6 +199,13 @@ class DataConfig(Section):
                                    "use, with that stage's seed, so nothing repeats until the source's epoch ends "
                                    "(seen-only replay sources excepted); refused when its files changed since.")
     cache_dir: str | None = Field(None, description="Where dataset indices are cached; default RUN_DIR/data_cache.")
+    document_mask: bool = Field(False, description="Each token of a packed training sample attends only to earlier "
+                                "tokens of its own document (document boundaries from the dataset's index, no EOD "
+                                "token needed), and the label that starts a new document carries no loss "
+                                "(docs/LONG_CONTEXT.md). Validation samples are always evaluated unmasked.")
+    reset_position_ids: bool = Field(False, description="Positions of a packed training sample restart at 0 at "
+                                     "every document (as if each ran alone); default: 0 .. seq_length-1 across the "
+                                     "sample.")
 
     @field_validator("validation")
     @classmethod

@@ -9,11 +9,13 @@ import torch
 
 from megacpt.data.datasets import validation_bytes
 from megacpt.data.loader import collate
+from megacpt.model.attention import document_attention_mask
 
 
 def token_losses(model, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of the next-token losses over the unmasked tokens of one micro-batch, and their number."""
-    per_token = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
+    mask = document_attention_mask(mb["document_ids"]) if "document_ids" in mb else None
+    per_token = model(mb["tokens"], mb["position_ids"], mask, labels=mb["labels"])
     mask = mb["loss_mask"].float()
     return (per_token.float() * mask).sum(), mask.sum()
 

@@ -20,6 +20,7 @@ import numpy as np
 from megacpt.config import DataConfig, DataSource
 from megacpt.data.blend import Blend, batch_counts, batch_shares
 from megacpt.data.documents import DOCUMENT_BYTES_SUFFIX
+from megacpt.data.packing import PackedLayout, sample_parts
 from megacpt.errors import ConfigError, UserError
 from megacpt.manifest import checksum
 from megacpt.stages import SourceFile, SourceUse, StageRecord, TrainedStage
@@ -139,6 +140,11 @@ class _DatasetTokenizer:
         self.unique_identifiers = {"vocab_size": vocab_size, "eod": eod}  # part of megatron's cache hash
 
 
+def packed_layout(data: DataConfig) -> PackedLayout:
+    """How training samples present their documents (document masking, per-document positions)."""
+    return PackedLayout(document_mask=data.document_mask, reset_position_ids=data.reset_position_ids)
+
+
 def files_cache_dir(cache_dir: str, prefixes: list[str]) -> str:
     """The cache folder for indices built over these files: keyed by each .bin/.idx's path, size and mtime.
 
@@ -190,11 +196,11 @@ class SourceStream:
     """
 
     def __init__(self, prefix: str, num_samples: int, seq_length: int, seed: int, cache_dir: str, vocab_size: int,
-                 eod: int | None, start: int = 0):
+                 eod: int | None, start: int = 0, layout: PackedLayout = PackedLayout()):
         self._epoch = lambda e: _build(_gpt_config(([prefix], None), seq_length, seed + e, cache_dir, vocab_size,
                                                    eod), None)
         first = self._epoch(0)
-        self.prefix, self.seed, self.start, self.epoch_size = prefix, seed, start, len(first)
+        self.prefix, self.seed, self.start, self.epoch_size, self.layout = prefix, seed, start, len(first), layout
         self.epochs = [first] + [self._epoch(e) for e in range(1, -(-(start + num_samples) // self.epoch_size))]
 
     def id_of(self, n: int) -> int:
@@ -206,7 +212,8 @@ class SourceStream:
         e, i = divmod(sample_id, self.epoch_size)
         while e >= len(self.epochs):
             self.epochs.append(self._epoch(len(self.epochs)))
-        return self.epochs[e][i]
+        item = self.epochs[e][i]
+        return item if self.layout.plain else self.layout.apply(item, sample_parts(self.epochs[e], i))
 
     def __getitem__(self, n: int) -> dict:
         return self.sample(self.id_of(n))
@@ -285,15 +292,18 @@ def build_train_dataset(data: DataConfig, num_samples: int, global_batch_size: i
     members = {s.name: s for s in data.sources + data.replay.sources}
     needed = blend.consumed_per_source(len(blend))
     replay_names = {s.name for s in data.replay.sources} if data.replay.seen_only else set()
+    layout = packed_layout(data)
     continued = continued_uses(data, list(earlier_stages), seq_length) if data.continue_sources else {}
     sources = []
     for name, n in zip(names, needed):
         if name in replay_names:
-            sources.append(seen_samples(members[name], list(earlier_stages), cache_dir, vocab_size, eod, data.seed))
+            sources.append(seen_samples(members[name], list(earlier_stages), cache_dir, vocab_size, eod, data.seed,
+                                        layout))
             continue
         use = continued.get(name)
         seed, start = (use.seed, use.stop) if use else (data.seed, 0)
-        sources.append(SourceStream(members[name].prefix, int(n), seq_length, seed, cache_dir, vocab_size, eod, start))
+        sources.append(SourceStream(members[name].prefix, int(n), seq_length, seed, cache_dir, vocab_size, eod, start,
+                                    layout))
     return BlendedStream(blend, sources, names)
 
 
@@ -370,7 +380,7 @@ def source_files(prefix: str) -> list[SourceFile]:
 
 
 def seen_samples(source: DataSource, stages: list[StageRecord], cache_dir: str, vocab_size: int, eod: int | None,
-                 seed: int) -> SeenSamples:
+                 seed: int, layout: PackedLayout = PackedLayout()) -> SeenSamples:
     """The samples of `source.prefix` that earlier megacpt stages trained on: the ranges their records keep of
     the stream of the latest stage that read it (earlier stages' ranges of the same stream included)."""
     uses = [(stage, use) for stage, use in _trained_uses(stages, source.prefix) if use.stop > use.start]
@@ -379,7 +389,7 @@ def seen_samples(source: DataSource, stages: list[StageRecord], cache_dir: str, 
         same = [u for stage, u in uses if u.seed == last.seed and stage.seq_length == last_stage.seq_length]
         ids = np.unique(np.concatenate([np.arange(u.start, u.stop) for u in same]))
         stream = SourceStream(source.prefix, int(ids[-1]) + 1, last_stage.seq_length, last.seed, cache_dir,
-                              vocab_size, eod)
+                              vocab_size, eod, layout=layout)
         return SeenSamples(stream, ids, seed)
     raise UserError(f"data.replay.seen_only: no earlier stage in the checkpoint's stage history trained on "
                     f"'{source.name}' ({source.prefix}); set init.checkpoint to a megacpt checkpoint whose history "
@@ -416,15 +426,10 @@ def validation_bytes(dataset, num_samples: int) -> tuple[int, float] | None:
         raise UserError(f"{path} has {len(doc_bytes)} documents, {dataset.dataset.path_prefix}.idx has "
                         f"{len(doc_tokens)}; preprocess the data again")
     per_token = doc_bytes / np.maximum(doc_tokens, 1)
-    documents, samples = dataset.document_index, dataset.sample_index
     tokens, size = 0, 0.0
     for i in range(num_samples):
-        j = dataset.shuffle_index[i]
-        (first, first_offset), (last, last_offset) = samples[j], samples[j + 1]
-        for k in range(first, last + 1):
-            doc = documents[k]
-            start = first_offset + 1 if k == first else 0  # the window's first token is no label
-            stop = last_offset + 1 if k == last else doc_tokens[doc]
-            tokens += int(stop - start)
-            size += (stop - start) * per_token[doc]
+        for k, part in enumerate(sample_parts(dataset, i)):
+            count = part.stop - part.start - (k == 0)  # the window's first token is no label
+            tokens += count
+            size += count * per_token[part.document]
     return tokens, size

@@ -11,9 +11,11 @@ import torch
 
 
 def collate(samples: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
-    """Stack GPTDataset samples into one micro-batch on `device`."""
+    """Stack GPTDataset samples into one micro-batch on `device` (with their `document_ids` under document
+    masking, megacpt.data.packing)."""
+    keys = [key for key in ("tokens", "labels", "loss_mask", "position_ids", "document_ids") if key in samples[0]]
     return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device, non_blocking=True)
-            for key in ("tokens", "labels", "loss_mask", "position_ids")}
+            for key in keys}
 
 
 class BatchStream:

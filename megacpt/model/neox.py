@@ -4,7 +4,8 @@ megatron-core has no parallel residual, so the NeoX block is a `TransformerLayer
 same input to both branches: `x + attn(ln1(x)) + mlp(ln2(x))`. Everything else (QKV/proj/MLP linears with
 bias, LayerNorm with bias, partial rotary, untied embeddings, tensor parallelism, recompute) is megatron-core's
 own. Core attention is PyTorch's `scaled_dot_product_attention` with `is_causal`, which avoids megatron's
-materialised mask and picks flash/memory-efficient kernels where the device has them. The linears are
+materialised mask and picks flash/memory-efficient kernels where the device has them; under document masking
+it takes the block-diagonal mask of `model.attention` instead. The linears are
 megatron's tensor-parallel ones, whose local matmul runs as a plain `F.linear` (bias fused) wherever it needs
 no communication inside autograd (BENCHMARKS.md has what each of these choices is worth).
 """
