@@ -201,11 +201,9 @@ class DataConfig(Section):
     cache_dir: str | None = Field(None, description="Where dataset indices are cached; default RUN_DIR/data_cache.")
     document_mask: bool = Field(False, description="Each token of a packed training sample attends only to earlier "
                                 "tokens of its own document (document boundaries from the dataset's index, no EOD "
-                                "token needed), and the label that starts a new document carries no loss "
-                                "(docs/LONG_CONTEXT.md). Validation samples are always evaluated unmasked.")
-    reset_position_ids: bool = Field(False, description="Positions of a packed training sample restart at 0 at "
-                                     "every document (as if each ran alone); default: 0 .. seq_length-1 across the "
-                                     "sample.")
+                                "token needed), as if each document ran alone at positions 0, 1, ...; the label that "
+                                "starts a new document carries no loss (docs/LONG_CONTEXT.md). Validation samples "
+                                "are always evaluated unmasked.")
 
     @field_validator("validation")
     @classmethod

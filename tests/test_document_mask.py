@@ -1,5 +1,4 @@
-"""Document masking (data.document_mask, data.reset_position_ids): a packed sample's documents computed as if
-each ran alone."""
+"""Document masking (data.document_mask): a packed sample's documents computed as if each ran alone."""
 import numpy as np
 import pytest
 import torch
@@ -7,7 +6,6 @@ import torch
 from megacpt.config import ModelConfig
 from megacpt.data.datasets import SourceStream
 from megacpt.data.loader import collate
-from megacpt.data.packing import PackedLayout
 from megacpt.evaluate import token_losses
 from megacpt.model.attention import document_attention_mask
 from megacpt.model.neox import build_gpt_neox
@@ -26,13 +24,13 @@ def numbered(tmp_path_factory) -> str:
     return write_indexed(tmp_path_factory.mktemp("numbered") / "docs", docs)
 
 
-def stream(prefix, tmp_path, layout: PackedLayout) -> SourceStream:
-    return SourceStream(prefix, 40, SEQ, 1234, str(tmp_path / "cache"), 65536, None, layout=layout)
+def stream(prefix, tmp_path, document_mask: bool) -> SourceStream:
+    return SourceStream(prefix, 40, SEQ, 1234, str(tmp_path / "cache"), 65536, None, document_mask=document_mask)
 
 
-def test_samples_carry_their_documents_positions_and_boundary_losses(numbered, tmp_path, world):
-    plain = stream(numbered, tmp_path, PackedLayout())
-    laid = stream(numbered, tmp_path, PackedLayout(document_mask=True, reset_position_ids=True))
+def test_samples_carry_their_documents_and_boundary_losses(numbered, tmp_path, world):
+    plain = stream(numbered, tmp_path, False)
+    laid = stream(numbered, tmp_path, True)
     boundaries = 0
     for i in range(40):
         sample, base = laid[i], plain[i]
@@ -42,23 +40,13 @@ def test_samples_carry_their_documents_positions_and_boundary_losses(numbered, t
         # document numbers change exactly where the token's own document changes
         ids = sample["document_ids"].numpy()
         assert ((np.diff(ids) != 0) == (np.diff(doc[:-1]) != 0)).all()
-        # positions restart at 0 with each document (the first, cut by the window's start, counts from 0 too)
-        starts = np.flatnonzero(np.diff(doc[:-1], prepend=-1))
-        expected = np.arange(SEQ) - starts[np.searchsorted(starts, np.arange(SEQ), side="right") - 1]
-        assert (sample["position_ids"].numpy() == expected).all()
         new_doc = doc[1:] != doc[:-1]
         assert (window[1:][new_doc] % STRIDE == 0).all()  # a label that starts a document is its position 0
         assert (sample["loss_mask"].numpy() == ~new_doc).all()
         boundaries += new_doc.sum()
         assert (sample["tokens"] == base["tokens"]).all() and (sample["labels"] == base["labels"]).all()
-        assert (base["position_ids"].numpy() == np.arange(SEQ)).all() and "document_ids" not in base
+        assert "document_ids" not in base and base["loss_mask"].all()
     assert boundaries > 40  # most samples hold several documents
-
-
-def test_reset_positions_alone_keep_every_loss_and_add_no_mask(numbered, tmp_path, world):
-    sample = stream(numbered, tmp_path, PackedLayout(reset_position_ids=True))[0]
-    assert "document_ids" not in sample and sample["loss_mask"].all()
-    assert (sample["position_ids"] == 0).sum() > 1
 
 
 def test_the_mask_is_block_diagonal_and_causal():
@@ -70,16 +58,15 @@ def test_the_mask_is_block_diagonal_and_causal():
     assert (allowed == expected).all()
 
 
-def documents_alone(model, sample: dict, reset: bool) -> tuple[torch.Tensor, float]:
-    """Logits of each document of a packed sample run alone (at positions 0.. or at its positions in the
-    sample), concatenated, and the sum of the documents' own next-token losses."""
+def documents_alone(model, sample: dict) -> tuple[torch.Tensor, float]:
+    """Logits of each document of a packed sample run alone at positions 0, 1, ..., concatenated, and the sum of
+    the documents' own next-token losses."""
     ids = sample["document_ids"]
     logits, loss = [], 0.0
     for d in torch.unique_consecutive(ids):
         where = torch.nonzero(ids == d).flatten()
         tokens = sample["tokens"][where][None]
-        positions = torch.arange(len(where))[None] if reset else where[None]
-        out = model(tokens, positions, None)
+        out = model(tokens, torch.arange(len(where))[None], None)
         logits.append(out[0])
         if len(where) > 1:  # the document's own labels: every token after its first
             loss += torch.nn.functional.cross_entropy(out[0, :-1], tokens[0, 1:], reduction="sum").item()
@@ -88,18 +75,17 @@ def documents_alone(model, sample: dict, reset: bool) -> tuple[torch.Tensor, flo
     return torch.cat(logits), loss
 
 
-@pytest.mark.parametrize("reset", [True, False])
-def test_packed_logits_with_the_mask_equal_each_document_run_alone(numbered, tmp_path, world, reset):
+def test_packed_logits_with_the_mask_equal_each_document_run_alone(numbered, tmp_path, world):
     torch.manual_seed(0)
     model = build_gpt_neox(ModelConfig(preset="tiny", vocab_size=65536, num_layers=2), 65536).eval()
-    laid = stream(numbered, tmp_path, PackedLayout(document_mask=True, reset_position_ids=reset))
+    laid = stream(numbered, tmp_path, True)
     samples = [laid[i] for i in range(2)]
     mb = collate(samples, torch.device("cpu"))
     with torch.no_grad():
         packed = model(mb["tokens"], mb["position_ids"], document_attention_mask(mb["document_ids"]))
         unmasked = model(mb["tokens"], mb["position_ids"], None)
         total, count = token_losses(model, mb)
-        alone = [documents_alone(model, s, reset) for s in samples]
+        alone = [documents_alone(model, s) for s in samples]
     for b, (logits, _) in enumerate(alone):
         assert (packed[b] - logits).abs().max().item() <= 1e-5
     assert (unmasked - packed).abs().max().item() > 1e-2  # the mask matters: without it documents see each other
@@ -114,7 +100,7 @@ def test_training_with_document_masking_feeds_the_loop_masked_batches(tmp_path, 
     seen, real = [], train.micro_batch_loss
     monkeypatch.setattr(train, "micro_batch_loss", lambda model, mb: seen.append(mb) or real(model, mb))
     config = tiny_config(tmp_path / "run", [{"name": "a", "prefix": pattern_data["a"]}],
-                         data={"document_mask": True, "reset_position_ids": True}, train={"steps": 3})
+                         data={"document_mask": True}, train={"steps": 3})
     assert main(["train", write_config(tmp_path / "c.json", config)]) == 0
     assert len(seen) == 6 and all("document_ids" in mb for mb in seen)
     crossing = [mb for mb in seen if (mb["document_ids"] > 0).any()]  # documents of 100 tokens, samples of 64

@@ -20,7 +20,7 @@ import numpy as np
 from megacpt.config import DataConfig, DataSource
 from megacpt.data.blend import Blend, batch_counts, batch_shares
 from megacpt.data.documents import DOCUMENT_BYTES_SUFFIX
-from megacpt.data.packing import PackedLayout, sample_parts
+from megacpt.data.packing import mask_documents, sample_parts
 from megacpt.errors import ConfigError, UserError
 from megacpt.manifest import checksum
 from megacpt.stages import SourceFile, SourceUse, StageRecord, TrainedStage
@@ -140,11 +140,6 @@ class _DatasetTokenizer:
         self.unique_identifiers = {"vocab_size": vocab_size, "eod": eod}  # part of megatron's cache hash
 
 
-def packed_layout(data: DataConfig) -> PackedLayout:
-    """How training samples present their documents (document masking, per-document positions)."""
-    return PackedLayout(document_mask=data.document_mask, reset_position_ids=data.reset_position_ids)
-
-
 def files_cache_dir(cache_dir: str, prefixes: list[str]) -> str:
     """The cache folder for indices built over these files: keyed by each .bin/.idx's path, size and mtime.
 
@@ -196,11 +191,12 @@ class SourceStream:
     """
 
     def __init__(self, prefix: str, num_samples: int, seq_length: int, seed: int, cache_dir: str, vocab_size: int,
-                 eod: int | None, start: int = 0, layout: PackedLayout = PackedLayout()):
+                 eod: int | None, start: int = 0, document_mask: bool = False):
         self._epoch = lambda e: _build(_gpt_config(([prefix], None), seq_length, seed + e, cache_dir, vocab_size,
                                                    eod), None)
         first = self._epoch(0)
-        self.prefix, self.seed, self.start, self.epoch_size, self.layout = prefix, seed, start, len(first), layout
+        self.prefix, self.seed, self.start, self.epoch_size = prefix, seed, start, len(first)
+        self.document_mask = document_mask
         self.epochs = [first] + [self._epoch(e) for e in range(1, -(-(start + num_samples) // self.epoch_size))]
 
     def id_of(self, n: int) -> int:
@@ -213,7 +209,7 @@ class SourceStream:
         while e >= len(self.epochs):
             self.epochs.append(self._epoch(len(self.epochs)))
         item = self.epochs[e][i]
-        return item if self.layout.plain else self.layout.apply(item, sample_parts(self.epochs[e], i))
+        return mask_documents(item, sample_parts(self.epochs[e], i)) if self.document_mask else item
 
     def __getitem__(self, n: int) -> dict:
         return self.sample(self.id_of(n))
@@ -292,18 +288,17 @@ def build_train_dataset(data: DataConfig, num_samples: int, global_batch_size: i
     members = {s.name: s for s in data.sources + data.replay.sources}
     needed = blend.consumed_per_source(len(blend))
     replay_names = {s.name for s in data.replay.sources} if data.replay.seen_only else set()
-    layout = packed_layout(data)
     continued = continued_uses(data, list(earlier_stages), seq_length) if data.continue_sources else {}
     sources = []
     for name, n in zip(names, needed):
         if name in replay_names:
             sources.append(seen_samples(members[name], list(earlier_stages), cache_dir, vocab_size, eod, data.seed,
-                                        layout))
+                                        data.document_mask))
             continue
         use = continued.get(name)
         seed, start = (use.seed, use.stop) if use else (data.seed, 0)
         sources.append(SourceStream(members[name].prefix, int(n), seq_length, seed, cache_dir, vocab_size, eod, start,
-                                    layout))
+                                    data.document_mask))
     return BlendedStream(blend, sources, names)
 
 
@@ -380,7 +375,7 @@ def source_files(prefix: str) -> list[SourceFile]:
 
 
 def seen_samples(source: DataSource, stages: list[StageRecord], cache_dir: str, vocab_size: int, eod: int | None,
-                 seed: int, layout: PackedLayout = PackedLayout()) -> SeenSamples:
+                 seed: int, document_mask: bool = False) -> SeenSamples:
     """The samples of `source.prefix` that earlier megacpt stages trained on: the ranges their records keep of
     the stream of the latest stage that read it (earlier stages' ranges of the same stream included)."""
     uses = [(stage, use) for stage, use in _trained_uses(stages, source.prefix) if use.stop > use.start]
@@ -389,7 +384,7 @@ def seen_samples(source: DataSource, stages: list[StageRecord], cache_dir: str, 
         same = [u for stage, u in uses if u.seed == last.seed and stage.seq_length == last_stage.seq_length]
         ids = np.unique(np.concatenate([np.arange(u.start, u.stop) for u in same]))
         stream = SourceStream(source.prefix, int(ids[-1]) + 1, last_stage.seq_length, last.seed, cache_dir,
-                              vocab_size, eod, layout=layout)
+                              vocab_size, eod, document_mask=document_mask)
         return SeenSamples(stream, ids, seed)
     raise UserError(f"data.replay.seen_only: no earlier stage in the checkpoint's stage history trained on "
                     f"'{source.name}' ({source.prefix}); set init.checkpoint to a megacpt checkpoint whose history "

@@ -1,16 +1,16 @@
-"""The documents inside a packed sample, and the sample's layout over them (document masking, positions).
+"""The documents inside a packed sample, and document masking over them.
 
 A megatron `GPTDataset` sample is a window of seq_length + 1 tokens cut across documents: its tokens are the
 first seq_length, its labels the last seq_length. Which documents fill the window, and where it cuts them, is
 in the dataset's own indices (shuffle, sample and document index); `sample_parts` reads it from there, so the
 boundaries are exact whether or not the data ends its documents with an EOD token, and no token is read.
 
-`PackedLayout` turns that into what training needs when `data.document_mask` or `data.reset_position_ids`
-is set: per-token document numbers (from which the model's attention mask is built, see
-`megacpt.model.attention.document_attention_mask`), positions that restart at every document, and, under
-document masking, no loss on the label that starts a new document (its token sees only the previous
-document, so it has nothing to predict it from: the packed sample's loss is then exactly the sum of its
-documents' losses when each runs alone). This module does not touch the model.
+Under `data.document_mask`, `mask_documents` gives a sample the number of the document each token belongs to
+(from which the model's attention mask is built, see `megacpt.model.attention`) and drops the loss of the
+label that starts a new document: its token sees only the previous document, so nothing it may attend to
+predicts it, and the packed sample's loss is then exactly the sum of its documents' losses each run alone.
+Positions need no restart: rotary attention depends only on the distance between two tokens, so a masked
+document computes what it computes alone at positions 0, 1, ... This module does not touch the model.
 """
 from __future__ import annotations
 
@@ -47,34 +47,12 @@ def sample_parts(dataset, index: int) -> list[SamplePart]:
     return parts
 
 
-def document_numbers(parts: list[SamplePart]) -> np.ndarray:
-    """The number (0, 1, ...) of the part each of the window's seq_length + 1 tokens comes from."""
-    return np.repeat(np.arange(len(parts)), [p.stop - p.start for p in parts])
-
-
-@dataclass(frozen=True)
-class PackedLayout:
-    """How a sample's documents are presented to the model."""
-
-    document_mask: bool = False
-    reset_position_ids: bool = False
-
-    @property
-    def plain(self) -> bool:
-        return not (self.document_mask or self.reset_position_ids)
-
-    def apply(self, sample: dict, parts: list[SamplePart]) -> dict:
-        """`sample` (a GPTDataset item) laid out over its documents: adds `document_ids` under document masking,
-        restarts `position_ids` per document, and drops the loss of labels that start a new document."""
-        window = document_numbers(parts)
-        if len(window) != len(sample["tokens"]) + 1:
-            raise ValueError(f"sample parts cover {len(window)} tokens, the sample holds {len(sample['tokens']) + 1}")
-        ids = window[:-1]
-        out = dict(sample)
-        if self.reset_position_ids:
-            starts = np.searchsorted(ids, ids, side="left")  # ids are sorted: the first index of each number
-            out["position_ids"] = torch.from_numpy(np.arange(len(ids)) - starts)
-        if self.document_mask:
-            out["document_ids"] = torch.from_numpy(ids.astype(np.int64))
-            out["loss_mask"] = sample["loss_mask"] * torch.from_numpy(window[1:] == ids).to(sample["loss_mask"].dtype)
-        return out
+def mask_documents(sample: dict, parts: list[SamplePart]) -> dict:
+    """`sample` (a GPTDataset item) with `document_ids` (the number, 0, 1, ..., of the part each token comes
+    from) and no loss on the labels that start a new document."""
+    window = np.repeat(np.arange(len(parts)), [p.stop - p.start for p in parts])
+    if len(window) != len(sample["tokens"]) + 1:
+        raise ValueError(f"sample parts cover {len(window)} tokens, the sample holds {len(sample['tokens']) + 1}")
+    ids = window[:-1]
+    same = torch.from_numpy(window[1:] == ids).to(sample["loss_mask"].dtype)
+    return {**sample, "document_ids": torch.from_numpy(ids.astype(np.int64)), "loss_mask": sample["loss_mask"] * same}
