@@ -40,6 +40,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                                 "training loop's numbers)"),
     "plot": ("megacpt.evaluation.plot", "LR and per-dataset validation loss against tokens for runs and their earlier "
                                         "stages (forgetting/adaptation)"),
+    "passkey": ("megacpt.evaluation.passkey_command", "synthetic passkey retrieval: a number hidden at chosen depths "
+                                                      "of a long prompt, scored by loss and greedy answer"),
     "lm-eval": ("megacpt.evaluation.lm_eval_command",
                 "run lm-evaluation-harness tasks on a checkpoint (needs the 'eval' extra)"),
     "sweep": ("megacpt.sweep.command", "run a config over a grid of values and seeds, locally or as a SLURM job "

@@ -33,6 +33,11 @@ def unit_fraction(text: str) -> float:
     return _checked(float, text, lambda v: 0 < v <= 1, "must be in (0, 1]")
 
 
+def closed_fraction(text: str) -> float:
+    """argparse type: a number in [0, 1] (a depth into a prompt)."""
+    return _checked(float, text, lambda v: 0 <= v <= 1, "must be in [0, 1]")
+
+
 def _checked(kind, text: str, ok, requirement: str):
     try:
         value = kind(text)
