@@ -132,6 +132,10 @@ class DataSource(Section):
 
     name: str = Field(description="Name used in metrics (`samples`) and the stage history.")
     prefix: str = Field(description="Path prefix of the .bin/.idx pair.")
+    long_document_boost: int = Field(1, ge=1, description="Put each document longer than data.long_document_tokens "
+                                     "this many times into every epoch of the source (Fu et al. 2024's per-source "
+                                     "length upsampling): its samples hold more tokens of long documents, its share "
+                                     "of every batch stays its weight's (docs/LONG_CONTEXT.md).")
     weight: float | SchedulePoints = Field(
         1.0, description="Relative weight within its group (new data or replay), >= 0: a number, or a mixture "
                          "schedule, [[step, weight], ...] joined linearly and constant before the first point and "
@@ -199,6 +203,9 @@ class DataConfig(Section):
                                    "use, with that stage's seed, so nothing repeats until the source's epoch ends "
                                    "(seen-only replay sources excepted); refused when its files changed since.")
     cache_dir: str | None = Field(None, description="Where dataset indices are cached; default RUN_DIR/data_cache.")
+    long_document_tokens: int = Field(0, ge=0, description="A document is long when it holds more tokens than "
+                                      "this (e.g. the earlier stage's seq_length): the threshold of the sources' "
+                                      "long_document_boost and of the reported long-document share.")
     document_mask: bool = Field(False, description="Each token of a packed training sample attends only to earlier "
                                 "tokens of its own document (document boundaries from the dataset's index, no EOD "
                                 "token needed), as if each document ran alone at positions 0, 1, ...; the label that "
@@ -240,6 +247,14 @@ class DataConfig(Section):
             constant = all(isinstance(s.weight, float) for s in items)
             if items and constant and sum(s.weight for s in items) <= 0:
                 raise ValueError(f"weights in '{group}' must be >= 0 and sum to more than 0")
+        boosted = [s.name for s in self.sources + self.replay.sources if s.long_document_boost > 1]
+        if boosted and not self.long_document_tokens:
+            raise ValueError(f"sources {boosted} set long_document_boost, which needs long_document_tokens (the length "
+                             "above which a document counts as long, e.g. the earlier stage's seq_length)")
+        if boosted and (self.continue_sources or self.replay.seen_only):
+            raise ValueError(f"sources {boosted} set long_document_boost, which stage records do not keep yet, so a "
+                             "boosted stream cannot be continued or replayed seen-only; set continue_sources and "
+                             "replay.seen_only to false")
         if self.replay.any_replay and not self.replay.sources:
             raise ValueError("replay.fraction > 0 needs replay.sources")
         new_prefixes = {os.path.normpath(s.prefix): s.name for s in self.sources}

@@ -156,21 +156,21 @@ def files_cache_dir(cache_dir: str, prefixes: list[str]) -> str:
     return os.path.join(cache_dir, f"files-{digest}")
 
 
-def _gpt_config(blend, seq_length: int, seed: int, cache_dir: str, vocab_size: int, eod: int | None):
+def _gpt_config(blend, seq_length: int, seed: int, cache_dir: str, vocab_size: int, eod: int | None,
+                boost: tuple[int, int] = (1, 0)):
+    """megatron's dataset config; a `boost` (factor, threshold tokens) factor above 1 upsamples long documents
+    (megacpt.data.long_documents)."""
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
-    return GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        blend=blend,
-        split="100,0,0",
-        path_to_cache=files_cache_dir(cache_dir, blend[0]),
-        tokenizer=_DatasetTokenizer(vocab_size, eod),
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-    )
+    from megacpt.data.long_documents import BoostedGPTDatasetConfig
+
+    fields = dict(random_seed=seed, sequence_length=seq_length, blend=blend, split="100,0,0",
+                  path_to_cache=files_cache_dir(cache_dir, blend[0]), tokenizer=_DatasetTokenizer(vocab_size, eod),
+                  reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+                  create_attention_mask=False)
+    if boost[0] > 1:
+        return BoostedGPTDatasetConfig(**fields, long_document_boost=boost[0], long_document_tokens=boost[1])
+    return GPTDatasetConfig(**fields)
 
 
 def _build(config, num_samples: int | None) -> object:
@@ -178,7 +178,10 @@ def _build(config, num_samples: int | None) -> object:
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
-    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config).build()
+    from megacpt.data.long_documents import BoostedGPTDataset, BoostedGPTDatasetConfig
+
+    kind = BoostedGPTDataset if isinstance(config, BoostedGPTDatasetConfig) else GPTDataset
+    train, _, _ = BlendedMegatronDatasetBuilder(kind, [num_samples, 0, 0], lambda: True, config).build()
     return train
 
 
@@ -187,13 +190,14 @@ class SourceStream:
 
     Sample n of the stream never depends on how many samples are asked for, so a longer stage reads the same
     first samples. A stream that continues an earlier stage's (`start`) yields its samples start, start + 1, ...;
-    `id_of` gives a sample's number in the whole stream (its id in the ledger).
+    `id_of` gives a sample's number in the whole stream (its id in the ledger). `boost` (factor, threshold
+    tokens) puts each document longer than the threshold factor times into every epoch.
     """
 
     def __init__(self, prefix: str, num_samples: int, seq_length: int, seed: int, cache_dir: str, vocab_size: int,
-                 eod: int | None, start: int = 0, document_mask: bool = False):
+                 eod: int | None, start: int = 0, document_mask: bool = False, boost: tuple[int, int] = (1, 0)):
         self._epoch = lambda e: _build(_gpt_config(([prefix], None), seq_length, seed + e, cache_dir, vocab_size,
-                                                   eod), None)
+                                                   eod, boost), None)
         first = self._epoch(0)
         self.prefix, self.seed, self.start, self.epoch_size = prefix, seed, start, len(first)
         self.document_mask = document_mask
@@ -213,6 +217,15 @@ class SourceStream:
 
     def __getitem__(self, n: int) -> dict:
         return self.sample(self.id_of(n))
+
+    def long_token_share(self, first: int, stop: int, threshold: int) -> float:
+        """Share of the tokens of samples [first, stop) of the stream from documents longer than `threshold`."""
+        from megacpt.data.long_documents import long_token_share
+
+        for e in range(len(self.epochs), -(-stop // self.epoch_size)):
+            self.epochs.append(self._epoch(e))
+        return long_token_share(((self.epochs[i // self.epoch_size], i % self.epoch_size) for i in range(first, stop)),
+                                threshold)
 
 
 class SeenSamples:
@@ -298,7 +311,7 @@ def build_train_dataset(data: DataConfig, num_samples: int, global_batch_size: i
         use = continued.get(name)
         seed, start = (use.seed, use.stop) if use else (data.seed, 0)
         sources.append(SourceStream(members[name].prefix, int(n), seq_length, seed, cache_dir, vocab_size, eod, start,
-                                    data.document_mask))
+                                    data.document_mask, (members[name].long_document_boost, data.long_document_tokens)))
     return BlendedStream(blend, sources, names)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 
 @dataclass(frozen=True)
@@ -50,6 +49,8 @@ def sample_parts(dataset, index: int) -> list[SamplePart]:
 def mask_documents(sample: dict, parts: list[SamplePart]) -> dict:
     """`sample` (a GPTDataset item) with `document_ids` (the number, 0, 1, ..., of the part each token comes
     from) and no loss on the labels that start a new document."""
+    import torch  # here, so that commands reading only the index (megacpt schedule) start without torch
+
     window = np.repeat(np.arange(len(parts)), [p.stop - p.start for p in parts])
     if len(window) != len(sample["tokens"]) + 1:
         raise ValueError(f"sample parts cover {len(window)} tokens, the sample holds {len(sample['tokens']) + 1}")
