@@ -53,7 +53,7 @@ def megacpt_engine(size: str, device: torch.device, activation_checkpointing: bo
     from megacpt.config import RunConfig
     from megacpt.distributed import MegatronMPU, setup_world
     from megacpt.engine import deepspeed_config, initialize
-    from megacpt.model.neox import build_gpt_neox
+    from megacpt.model.gpt import build_gpt
     from megacpt.schedule import StageScheduler
 
     setup_world(1, 0)
@@ -65,7 +65,7 @@ def megacpt_engine(size: str, device: torch.device, activation_checkpointing: bo
         "train": {"steps": 10**6, "global_batch_size": batch, "micro_batch_size": batch,
                   "activation_checkpointing": activation_checkpointing},
     })
-    model = build_gpt_neox(config.model, config.padded_vocab_size, 1,
+    model = build_gpt(config.model, config.padded_vocab_size, 1,
                            activation_checkpointing=activation_checkpointing, cpu_init=device.type == "cpu")
     engine, _, _ = initialize(model, deepspeed_config(config, 1),
                               lambda opt: StageScheduler(opt, config.schedule, 10**6), MegatronMPU)

@@ -26,27 +26,78 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# megatron-core's Llama 3 RoPE scaling takes only the factor; the other constants are fixed in its code.
+LLAMA3_ROPE_CONSTANTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+class RopeScalingConfig(Section):
+    """RoPE frequency scaling, in Hugging Face's `rope_scaling` form (config.json)."""
+
+    rope_type: Literal["llama3"] = Field(description="'llama3': Llama 3.1's frequency-dependent scaling "
+                                                     "(megatron-core's rope_scaling).")
+    factor: float = Field(gt=0, description="Scaling factor (Llama 3.1: 8, Llama 3.2: 32).")
+    low_freq_factor: float = Field(1.0, description="llama3: wavelengths above original_max_position_embeddings / "
+                                                    "low_freq_factor are divided by factor. Only 1 (megatron-core's "
+                                                    "constant).")
+    high_freq_factor: float = Field(4.0, description="llama3: wavelengths below original_max_position_embeddings / "
+                                                     "high_freq_factor are kept. Only 4 (megatron-core's constant).")
+    original_max_position_embeddings: int = Field(8192, description="llama3: the context length the frequencies were "
+                                                                    "trained at. Only 8192 (megatron-core's "
+                                                                    "constant).")
+
+    @model_validator(mode="after")
+    def _megatron_constants(self) -> "RopeScalingConfig":
+        for key, value in LLAMA3_ROPE_CONSTANTS.items():
+            if getattr(self, key) != value:
+                raise ValueError(f"{key} {getattr(self, key)} is not supported: megatron-core's llama3 scaling has "
+                                 f"{key} {value} built in")
+        return self
+
+
 class ModelConfig(Section):
-    """GPT-NeoX dimensions. `preset` fills every field not given explicitly."""
+    """The model's family and dimensions. `preset` fills every field not given explicitly."""
 
     preset: str | None = Field(None,
                                description="Size preset (see megacpt/model/presets.py), e.g. 'pythia-410m', "
-                                           "'neox-10b', 'tiny'.")
+                                           "'neox-10b', 'llama-3.1-8b', 'qwen2.5-0.5b', 'tiny'.")
+    family: Literal["neox", "llama", "mistral", "qwen2"] | None = Field(
+        None, description="'neox' (GPT-NeoX, Pythia; the default), 'llama' (Llama 2 / 3.x), 'mistral' or 'qwen2' "
+                          "(Qwen2 / 2.5): the last three are pre-norm blocks with RMSNorm, SwiGLU, grouped-query "
+                          "attention and full RoPE, without biases (qwen2: biases on q, k, v); see "
+                          "megacpt/model/families.py.")
     num_layers: int | None = Field(None, gt=0, description="Transformer layers.")
     hidden_size: int | None = Field(None, gt=0, description="Hidden size.")
-    num_attention_heads: int | None = Field(None, gt=0, description="Attention heads.")
+    num_attention_heads: int | None = Field(None, gt=0, description="Attention (query) heads.")
+    num_query_groups: int | None = Field(None, gt=0,
+                                         description="Key/value heads of grouped-query attention (Hugging Face's "
+                                                     "num_key_value_heads); must divide num_attention_heads; default "
+                                                     "num_attention_heads (multi-head attention, the only choice for "
+                                                     "neox).")
     ffn_hidden_size: int | None = Field(None, gt=0, description="MLP inner size; default 4 x hidden_size.")
     seq_length: int | None = Field(None, gt=0, description="Tokens per training sample.")
     vocab_size: int | None = Field(None, gt=0,
                                    description="Tokenizer vocabulary size (before padding to a multiple of 128 x "
                                                "tensor parallel).")
-    rotary_pct: float = Field(0.25, gt=0, le=1,
-                              description="Fraction of each head's dimensions that get rotary embeddings.")
-    rotary_base: int = Field(10000, gt=0, description="Rotary base (theta).")
-    parallel_residual: bool = Field(True,
-                                    description="NeoX parallel residual x + attn(ln1 x) + mlp(ln2 x); false gives the "
-                                                "sequential block.")
-    layernorm_eps: float = Field(1e-5, gt=0, description="LayerNorm epsilon.")
+    tie_embeddings: bool | None = Field(None, description="One matrix for the input embedding and the output layer "
+                                                          "(Hugging Face's tie_word_embeddings; Llama 3.2 1B/3B, small "
+                                                          "Qwen2.5); default false. Not for neox.")
+    rotary_pct: float | None = Field(None, gt=0, le=1,
+                                     description="Fraction of each head's dimensions that get rotary embeddings; "
+                                                 "default 0.25 for neox, 1 (the only choice) for the other families.")
+    rotary_base: int = Field(10000, gt=0, description="Rotary base (theta; Hugging Face's rope_theta).")
+    rope_scaling: RopeScalingConfig | None = Field(None, description="RoPE frequency scaling (Llama 3.1's 'llama3'); "
+                                                                     "omit for plain RoPE.")
+    parallel_residual: bool | None = Field(None,
+                                           description="NeoX parallel residual x + attn(ln1 x) + mlp(ln2 x); false "
+                                                       "gives the sequential block. Default true for neox, false (the "
+                                                       "only choice) for the other families.")
+    layernorm_eps: float = Field(1e-5, gt=0, description="Epsilon of the LayerNorms (neox) or RMSNorms (the other "
+                                                          "families; Hugging Face's rms_norm_eps), added to the "
+                                                          "variance.")
+    sliding_window: int | None = Field(None, gt=0,
+                                       description="mistral: the attention window the checkpoint was trained with "
+                                                   "(Mistral 7B v0.1: 4096). megacpt attends over the whole sample, "
+                                                   "so seq_length may not exceed it.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Hidden and attention dropout (Pythia: 0).")
     init_std: float = Field(0.02, gt=0, description="Standard deviation of the normal weight initialisation.")
 
@@ -57,18 +108,44 @@ class ModelConfig(Section):
                 raise ValueError(f"unknown preset '{self.preset}'{_did_you_mean(self.preset, PRESETS)}; known: "
                                  f"{', '.join(PRESETS)}")
             for key, value in PRESETS[self.preset].items():
-                if getattr(self, key) is None:
+                if key not in self.model_fields_set:
                     object.__setattr__(self, key, value)
         required = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size")
         missing = [k for k in required if getattr(self, k) is None]
         if missing:
             raise ValueError(f"missing {', '.join(missing)} (give them or a 'preset')")
-        if self.ffn_hidden_size is None:
-            object.__setattr__(self, "ffn_hidden_size", 4 * self.hidden_size)
+        neox = (self.family or "neox") == "neox"
+        defaults = {"family": "neox", "ffn_hidden_size": 4 * self.hidden_size,
+                    "num_query_groups": self.num_attention_heads, "tie_embeddings": False,
+                    "rotary_pct": 0.25 if neox else 1.0, "parallel_residual": neox}
+        for key, value in defaults.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                              f"{self.num_attention_heads}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by num_query_groups "
+                             f"{self.num_query_groups}")
+        self._check_family()
         return self
+
+    def _check_family(self) -> None:
+        """The choices a family fixes (its Hugging Face class has no other)."""
+        if self.family == "neox":
+            fixed = {"num_query_groups": self.num_attention_heads, "tie_embeddings": False}
+        else:
+            fixed = {"rotary_pct": 1.0, "parallel_residual": False}
+        for key, value in fixed.items():
+            if getattr(self, key) != value:
+                raise ValueError(f"{key} {getattr(self, key)} is not possible for family '{self.family}', which has "
+                                 f"{key} {value}")
+        if self.sliding_window is not None and self.family != "mistral":
+            raise ValueError(f"sliding_window is Mistral's; family '{self.family}' attends over the whole sample")
+        if self.sliding_window is not None and self.seq_length > self.sliding_window:
+            raise ValueError(f"seq_length {self.seq_length} exceeds the sliding_window {self.sliding_window}: megacpt "
+                             "does not implement Mistral's sliding-window attention, so a longer sample would attend "
+                             "further back than the model was trained to; keep seq_length <= sliding_window")
 
     @property
     def head_dim(self) -> int:
@@ -521,6 +598,10 @@ class RunConfig(Section):
         if self.model.num_attention_heads % self.parallel.tensor:
             raise ValueError(f"model.num_attention_heads {self.model.num_attention_heads} is not divisible by "
                              f"parallel.tensor {self.parallel.tensor}")
+        if self.model.num_query_groups % self.parallel.tensor:
+            raise ValueError(f"model.num_query_groups {self.model.num_query_groups} is not divisible by "
+                             f"parallel.tensor {self.parallel.tensor}: tensor parallelism gives each rank whole "
+                             "key/value groups")
         if self.model.ffn_hidden_size % self.parallel.tensor:
             raise ValueError(f"model.ffn_hidden_size {self.model.ffn_hidden_size} is not divisible by parallel.tensor "
                              f"{self.parallel.tensor}")

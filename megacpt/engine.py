@@ -107,9 +107,9 @@ def build_engine(config: RunConfig, world, scheduler_factory=None, load_universa
     model carries the `universal_checkpoint_info` that DeepSpeed saves with every checkpoint (elastic.py)."""
     from megacpt.distributed import MegatronMPU
     from megacpt.elastic import universal_checkpoint_info
-    from megacpt.model.neox import build_gpt_neox
+    from megacpt.model.gpt import build_gpt
 
-    model = build_gpt_neox(config.model, config.padded_vocab_size, world.tensor_size,
+    model = build_gpt(config.model, config.padded_vocab_size, world.tensor_size,
                            activation_checkpointing=config.train.activation_checkpointing,
                            cpu_init=world.device.type == "cpu")
     model.universal_checkpoint_info = universal_checkpoint_info(config.padded_vocab_size)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from megacpt.config import DataConfig, ModelConfig, ParallelConfig, ScheduleConfig, TokenizerConfig, padded_vocab_size
 from megacpt.errors import UserError
@@ -133,21 +133,34 @@ StageRecord = Annotated[TrainedStage | ImportedStage | VocabExtendedStage, Field
 class ModelSignature(Record):
     """What must agree between a checkpoint and the model it is loaded into."""
 
+    family: str = "neox"  # states written before the other families existed hold GPT-NeoX models
     num_layers: int
     hidden_size: int
     num_attention_heads: int
+    num_query_groups: int
     ffn_hidden_size: int
     padded_vocab_size: int
     rotary_pct: float
     parallel_residual: bool
+    tie_embeddings: bool = False
     tensor_parallel: int
+
+    @model_validator(mode="before")
+    @classmethod
+    def _multi_head_before_families(cls, data):
+        """A state written before grouped-query attention existed has one key/value head per query head."""
+        if isinstance(data, dict) and "num_query_groups" not in data and "num_attention_heads" in data:
+            data = {**data, "num_query_groups": data["num_attention_heads"]}
+        return data
 
     @classmethod
     def of(cls, m: ModelConfig, tensor_parallel: int) -> "ModelSignature":
-        return cls(num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+        return cls(family=m.family, num_layers=m.num_layers, hidden_size=m.hidden_size,
+                   num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
                    ffn_hidden_size=m.ffn_hidden_size,
                    padded_vocab_size=padded_vocab_size(m.vocab_size, tensor_parallel), rotary_pct=m.rotary_pct,
-                   parallel_residual=m.parallel_residual, tensor_parallel=tensor_parallel)
+                   parallel_residual=m.parallel_residual, tie_embeddings=m.tie_embeddings,
+                   tensor_parallel=tensor_parallel)
 
 
 class SavedConfig(BaseModel):

@@ -37,3 +37,34 @@ def assert_all_distinct(model: torch.nn.Module) -> None:
             assert not torch.all(param == 1), name
         if name.endswith("bias"):
             assert torch.any(param != 0), name
+
+
+# Tiny Llama-style models of the issue's three shapes; a wide init and a large RMSNorm epsilon, so that greedy
+# choices are clear-cut and an epsilon put in the wrong place shows in the logits.
+LLAMA_STYLE = dict(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=96, max_position_embeddings=128, rms_norm_eps=1e-3, initializer_range=0.1,
+                   bos_token_id=None, eos_token_id=None)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+FAMILY_MODELS = {
+    # grouped-query attention (4 heads, 2 key/value groups), untied, Llama 3's rope_theta
+    "llama-gqa": ("Llama", dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    # tied embeddings and Llama 3.1's frequency-dependent RoPE scaling (with head_dim 16 and theta 500,000, the
+    # frequencies 4-7 are scaled, and frequency 4 turns far enough within 64 positions to matter)
+    "llama-tied-llama3": ("Llama", dict(tie_word_embeddings=True, max_position_embeddings=8193,
+                                        rope_parameters={**LLAMA3_ROPE, "rope_theta": 500000.0})),
+    # biases on q, k and v
+    "qwen2-bias": ("Qwen2", dict(tie_word_embeddings=False, rope_parameters={"rope_type": "default",
+                                                                            "rope_theta": 1000000.0})),
+    "mistral": ("Mistral", dict(sliding_window=128, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+}
+
+
+def random_family_model(name: str, seed: int):
+    """One of FAMILY_MODELS (float32) with every parameter perturbed."""
+    import transformers
+
+    prefix, overrides = FAMILY_MODELS[name]
+    config = getattr(transformers, f"{prefix}Config")(**{**LLAMA_STYLE, **overrides})
+    torch.manual_seed(seed)
+    return perturb_every_parameter(getattr(transformers, f"{prefix}ForCausalLM")(config), seed)

@@ -103,9 +103,10 @@ def test_hf_to_megacpt_to_hf_gives_back_every_tensor(tmp_path, capsys, form, tp)
     assert state.has_optimizer is False and [s.origin for s in state.stages] == ["huggingface"]
     assert state.stages[0].path == str(source.resolve())
     assert (state.step, state.tokens, state.scheduler, state.data) == (0, 0, None, None)
-    assert state.model.model_dump() == {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-                                        "ffn_hidden_size": 256, "padded_vocab_size": 256, "rotary_pct": 0.25,
-                                        "parallel_residual": True, "tensor_parallel": tp}
+    assert state.model.model_dump() == {"family": "neox", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                                        "num_query_groups": 4, "ffn_hidden_size": 256, "padded_vocab_size": 256,
+                                        "rotary_pct": 0.25, "parallel_residual": True, "tie_embeddings": False,
+                                        "tensor_parallel": tp}
 
     assert cli("convert", "megacpt-to-hf", "--checkpoint", tmp_path / "ckpt", "--output", tmp_path / "back") == 0
     back = load_hf(tmp_path / "back")

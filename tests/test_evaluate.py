@@ -5,7 +5,7 @@ import torch
 from megacpt.config import DataConfig, ModelConfig
 from megacpt.data.datasets import build_validation_datasets
 from megacpt.evaluate import validation_losses
-from megacpt.model.neox import build_gpt_neox
+from megacpt.model.gpt import build_gpt
 
 
 def test_validation_loss_is_the_token_mean_over_the_first_samples(tmp_path, pattern_data, world):
@@ -13,7 +13,7 @@ def test_validation_loss_is_the_token_mean_over_the_first_samples(tmp_path, patt
                       validation=[{"name": "noise", "prefix": pattern_data["noise"]}])
     dataset = build_validation_datasets(data, 5, 64, str(tmp_path / "cache"), 256, None)["noise"]
     torch.manual_seed(0)
-    model = build_gpt_neox(ModelConfig(preset="tiny"), 256).eval()
+    model = build_gpt(ModelConfig(preset="tiny"), 256).eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(5):  # one sample at a time: cross entropy of each scored token's label

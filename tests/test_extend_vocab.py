@@ -63,7 +63,7 @@ def checkpoints(tmp_path_factory, sp_model) -> dict:
     model = model_config_from_hf(hf.config.to_dict(), folder)
     made = {}
     for tp in (1, 2):
-        weights = hf_to_megatron(hf.state_dict(), 2, padded_vocab_size(300, tp))
+        weights = hf_to_megatron(hf.state_dict(), model, padded_vocab_size(300, tp))
         state = import_state(folder, model, tp).model_copy(
             update={"tokenizer": TokenizerConfig(type="sentencepiece", model=sp_model)})
         checkpoint_io.write(folder / f"tp{tp}", weights, state, folder / f"tp{tp}")

@@ -2,8 +2,8 @@
 import torch
 
 from megacpt.config import ModelConfig
-from megacpt.model import neox
-from megacpt.model.neox import build_gpt_neox
+from megacpt.model import gpt, neox
+from megacpt.model.gpt import build_gpt
 
 MODEL = ModelConfig(preset="tiny", num_layers=3)
 IDS = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
@@ -14,11 +14,11 @@ CAUSAL = torch.triu(torch.ones(64, 64, dtype=torch.bool), diagonal=1)[None, None
 def build_pair(monkeypatch, swap) -> tuple[torch.nn.Module, torch.nn.Module]:
     """megacpt's model, and the same weights with `swap(spec)` putting megatron's own modules back."""
     torch.manual_seed(0)
-    ours = build_gpt_neox(MODEL, 256)
-    reference_spec = neox.neox_layer_spec()
+    ours = build_gpt(MODEL, 256)
+    reference_spec = gpt.layer_spec(MODEL)
     swap(reference_spec.submodules)
-    monkeypatch.setattr(neox, "neox_layer_spec", lambda parallel_residual=True: reference_spec)
-    reference = build_gpt_neox(MODEL, 256)
+    monkeypatch.setattr(gpt, "layer_spec", lambda model: reference_spec)
+    reference = build_gpt(MODEL, 256)
     reference.load_state_dict(ours.state_dict())
     return ours, reference
 
@@ -75,7 +75,7 @@ def test_first_engine_step_is_clipped_adamw_by_the_formula(world):
         "train": {"steps": 10, "global_batch_size": 2, "micro_batch_size": 2},
     })
     torch.manual_seed(0)
-    model = build_gpt_neox(config.model, padded_vocab_size(MODEL.vocab_size, 1))
+    model = build_gpt(config.model, padded_vocab_size(MODEL.vocab_size, 1))
     ds = deepspeed_config(config, 1)
     weight_decay, eps, max_norm = ds["optimizer"]["params"]["weight_decay"], ds["optimizer"]["params"]["eps"], \
         ds["gradient_clipping"]
@@ -126,8 +126,8 @@ def test_hidden_dropout_in_train_mode_is_hugging_faces(world):
     hf = random_gpt_neox(0, vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                          intermediate_size=256, rotary_pct=0.25, max_position_embeddings=64, hidden_dropout=0.2,
                          attention_dropout=0.0, use_parallel_residual=True, tie_word_embeddings=False)
-    ours = build_gpt_neox(MODEL.model_copy(update={"dropout": 0.2}), 256)
-    ours.load_state_dict(module_state(hf_mapping.hf_to_megatron(hf.state_dict(), 3, 256)), strict=True)
+    ours = build_gpt(MODEL.model_copy(update={"dropout": 0.2}), 256)
+    ours.load_state_dict(module_state(hf_mapping.hf_to_megatron(hf.state_dict(), MODEL, 256)), strict=True)
     for layer in ours.decoder.layers:
         layer.self_attention.core_attention.dropout = 0.0
     ids, positions = IDS[:1], POSITIONS[:1]

@@ -59,12 +59,12 @@ COUNTED = [(name, 1) for name in PRESETS] + [("neox-10b", 6)]
 
 @pytest.mark.parametrize("preset, tp", COUNTED, ids=[f"{p}-vocab-tp{t}" for p, t in COUNTED])
 def test_parameter_formula_equals_the_model_megacpt_builds(world_of_one, preset, tp):
-    from megacpt.model.neox import build_gpt_neox
+    from megacpt.model.gpt import build_gpt
 
     model_config = ModelConfig(preset=preset)
     vocab = padded_vocab_size(model_config.vocab_size, tp)
     with torch.device("meta"):  # shapes only: the 10B allocates nothing
-        model = build_gpt_neox(model_config, vocab)
+        model = build_gpt(model_config, vocab)
     by_hand = neox_parameters_by_hand(model_config.num_layers, model_config.hidden_size,
                                       model_config.ffn_hidden_size, vocab)
     assert sum(p.numel() for p in model.parameters()) == by_hand == parameter_count(model_config, vocab)

@@ -1,37 +1,34 @@
-"""GPT-NeoX as a megatron-core layer spec, built through megatron-core's `GPTModel`.
+"""The modules megacpt puts into megatron-core's layer spec: SDPA core attention, plain-matmul linears and
+GPT-NeoX's parallel-residual block. Every family uses the first two (model/gpt.py builds the spec).
 
 megatron-core has no parallel residual, so the NeoX block is a `TransformerLayer` subclass that feeds the
 same input to both branches: `x + attn(ln1(x)) + mlp(ln2(x))`. Everything else (QKV/proj/MLP linears with
 bias, LayerNorm with bias, partial rotary, untied embeddings, tensor parallelism, recompute) is megatron-core's
 own. Core attention is PyTorch's `scaled_dot_product_attention` with `is_causal`, which avoids megatron's
 materialised mask and picks flash/memory-efficient kernels where the device has them; under document masking
-it takes the block-diagonal mask of `model.attention` instead. The linears are
-megatron's tensor-parallel ones, whose local matmul runs as a plain `F.linear` (bias fused) wherever it needs
-no communication inside autograd (BENCHMARKS.md has what each of these choices is worth).
+it takes the block-diagonal mask of `model.attention` instead. Grouped-query attention repeats each key/value
+head for its group of query heads first. The linears are megatron's tensor-parallel ones, whose local matmul
+runs as a plain `F.linear` (bias fused) wherever it needs no communication inside autograd (BENCHMARKS.md has
+what each of these choices is worth).
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
 
-import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
-from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
-
-from megacpt.config import ModelConfig
 
 
 class SDPAttention(MegatronModule):
     """Causal core attention through `torch.nn.functional.scaled_dot_product_attention`.
 
     Takes megatron's [seq, batch, heads, head_dim] query/key/value of this tensor-parallel rank's heads and
-    returns [seq, batch, heads * head_dim].
+    returns [seq, batch, heads * head_dim]. With grouped-query attention key and value hold one head per group
+    of query heads (consecutive query heads share one), as megatron's own core attention expects them.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
@@ -49,9 +46,10 @@ class SDPAttention(MegatronModule):
         # megatron masks are True where attention is *not* allowed; SDPA's boolean masks are the opposite.
         mask = None if attention_mask is None else ~attention_mask
         dropout = self.dropout if self.training else 0.0
+        grouped = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
         with tensor_parallel.get_cuda_rng_tracker().fork() if dropout > 0 else nullcontext():
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                 is_causal=mask is None, scale=self.softmax_scale)
+                                                 is_causal=mask is None, scale=self.softmax_scale, **grouped)
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
 
 
@@ -125,75 +123,3 @@ class NeoXTransformerLayer(TransformerLayer):
         if biases:  # the two [h] biases summed first: one pass over the activations instead of two
             branches = branches + sum(biases)
         return hidden_states + branches, context
-
-
-def neox_layer_spec(parallel_residual: bool = True) -> ModuleSpec:
-    """megatron-core's local GPT spec with SDPA core attention and, for NeoX, the parallel-residual layer."""
-    spec = get_gpt_layer_local_spec()
-    attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
-    attention.core_attention = SDPAttention
-    attention.linear_qkv, attention.linear_proj = NeoXColumnParallelLinear, NeoXRowParallelLinear
-    mlp.linear_fc1, mlp.linear_fc2 = NeoXMLPInputLinear, NeoXRowParallelLinear
-    if parallel_residual:
-        spec.module = NeoXTransformerLayer
-    return spec
-
-
-def transformer_config(model: ModelConfig, tensor_parallel_size: int, *, params_dtype: torch.dtype,
-                       activation_checkpointing: bool, cpu_init: bool) -> TransformerConfig:
-    """megatron-core's TransformerConfig for a GPT-NeoX of these dimensions (exact GELU, biases, LayerNorm)."""
-    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
-        if activation_checkpointing else {}
-    return TransformerConfig(
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        ffn_hidden_size=model.ffn_hidden_size,
-        kv_channels=model.head_dim,
-        hidden_dropout=model.dropout,
-        attention_dropout=model.dropout,
-        layernorm_epsilon=model.layernorm_eps,
-        normalization="LayerNorm",
-        add_bias_linear=True,
-        add_qkv_bias=True,
-        gated_linear_unit=False,
-        activation_func=F.gelu,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        init_method_std=model.init_std,
-        tensor_model_parallel_size=tensor_parallel_size,
-        sequence_parallel=False,
-        use_cpu_initialization=cpu_init,
-        params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
-        **recompute,
-    )
-
-
-def build_gpt_neox(model: ModelConfig, padded_vocab_size: int, tensor_parallel_size: int = 1, *,
-                   params_dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False,
-                   cpu_init: bool = True) -> GPTModel:
-    """Build this rank's shard of a GPT-NeoX model. Needs megatron's parallel state to be initialised.
-
-    With `cpu_init` every tensor-parallel rank draws the full weight from the same seed and keeps its slice,
-    so the model is the same whatever the TP degree.
-    """
-    config = transformer_config(model, tensor_parallel_size, params_dtype=params_dtype,
-                                activation_checkpointing=activation_checkpointing, cpu_init=cpu_init)
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=neox_layer_spec(model.parallel_residual),
-        vocab_size=padded_vocab_size,
-        max_sequence_length=model.seq_length,
-        pre_process=True,
-        post_process=True,
-        parallel_output=True,
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
-        rotary_percent=model.rotary_pct,
-        rotary_base=model.rotary_base,
-    )

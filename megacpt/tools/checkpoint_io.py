@@ -26,6 +26,7 @@ from megacpt.config import ModelConfig, ParallelConfig, TokenizerConfig
 from megacpt.errors import UserError
 from megacpt.files import replace_durably
 from megacpt.model import hf_mapping
+from megacpt.model.families import FAMILIES
 from megacpt.stages import CheckpointState, ModelSignature, read_state, write_state
 
 MODEL_STATES = "mp_rank_{:02d}_model_states.pt"
@@ -51,17 +52,27 @@ class Checkpoint:
 
     @property
     def padded_vocab_size(self) -> int:
-        return self.weights["output_layer.weight"].shape[0]
+        return padded_rows(self.weights)
+
+
+def padded_rows(weights: dict[str, torch.Tensor]) -> int:
+    """The padded vocabulary of full weights (the input embedding's rows: a tied model has no output layer)."""
+    return weights["embedding.word_embeddings.weight"].shape[0]
 
 
 def load(path: str | Path, key: str = "--checkpoint") -> Checkpoint:
     """A checkpoints folder (its `latest`) or a tag folder -> its state and full weights."""
     tag_dir = checkpoint.open_tag(path, key=key)
     state = read_state(tag_dir)
-    return Checkpoint(tag_dir, state, read_weights(tag_dir, state.model.tensor_parallel))
+    return Checkpoint(tag_dir, state, read_weights(tag_dir, state.config.model, state.model.tensor_parallel))
 
 
-def read_weights(tag_dir: Path, tensor_parallel: int) -> dict[str, torch.Tensor]:
+def gated_mlp(model: ModelConfig) -> bool:
+    """Whether the model's fc1 is SwiGLU's [gate; up] (tensor parallelism splits both halves)."""
+    return FAMILIES[model.family].gated_mlp
+
+
+def read_weights(tag_dir: Path, model: ModelConfig, tensor_parallel: int) -> dict[str, torch.Tensor]:
     """Merge the `mp_rank_XX_model_states.pt` module of every TP rank (ZeRO 0/1/2 keep full weights there)."""
     files = [tag_dir / MODEL_STATES.format(rank) for rank in range(tensor_parallel)]
     missing = [f.name for f in files if not f.is_file()]
@@ -75,12 +86,12 @@ def read_weights(tag_dir: Path, tensor_parallel: int) -> dict[str, torch.Tensor]
         except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:
             raise UserError(f"cannot read the model weights in {file}: {e}") from None
         shards.append({name: t for name, t in module.items() if not name.endswith("._extra_state")})
-    return hf_mapping.merge_shards(shards)
+    return hf_mapping.merge_shards(shards, gated_mlp=gated_mlp(model))
 
 
 def check_tensor_parallel(model: ModelConfig, tensor_parallel: int) -> None:
-    """The dimensions megatron splits must divide by the TP degree."""
-    for name in ("num_attention_heads", "ffn_hidden_size"):
+    """The dimensions megatron splits must divide by the TP degree (whole key/value groups per rank)."""
+    for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
         if getattr(model, name) % tensor_parallel:
             raise UserError(f"model {name} {getattr(model, name)} is not divisible by tensor parallel "
                             f"{tensor_parallel}")
@@ -90,8 +101,9 @@ def resize_vocab(weights: dict[str, torch.Tensor], padded: int) -> dict[str, tor
     """Embedding and output rows grown with zeros or cut to `padded` (only padding rows are ever cut)."""
     out = dict(weights)
     for name in hf_mapping.VOCAB_ROWS:
-        out[name] = hf_mapping.pad_vocab(weights[name],
-                                         padded) if padded >= weights[name].shape[0] else weights[name][:padded]
+        if name in weights:  # a tied model has no output layer
+            out[name] = hf_mapping.pad_vocab(weights[name],
+                                             padded) if padded >= weights[name].shape[0] else weights[name][:padded]
     return out
 
 
@@ -108,11 +120,11 @@ def module_state(weights: dict[str, torch.Tensor]) -> dict:
 def build_model(model: ModelConfig, weights: dict[str, torch.Tensor], tensor_parallel: int, tensor_rank: int,
                 device: torch.device):
     """This rank's megacpt model (fp32, eval mode) holding `weights`. Needs megatron's parallel state."""
-    from megacpt.model.neox import build_gpt_neox
+    from megacpt.model.gpt import build_gpt
 
-    padded = weights["output_layer.weight"].shape[0]
-    gpt = build_gpt_neox(model, padded, tensor_parallel)
-    gpt.load_state_dict(module_state(hf_mapping.split_for_rank(weights, tensor_parallel, tensor_rank)), strict=True)
+    gpt = build_gpt(model, padded_rows(weights), tensor_parallel)
+    shard = hf_mapping.split_for_rank(weights, tensor_parallel, tensor_rank, gated_mlp=gated_mlp(model))
+    gpt.load_state_dict(module_state(shard), strict=True)
     return gpt.to(device).eval()
 
 
@@ -135,8 +147,9 @@ def write(root: Path, weights: dict[str, torch.Tensor], state: CheckpointState, 
     tag_dir.mkdir(parents=True)
     for rank in range(tp):
         # The entries DeepSpeed's _load_checkpoint reads with load_module_only=True.
-        torch.save({"module": module_state(hf_mapping.split_for_rank(weights, tp, rank)), "dp_world_size": 1,
-                    "mp_world_size": tp}, tag_dir / MODEL_STATES.format(rank))
+        shard = hf_mapping.split_for_rank(weights, tp, rank, gated_mlp=gated_mlp(state.config.model))
+        torch.save({"module": module_state(shard), "dp_world_size": 1, "mp_world_size": tp},
+                   tag_dir / MODEL_STATES.format(rank))
     tokenizer = _copy_tokenizer(state.tokenizer, tag_dir / "tokenizer", final_root / tag_dir.name / "tokenizer")
     write_state(tag_dir, state.model_copy(update={"tokenizer": tokenizer}))
     manifest.write_manifest(tag_dir, manifest.describe(tag_dir, manifest.tag_files(tag_dir)))

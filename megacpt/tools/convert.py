@@ -1,4 +1,7 @@
-"""`megacpt convert hf-to-megacpt | megacpt-to-hf`: Hugging Face GPT-NeoX <-> megacpt checkpoints, verified.
+"""`megacpt convert hf-to-megacpt | megacpt-to-hf`: Hugging Face <-> megacpt checkpoints, verified.
+
+The families are GPT-NeoX (`GPTNeoXForCausalLM`), Llama (`LlamaForCausalLM`), Mistral (`MistralForCausalLM`)
+and Qwen2 (`Qwen2ForCausalLM`); config.json's `model_type` says which.
 
 Tensors go through model/hf_mapping.py (the one weight mapping), megacpt tags through checkpoint_io.py,
 and `transformers` reads and writes the Hugging Face side (safetensors or .bin, sharded or not). Each
@@ -21,6 +24,7 @@ from megacpt.cli_helpers import positive_int
 from megacpt.config import ModelConfig, ParallelConfig, TokenizerConfig, padded_vocab_size
 from megacpt.errors import UserError
 from megacpt.model import hf_mapping
+from megacpt.model.families import FAMILIES, Family, family_of_hf_model_type
 from megacpt.stages import CheckpointState, ImportedStage, ModelSignature, SavedConfig
 from megacpt.tools import checkpoint_io
 
@@ -35,7 +39,8 @@ class VerificationFailed(Exception):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     directions = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
     to_megacpt = directions.add_parser("hf-to-megacpt",
-                                       help="a Hugging Face GPT-NeoX folder -> a weights-only megacpt checkpoint")
+                                       help="a Hugging Face GPT-NeoX, Llama, Mistral or Qwen2 folder -> a "
+                                            "weights-only megacpt checkpoint")
     to_megacpt.add_argument("--hf", required=True, metavar="DIR",
                             help="local folder with config.json and the weights (safetensors or .bin, sharded or not)")
     checkpoint_io.add_output_arguments(to_megacpt,
@@ -43,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     to_megacpt.add_argument("--tp", type=positive_int, default=1, metavar="N",
                             help="tensor-parallel degree to split for (default 1)")
     to_hf = directions.add_parser("megacpt-to-hf",
-                                  help="a megacpt checkpoint -> a folder GPTNeoXForCausalLM.from_pretrained loads")
+                                  help="a megacpt checkpoint -> a folder the family's transformers class "
+                                       "(e.g. LlamaForCausalLM) loads with from_pretrained")
     to_hf.add_argument("--checkpoint", required=True, metavar="DIR",
                        help="a checkpoints folder (its `latest`) or one tag folder")
     checkpoint_io.add_output_arguments(to_hf, "Hugging Face folder")
@@ -77,16 +83,16 @@ def run(args: argparse.Namespace) -> int:
 
 def hf_to_megacpt(hf_dir: Path, output: Path, tp: int, overwrite: bool, device: torch.device | None,
                   threshold: float) -> float | None:
-    """Write a weights-only megacpt checkpoint of an HF GPT-NeoX folder; returns the verified logit difference."""
+    """Write a weights-only megacpt checkpoint of an HF folder; returns the verified logit difference."""
     model = model_config_from_hf(read_hf_config(hf_dir), hf_dir)
     checkpoint_io.check_tensor_parallel(model, tp)
     with checkpoint_io.staged_output(output, overwrite) as staging:
-        hf = load_hf(hf_dir, dtype="auto")
-        weights = hf_mapping.hf_to_megatron(hf.state_dict(), model.num_layers, padded_vocab_size(model.vocab_size, tp))
+        hf = load_hf(hf_dir, FAMILIES[model.family], dtype="auto")
+        weights = hf_mapping.hf_to_megatron(hf.state_dict(), model, padded_vocab_size(model.vocab_size, tp))
         tag_dir = checkpoint_io.write(staging, weights, import_state(hf_dir, model, tp), output)
         if device is None:
             return None
-        written = checkpoint_io.read_weights(tag_dir, tp)  # verify what is on disk, split and merged again
+        written = checkpoint_io.read_weights(tag_dir, model, tp)  # verify what is on disk, split and merged again
         return check_logits(hf, written, model, device, threshold)
 
 
@@ -105,16 +111,16 @@ def import_state(hf_dir: Path, model: ModelConfig, tp: int) -> CheckpointState:
 
 def megacpt_to_hf(path: Path, output: Path, overwrite: bool, device: torch.device | None,
                   threshold: float) -> float | None:
-    """Write an HF GPT-NeoX folder (padding rows removed, tokenizer copied) from any megacpt checkpoint."""
-    from transformers import GPTNeoXForCausalLM
-
+    """Write an HF folder of the model's family (padding rows removed, tokenizer copied) from any megacpt
+    checkpoint."""
     with checkpoint_io.staged_output(output, overwrite) as staging:
         source = checkpoint_io.load(path)
         model = source.model
+        family = FAMILIES[model.family]
         section = source.state.tokenizer
-        hf_state = hf_mapping.megatron_to_hf(source.weights, model.num_layers, model.vocab_size)
+        hf_state = hf_mapping.megatron_to_hf(source.weights, model)
         tokenizer = checkpoint_io.checkpoint_tokenizer(source.state)
-        save_hf(staging, hf_state, hf_config(model, tokenizer.eod_id if tokenizer else None))
+        save_hf(staging, hf_state, hf_config(model, tokenizer.eod_id if tokenizer else None), family)
         if section is not None and section.type == "hf":
             for name, file in checkpoint_io.tokenizer_files(section).items():
                 shutil.copyfile(file, staging / name)
@@ -124,7 +130,7 @@ def megacpt_to_hf(path: Path, output: Path, overwrite: bool, device: torch.devic
             print(f"note: the checkpoint's {section.type} tokenizer has no Hugging Face form; no tokenizer written")
         if device is None:
             return None
-        converted = GPTNeoXForCausalLM.from_pretrained(staging, dtype=torch.float32)
+        converted = hf_class(family).from_pretrained(staging, dtype=torch.float32)
         return check_logits(converted, source.weights, model, device, threshold)
 
 
@@ -140,7 +146,7 @@ def quiet_transformers() -> None:
 
 
 def read_hf_config(hf_dir: Path) -> dict:
-    """config.json of a GPT-NeoX model, or a UserError saying what the folder is instead."""
+    """config.json of a model of a known family, or a UserError saying what the folder is instead."""
     file = hf_dir / "config.json"
     if not hf_dir.is_dir():
         raise UserError(f"--hf {hf_dir} is not a folder")
@@ -148,17 +154,25 @@ def read_hf_config(hf_dir: Path) -> dict:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read the Hugging Face config {file}: {e}") from None
-    if config.get("model_type") != "gpt_neox":
-        raise UserError(f"{file} describes model_type '{config.get('model_type')}'; only GPT-NeoX ('gpt_neox', e.g. "
-                        "Pythia) converts to megacpt")
-    unsupported = {"hidden_act": "gelu", "attention_bias": True}
-    for key, wanted in unsupported.items():
-        if config.get(key, wanted) != wanted:
-            raise UserError(f"{file}: {key} {config[key]!r} is not supported; megacpt's GPT-NeoX has {key} {wanted!r}")
+    family = family_of_hf_model_type(config.get("model_type"))
+    if family is None:
+        known = ", ".join(f"'{f.hf_model_type}' ({f.hf_architecture})" for f in FAMILIES.values())
+        raise UserError(f"{file} describes model_type '{config.get('model_type')}'; megacpt converts {known}")
+    heads = config.get("num_attention_heads") or 1
+    # What megacpt's model of the family fixes: another value would compute something else.
+    fixed = {"hidden_act": "gelu", "attention_bias": True} if family.name == "neox" else {
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "use_sliding_window": False,
+        "head_dim": config.get("hidden_size", 0) // heads}
+    for key, wanted in fixed.items():
+        if config.get(key, wanted) not in (wanted, None):
+            raise UserError(f"{file}: {key} {config[key]!r} is not supported; megacpt's {family.name} model has "
+                            f"{key} {wanted!r}")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise UserError(f"{file}: rope_type '{rope['rope_type']}' is not supported; megacpt uses plain rotary "
-                        "embeddings")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    supported = ("default",) if family.name == "neox" else ("default", "llama3")
+    if rope_type not in supported:
+        raise UserError(f"{file}: rope_type '{rope_type}' is not supported for {family.name}; megacpt converts "
+                        f"{' and '.join(supported)} RoPE")
     return config
 
 
@@ -166,16 +180,31 @@ def model_config_from_hf(hf_config: dict, hf_dir: Path) -> ModelConfig:
     try:
         return ModelConfig(**hf_mapping.model_fields_from_hf(hf_config))
     except (KeyError, ValidationError) as e:
-        raise UserError(f"{hf_dir / 'config.json'} is not a usable GPT-NeoX config: {e}") from None
+        raise UserError(f"{hf_dir / 'config.json'} is not a usable {hf_config.get('model_type')} config: "
+                        f"{_first_problem(e)}") from None
 
 
-def load_hf(hf_dir: Path, dtype):
-    """GPTNeoXForCausalLM with every weight from the folder (a missing tensor is an error, not a random init)."""
+def _first_problem(e: Exception) -> str:
+    if isinstance(e, ValidationError):
+        err = e.errors()[0]
+        return f"{'.'.join(map(str, err['loc'])) or 'model'}: {err['msg'].removeprefix('Value error, ')}"
+    return f"missing key {e}"
+
+
+def hf_class(family: Family):
+    """The transformers class of the family (e.g. LlamaForCausalLM)."""
+    import transformers
+
+    return getattr(transformers, family.hf_architecture)
+
+
+def load_hf(hf_dir: Path, family: Family, dtype):
+    """The family's transformers model with every weight from the folder (a missing tensor is an error, not a
+    random init)."""
     from safetensors import SafetensorError
-    from transformers import GPTNeoXForCausalLM
 
     try:
-        model, info = GPTNeoXForCausalLM.from_pretrained(hf_dir, dtype=dtype, output_loading_info=True)
+        model, info = hf_class(family).from_pretrained(hf_dir, dtype=dtype, output_loading_info=True)
     except (OSError, SafetensorError, EOFError, RuntimeError) as e:  # missing, truncated or corrupt weight files
         weights = sorted(p.name for p in hf_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
         raise UserError(f"cannot load the weights in {hf_dir} ({', '.join(weights) or 'no weight files'}): "
@@ -189,18 +218,34 @@ def load_hf(hf_dir: Path, dtype):
 
 
 def hf_config(model: ModelConfig, eod: int | None):
-    """The GPTNeoXConfig of megacpt's model (rotary given by its legacy names, which transformers 4 and 5 read)."""
-    from transformers import GPTNeoXConfig
+    """The transformers config of megacpt's model (GPTNeoXConfig, LlamaConfig, MistralConfig or Qwen2Config)."""
+    import transformers
 
-    return GPTNeoXConfig(
-        vocab_size=model.vocab_size, hidden_size=model.hidden_size, num_hidden_layers=model.num_layers,
-        num_attention_heads=model.num_attention_heads, intermediate_size=model.ffn_hidden_size,
-        max_position_embeddings=model.seq_length, rotary_pct=model.rotary_pct, rotary_emb_base=model.rotary_base,
-        use_parallel_residual=model.parallel_residual, layer_norm_eps=model.layernorm_eps, hidden_act="gelu",
-        attention_bias=True, hidden_dropout=model.dropout, attention_dropout=model.dropout,
-        initializer_range=model.init_std, tie_word_embeddings=False, bos_token_id=eod, eos_token_id=eod,
-        architectures=["GPTNeoXForCausalLM"],
-    )
+    family = FAMILIES[model.family]
+    common = dict(vocab_size=model.vocab_size, hidden_size=model.hidden_size, num_hidden_layers=model.num_layers,
+                  num_attention_heads=model.num_attention_heads, intermediate_size=model.ffn_hidden_size,
+                  max_position_embeddings=model.seq_length, initializer_range=model.init_std,
+                  tie_word_embeddings=model.tie_embeddings, bos_token_id=eod, eos_token_id=eod,
+                  architectures=[family.hf_architecture])
+    if family.name == "neox":
+        # rotary given by its legacy names, which transformers 4 and 5 read
+        return transformers.GPTNeoXConfig(
+            **common, rotary_pct=model.rotary_pct, rotary_emb_base=model.rotary_base,
+            use_parallel_residual=model.parallel_residual, layer_norm_eps=model.layernorm_eps, hidden_act="gelu",
+            attention_bias=True, hidden_dropout=model.dropout, attention_dropout=model.dropout)
+    own = {"mistral": dict(sliding_window=model.sliding_window, head_dim=model.head_dim),
+           "qwen2": dict(use_sliding_window=False, sliding_window=None, max_window_layers=model.num_layers),
+           "llama": dict(attention_bias=False, mlp_bias=False, head_dim=model.head_dim)}[family.name]
+    config_class = getattr(transformers, family.hf_architecture.replace("ForCausalLM", "Config"))
+    return config_class(**common, **own, num_key_value_heads=model.num_query_groups, hidden_act="silu",
+                        rms_norm_eps=model.layernorm_eps, attention_dropout=model.dropout,
+                        rope_parameters=rope_parameters(model))
+
+
+def rope_parameters(model: ModelConfig) -> dict:
+    """Hugging Face's rope_parameters (transformers 5): rope_theta and the rope_scaling entries."""
+    scaling = model.rope_scaling.model_dump() if model.rope_scaling else {"rope_type": "default"}
+    return {"rope_theta": float(model.rotary_base), **scaling}
 
 
 def save_sentencepiece_as_hf(model_file: Path, folder: Path) -> None:
@@ -233,16 +278,30 @@ def save_sentencepiece_as_hf(model_file: Path, folder: Path) -> None:
         raise VerificationFailed(f"the Hugging Face form of {model_file} encodes text differently from SentencePiece")
 
 
-def save_hf(folder: Path, hf_state: dict[str, torch.Tensor], config) -> None:
-    """save_pretrained of a model holding `hf_state` (built on the meta device: no random init to pay for)."""
-    from transformers import GPTNeoXForCausalLM
+def save_hf(folder: Path, hf_state: dict[str, torch.Tensor], config, family: Family) -> None:
+    """save_pretrained of a model holding `hf_state` (built on the meta device: no random init to pay for).
 
+    config.json also gets `rope_theta` and `rope_scaling` next to transformers 5's `rope_parameters`, as
+    published Llama, Mistral and Qwen2 folders have them, for readers older than transformers 5."""
     with torch.device("meta"):
-        model = GPTNeoXForCausalLM(config)
-    if "embed_out.weight" not in model.state_dict():  # transformers 5 names the output layer lm_head
+        model = hf_class(family)(config)
+    expected = model.state_dict()
+    if "embed_out.weight" in hf_state and "embed_out.weight" not in expected:  # transformers 5 says lm_head
         hf_state["lm_head.weight"] = hf_state.pop("embed_out.weight")
+    if config.tie_word_embeddings:
+        hf_state["lm_head.weight"] = hf_state["model.embed_tokens.weight"]
     model.load_state_dict(hf_state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
     model.save_pretrained(folder)
+    if family.name != "neox":
+        file = folder / "config.json"
+        written = json.loads(file.read_text(encoding="utf-8"))
+        rope = written["rope_parameters"]
+        written["rope_theta"] = rope["rope_theta"]
+        written["rope_scaling"] = None if rope["rope_type"] == "default" else {
+            k: v for k, v in rope.items() if k != "rope_theta"}
+        file.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------ verification
