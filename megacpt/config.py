@@ -109,7 +109,7 @@ class ModelConfig(Section):
                                  f"{', '.join(PRESETS)}")
             for key, value in PRESETS[self.preset].items():
                 if key not in self.model_fields_set:
-                    object.__setattr__(self, key, value)
+                    object.__setattr__(self, key, RopeScalingConfig(**value) if key == "rope_scaling" else value)
         required = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size")
         missing = [k for k in required if getattr(self, k) is None]
         if missing:

@@ -57,21 +57,25 @@ class Layout:
         return f"tensor {self.tensor} x data {self.data}, ZeRO {self.zero_stage}"
 
 
-def universal_checkpoint_info(padded_vocab_size: int) -> dict:
+def universal_checkpoint_info(padded_vocab_size: int, gated_mlp: bool = False) -> dict:
     """What DeepSpeed's `ds_to_universal` needs to merge megacpt's tensor-parallel shards (saved with the model).
 
-    Parameters matching no pattern (column-parallel QKV and fc1) concatenate on dim 0. `original_vocab_size`
-    is the padded size, so that the padding rows (trained: the output layer's softmax covers them) are kept.
+    Parameters matching no pattern (column-parallel QKV and fc1) concatenate on dim 0; a SwiGLU fc1
+    (`gated_mlp`) is two sub-parameters, [gate; up], concatenated half by half. `original_vocab_size` is the
+    padded size, so that the padding rows (trained: the output layer's softmax covers them) are kept.
     """
     from deepspeed.checkpoint import constants as c
 
-    return {
+    info = {
         c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
         c.TP_REPLICATED_PARAMETER_PATTERNS: [hf_mapping.REPLICATED_PATTERN],
         c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [hf_mapping.ROW_PARALLEL_PATTERN],
         c.VOCABULARY_PARAMETER_PATTERNS: [hf_mapping.VOCAB_PATTERN],
         c.ORIGINAL_VOCAB_SIZE: padded_vocab_size,
     }
+    if gated_mlp:
+        info[c.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0] = [hf_mapping.GATED_FC1_PATTERN]
+    return info
 
 
 def saved_layout(tag_dir: Path, tensor_parallel: int) -> Layout | None:
@@ -166,7 +170,7 @@ def _convert_zero(tag_dir: Path, output: Path) -> None:
     for file in model_files:
         saved = torch.load(file, map_location="cpu", weights_only=False)
         saved["module"] = {n: t for n, t in saved["module"].items() if not n.endswith("._extra_state")}
-        padded = saved["module"]["output_layer.weight"].shape[0] * len(model_files)
+        padded = saved["module"]["embedding.word_embeddings.weight"].shape[0] * len(model_files)
         saved.setdefault(UNIVERSAL_CHECKPOINT_INFO, universal_checkpoint_info(padded))  # saved before megacpt did
         torch.save(saved, source / file.name)
     args = argparse.Namespace(input_folder=str(source), output_folder=str(output), num_extract_workers=1,
@@ -190,6 +194,7 @@ def _convert_unpartitioned(tag_dir: Path, output: Path, tensor_parallel: int) ->
     if any(o is None or "state" not in o for o in optimizers):
         raise UserError(f"checkpoint {tag_dir}: {FP32_ONLY}")
     shards = {"fp32": [], "exp_avg": [], "exp_avg_sq": []}
+    gated = bool(files[0].get(c.UNIVERSAL_CHECKPOINT_INFO, {}).get(c.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0))
     steps = []
     for saved, optimizer in zip(files, optimizers):
         weights = {n: t for n, t in saved["module"].items() if not n.endswith("._extra_state")}
@@ -201,11 +206,13 @@ def _convert_unpartitioned(tag_dir: Path, output: Path, tensor_parallel: int) ->
         steps += [s["step"] for s in states.values()]
     zero = output / "zero"
     for key, per_rank in shards.items():
-        for name, full in hf_mapping.merge_shards(per_rank).items():
+        for name, full in hf_mapping.merge_shards(per_rank, gated_mlp=gated).items():
             dim = hf_mapping.tensor_parallel_dim(name)
             entry = {c.PARAM: full, c.CAT_DIM: dim or 0}
             if re.match(hf_mapping.VOCAB_PATTERN, name):
                 entry[c.VOCAB_TENSOR] = True
+            if gated and re.match(hf_mapping.GATED_FC1_PATTERN, name):
+                entry[c.PARAM_N_SUB_PARAMS] = 2
             (zero / name).mkdir(parents=True, exist_ok=True)
             torch.save(entry, zero / name / f"{key}.pt")
             if key == "fp32" and steps:
@@ -253,11 +260,12 @@ def load_unpartitioned(engine, folder: Path, tensor_rank: int, tensor_size: int)
     zero = folder / "zero"
 
     def shard(name: str, key: str, like: torch.Tensor) -> torch.Tensor:
-        full = torch.load(zero / name / f"{key}.pt", map_location="cpu", weights_only=False)[c.PARAM]
+        entry = torch.load(zero / name / f"{key}.pt", map_location="cpu", weights_only=False)
+        full = entry[c.PARAM]
         if name in hf_mapping.VOCAB_ROWS:
             full = fit_rows(full, like.shape[0] * tensor_size)
-        dim = hf_mapping.tensor_parallel_dim(name)
-        part = full if dim is None else torch.chunk(full, tensor_size, dim=dim)[tensor_rank]
+        part = hf_mapping.split_for_rank({name: full}, tensor_size, tensor_rank,
+                                         gated_mlp=entry.get(c.PARAM_N_SUB_PARAMS, 1) == 2)[name]
         if part.shape != like.shape:
             raise UserError(f"{zero / name / key}.pt holds shape {tuple(full.shape)}, which does not split into "
                             f"this model's {tuple(like.shape)} at tensor parallel {tensor_size}")

@@ -108,11 +108,12 @@ def build_engine(config: RunConfig, world, scheduler_factory=None, load_universa
     from megacpt.distributed import MegatronMPU
     from megacpt.elastic import universal_checkpoint_info
     from megacpt.model.gpt import build_gpt
+    from megacpt.model.hf_mapping import gated_mlp
 
     model = build_gpt(config.model, config.padded_vocab_size, world.tensor_size,
-                           activation_checkpointing=config.train.activation_checkpointing,
-                           cpu_init=world.device.type == "cpu")
-    model.universal_checkpoint_info = universal_checkpoint_info(config.padded_vocab_size)
+                      activation_checkpointing=config.train.activation_checkpointing,
+                      cpu_init=world.device.type == "cpu")
+    model.universal_checkpoint_info = universal_checkpoint_info(config.padded_vocab_size, gated_mlp(config.model))
     ds = deepspeed_config(config, world.data_size, load_universal)
     return initialize(model, ds, scheduler_factory, MegatronMPU)
 

@@ -8,7 +8,7 @@ from megacpt.data.datasets import SourceStream
 from megacpt.data.loader import collate
 from megacpt.evaluate import token_losses
 from megacpt.model.attention import document_attention_mask
-from megacpt.model.neox import build_gpt_neox
+from megacpt.model.gpt import build_gpt
 
 from datagen import read_metrics, tiny_config, write_config, write_indexed
 
@@ -77,7 +77,7 @@ def documents_alone(model, sample: dict) -> tuple[torch.Tensor, float]:
 
 def test_packed_logits_with_the_mask_equal_each_document_run_alone(numbered, tmp_path, world):
     torch.manual_seed(0)
-    model = build_gpt_neox(ModelConfig(preset="tiny", vocab_size=65536, num_layers=2), 65536).eval()
+    model = build_gpt(ModelConfig(preset="tiny", vocab_size=65536, num_layers=2), 65536).eval()
     laid = stream(numbered, tmp_path, True)
     samples = [laid[i] for i in range(2)]
     mb = collate(samples, torch.device("cpu"))

@@ -13,12 +13,17 @@ STEPS, SAVED_AT = 20, 10
 TOLERANCE = 1e-5
 
 
-def _config(tmp_path, pattern_data, zero: int, tensor: int = 1) -> str:
+# A Llama-style tiny model: SwiGLU (fc1 is [gate; up] under TP), two key/value groups, tied embeddings.
+LLAMA = {"preset": "tiny", "family": "llama", "num_query_groups": 2, "tie_embeddings": True}
+
+
+def _config(tmp_path, pattern_data, zero: int, tensor: int = 1, model: dict | None = None) -> str:
     config = tiny_config(tmp_path / "run", [{"name": "a", "prefix": pattern_data["a"], "weight": 3},
                                             {"name": "noise", "prefix": pattern_data["noise"]}],
                          train={"steps": STEPS, "global_batch_size": 8, "micro_batch_size": 2,
                                 "save_interval": SAVED_AT, "log_interval": 1},
-                         parallel={"tensor": tensor}, deepspeed={"zero_optimization": {"stage": zero}})
+                         parallel={"tensor": tensor}, deepspeed={"zero_optimization": {"stage": zero}},
+                         model=model or {"preset": "tiny"})
     return write_config(tmp_path / f"zero{zero}_tp{tensor}.json", config)
 
 
@@ -45,10 +50,11 @@ def _rewind(run_dir, step: int) -> None:
     (root / "latest").write_text(f"step{step:08d}")
 
 
-def _resume(tmp_path, pattern_data, straight: dict, processes: int, zero: int, tensor: int = 1) -> str:
+def _resume(tmp_path, pattern_data, straight: dict, processes: int, zero: int, tensor: int = 1,
+            model: dict | None = None) -> str:
     """Rewind RUN_DIR to step 10, resume it on this layout, check steps 11-20 against `straight`; the log."""
     _rewind(tmp_path / "run", SAVED_AT)
-    result = _train(processes, _config(tmp_path, pattern_data, zero, tensor))
+    result = _train(processes, _config(tmp_path, pattern_data, zero, tensor, model))
     _check_continues(_per_step(tmp_path / "run"), straight)
     return result.stderr
 
@@ -63,9 +69,9 @@ def _check_continues(resumed: dict, straight: dict) -> None:
         assert resumed[step]["lr"] == straight[step]["lr"]
 
 
-def _straight(tmp_path, pattern_data, processes: int, zero: int, tensor: int = 1) -> dict:
+def _straight(tmp_path, pattern_data, processes: int, zero: int, tensor: int = 1, model: dict | None = None) -> dict:
     """The uninterrupted 20-step run on the original layout (it saves at steps 10 and 20)."""
-    _train(processes, _config(tmp_path, pattern_data, zero, tensor))
+    _train(processes, _config(tmp_path, pattern_data, zero, tensor, model))
     return _per_step(tmp_path / "run")
 
 
@@ -110,3 +116,12 @@ def test_tensor_parallel_2_resumes_at_1_as_zero0_and_as_zero1_and_from_reshard(t
     result = _train(1, write_config(tmp_path / "from_reshard.json", config))
     assert "holds its optimizer state in universal form only" in result.stderr
     _check_continues(_per_step(tmp_path / "from_reshard"), straight)
+
+
+@pytest.mark.launcher
+def test_a_llama_at_tensor_parallel_2_resumes_at_1_as_zero0_and_as_zero1(tmp_path, pattern_data):
+    """SwiGLU's fc1 holds [gate; up] of each rank's slice: the universal form joins the halves, not the ranks."""
+    straight = _straight(tmp_path, pattern_data, 2, zero=1, tensor=2, model=LLAMA)
+    log = _resume(tmp_path, pattern_data, straight, 1, zero=0, model=LLAMA)
+    assert _said(log, "tensor 2 x data 1, ZeRO 1", "tensor 1 x data 1, ZeRO 0")
+    _resume(tmp_path, pattern_data, straight, 1, zero=1, model=LLAMA)

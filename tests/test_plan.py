@@ -53,6 +53,25 @@ def neox_parameters_by_hand(layers: int, h: int, ffn: int, vocab: int, tp: int =
     return layers * (split // tp + whole) + 2 * vocab * h // tp + 2 * h
 
 
+def llama_parameters_by_hand(layers: int, h: int, heads: int, groups: int, ffn: int, vocab: int, tied: bool,
+                             qkv_bias: bool = False, tp: int = 1) -> int:
+    """Llama-style parameters on one of `tp` ranks: per layer q (h x h), k and v (G*d x h each, d = h / H) and
+    Qwen2's q/k/v biases (h + 2 G d) split by rows, o (h x h) and down (h x ffn) by columns, gate and up (ffn x h
+    each) by rows, two RMSNorms (h each, no bias); the embedding and, untied, the output layer (vocab x h each);
+    the final RMSNorm (h)."""
+    kv = 2 * groups * (h // heads)
+    split = h * h + kv * h + h * h + 3 * ffn * h + (h + kv if qkv_bias else 0)
+    return layers * (split // tp + 2 * h) + (1 if tied else 2) * vocab * h // tp + h
+
+
+def by_hand(model: ModelConfig, vocab: int, tp: int = 1) -> int:
+    if model.family == "neox":
+        return neox_parameters_by_hand(model.num_layers, model.hidden_size, model.ffn_hidden_size, vocab, tp)
+    return llama_parameters_by_hand(model.num_layers, model.hidden_size, model.num_attention_heads,
+                                    model.num_query_groups, model.ffn_hidden_size, vocab, model.tie_embeddings,
+                                    model.family == "qwen2", tp)
+
+
 # (preset, tensor-parallel degree the vocabulary is padded for); the model itself is built at TP 1.
 COUNTED = [(name, 1) for name in PRESETS] + [("neox-10b", 6)]
 
@@ -65,9 +84,8 @@ def test_parameter_formula_equals_the_model_megacpt_builds(world_of_one, preset,
     vocab = padded_vocab_size(model_config.vocab_size, tp)
     with torch.device("meta"):  # shapes only: the 10B allocates nothing
         model = build_gpt(model_config, vocab)
-    by_hand = neox_parameters_by_hand(model_config.num_layers, model_config.hidden_size,
-                                      model_config.ffn_hidden_size, vocab)
-    assert sum(p.numel() for p in model.parameters()) == by_hand == parameter_count(model_config, vocab)
+    assert sum(p.numel() for p in model.parameters()) == by_hand(model_config, vocab) == parameter_count(model_config,
+                                                                                                          vocab)
 
 
 def test_published_parameter_counts():
@@ -80,6 +98,32 @@ def test_published_parameter_counts():
     assert padded_vocab_size(ten_b.vocab_size, 6) == padded_vocab_size(ten_b.vocab_size, 4) == 50688
     assert parameter_count(ten_b, padded_vocab_size(ten_b.vocab_size, 6)) == 9_642_249_216
     assert parameters_per_rank(ten_b, 50688, 4) == neox_parameters_by_hand(36, 4608, 4 * 4608, 50688, tp=4)
+
+
+# The published counts (Hugging Face model cards / safetensors metadata) of the Llama-style presets, with the
+# architecture of each written out: layers, hidden, heads, key/value groups, FFN, vocabulary, tied, q/k/v bias.
+PUBLISHED = {
+    "llama-3.2-1b": (1_235_814_400, (16, 2048, 32, 8, 8192, 128256, True, False)),
+    "llama-3.1-8b": (8_030_261_248, (32, 4096, 32, 8, 14336, 128256, False, False)),
+    "llama-3.1-70b": (70_553_706_496, (80, 8192, 64, 8, 28672, 128256, False, False)),
+    "mistral-7b": (7_241_732_096, (32, 4096, 32, 8, 14336, 32000, False, False)),
+    "qwen2.5-0.5b": (494_032_768, (24, 896, 14, 2, 4864, 151936, True, True)),
+    "qwen2.5-7b": (7_615_616_512, (28, 3584, 28, 4, 18944, 152064, False, True)),
+}
+
+
+@pytest.mark.parametrize("preset", PUBLISHED)
+def test_published_parameter_counts_of_the_llama_style_presets(preset):
+    published, dims = PUBLISHED[preset]
+    assert llama_parameters_by_hand(*dims) == published
+    model = ModelConfig(preset=preset)
+    layers, h, heads, groups, ffn, vocab, tied, _ = dims
+    assert (model.num_layers, model.hidden_size, model.num_attention_heads, model.num_query_groups,
+            model.ffn_hidden_size, model.vocab_size, model.tie_embeddings) == (layers, h, heads, groups, ffn, vocab,
+                                                                               tied)
+    assert padded_vocab_size(vocab, 1) == vocab  # multiples of 128: nothing padded at TP 1
+    assert parameter_count(model, vocab) == published
+    assert parameters_per_rank(model, padded_vocab_size(vocab, 8), 8) == by_hand(model, padded_vocab_size(vocab, 8), 8)
 
 
 @pytest.mark.parametrize("stage, weights, grads, optimizer", [

@@ -65,6 +65,11 @@ REPLICATED_PATTERN = r".*(layernorm\.(weight|bias)|(linear_proj|linear_fc2)\.bia
 GATED_FC1_PATTERN = r".*linear_fc1\.(weight|bias)$"
 
 
+def gated_mlp(model: ModelConfig) -> bool:
+    """Whether the model's fc1 is SwiGLU's [gate; up] (tensor parallelism splits both halves)."""
+    return FAMILIES[model.family].gated_mlp
+
+
 def tensor_parallel_dim(name: str) -> int | None:
     """The dimension megatron splits this parameter along under tensor parallelism (None: replicated)."""
     if re.match(VOCAB_PATTERN, name) or re.match(COLUMN_PARALLEL_PATTERN, name):

@@ -12,6 +12,7 @@ from typing import Iterator
 
 from megacpt.config import ModelConfig, RunConfig, batch_arithmetic, padded_vocab_size
 from megacpt.errors import ConfigError, UserError
+from megacpt.model.families import FAMILIES
 
 GB = 1e9
 RESERVED_BYTES = 4 * GB  # CUDA context, NCCL, DeepSpeed's reduce/all-gather buckets (5e8 elements each)
@@ -78,7 +79,7 @@ class Estimate:
 
 
 def parameter_count(model: ModelConfig, padded_vocab: int) -> int:
-    """All parameters of the GPT-NeoX model megacpt builds (untied embeddings, biases, two LayerNorms per layer)."""
+    """All parameters of the model megacpt builds for the config's family."""
     return parameters_per_rank(model, padded_vocab, 1)
 
 
@@ -86,13 +87,26 @@ def parameters_per_rank(model: ModelConfig, padded_vocab: int, tensor: int) -> i
     """Parameters held by one tensor-parallel rank.
 
     Column-parallel QKV and fc1 split weights and biases, row-parallel proj and fc2 split weights and keep
-    their biases whole, LayerNorms are replicated, the input embedding and output layer split the vocabulary.
+    their biases whole, norms are replicated, the input embedding and output layer split the vocabulary (one
+    matrix when tied). GPT-NeoX: biases everywhere, LayerNorms (weight and bias), a GELU MLP. Llama-style
+    families: grouped-query QKV (H + 2G heads of d), a SwiGLU MLP (gate, up, down), RMSNorms (weight only),
+    biases only on Qwen2's QKV.
     """
-    h, f = model.hidden_size, model.ffn_hidden_size
-    split = 4 * h * h + 2 * h * f + 3 * h + f  # QKV, proj, fc1, fc2 weights; QKV and fc1 biases
-    whole = 2 * h + 2 * 2 * h  # proj and fc2 biases; two LayerNorms (weight and bias)
-    per_layer = split // tensor + whole
-    return model.num_layers * per_layer + 2 * padded_vocab * h // tensor + 2 * h  # + final LayerNorm
+    h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
+    qkv = (model.num_attention_heads + 2 * model.num_query_groups) * d
+    family = FAMILIES[model.family]
+    mlp_in = 2 * f if family.gated_mlp else f
+    split = qkv * h + h * h + mlp_in * h + f * h  # QKV, proj, fc1, fc2 weights
+    whole = 0
+    if family.qkv_bias:
+        split += qkv
+    if family.linear_bias:
+        split += mlp_in  # fc1 bias
+        whole += 2 * h  # proj and fc2 biases
+    norm = 2 * h if family.normalization == "LayerNorm" else h
+    per_layer = split // tensor + whole + 2 * norm
+    embeddings = (1 if model.tie_embeddings else 2) * padded_vocab * h // tensor
+    return model.num_layers * per_layer + embeddings + norm  # + final norm
 
 
 # -------------------------------------------------------------------------------------------- memory
@@ -223,11 +237,13 @@ def largest_micro_batch(config: RunConfig, cluster: Cluster, layout: Layout) -> 
 
 
 def candidate_layouts(config: RunConfig, cluster: Cluster) -> Iterator[Layout]:
-    """Every layout that can run the config: TP inside a node and dividing the heads and the FFN, ZeRO at the
-    config's stage or above, a micro batch that divides each rank's share of the global batch."""
+    """Every layout that can run the config: TP inside a node and dividing the heads, the key/value groups and
+    the FFN, ZeRO at the config's stage or above, a micro batch that divides each rank's share of the global
+    batch."""
     model = config.model
     for tp in range(1, cluster.gpus_per_node + 1):
-        if cluster.gpus_per_node % tp or model.num_attention_heads % tp or model.ffn_hidden_size % tp:
+        if (cluster.gpus_per_node % tp or model.num_attention_heads % tp or model.num_query_groups % tp
+                or model.ffn_hidden_size % tp):
             continue
         data = cluster.world_size // tp
         if config.train.global_batch_size % data:
@@ -254,7 +270,8 @@ def recommend(config: RunConfig, cluster: Cluster) -> Estimate:
     if not estimates:
         raise UserError(
             f"no layout of {cluster.describe()} can run this config: tensor parallel must divide the "
-            f"{cluster.gpus_per_node} GPUs of a node, the {config.model.num_attention_heads} heads and the FFN size, "
+            f"{cluster.gpus_per_node} GPUs of a node, the {config.model.num_attention_heads} heads, the "
+            f"{config.model.num_query_groups} key/value groups and the FFN size, "
             f"and train.global_batch_size {config.train.global_batch_size} must be a multiple of the "
             f"data-parallel size (world size / tensor parallel)")
     fitting = [e for e in estimates if e.fits]
@@ -264,6 +281,7 @@ def recommend(config: RunConfig, cluster: Cluster) -> Estimate:
             f"no layout fits in {cluster.gpu_memory_gb:g} GB per GPU on {cluster.describe()}: the smallest "
             f"estimate is {smallest.total_bytes / GB:.1f} GB ({smallest.layout.describe()}), above the "
             f"{cluster.memory_limit_bytes / GB:g} GB limit ({FIT_FRACTION:.0%}); use more GPUs or GPUs with more "
-            "memory")
+            "memory (megacpt has no pipeline parallelism: tensor parallelism stays inside a node, and ZeRO-3 "
+            "partitions the rest over the data-parallel ranks)")
     return min(fitting, key=lambda e: (e.layout.activation_checkpointing, e.layout.zero_stage, e.layout.tensor,
                                        -e.layout.micro_batch))

@@ -26,7 +26,7 @@ from megacpt.config import ModelConfig, ParallelConfig, TokenizerConfig
 from megacpt.errors import UserError
 from megacpt.files import replace_durably
 from megacpt.model import hf_mapping
-from megacpt.model.families import FAMILIES
+from megacpt.model.hf_mapping import gated_mlp
 from megacpt.stages import CheckpointState, ModelSignature, read_state, write_state
 
 MODEL_STATES = "mp_rank_{:02d}_model_states.pt"
@@ -65,11 +65,6 @@ def load(path: str | Path, key: str = "--checkpoint") -> Checkpoint:
     tag_dir = checkpoint.open_tag(path, key=key)
     state = read_state(tag_dir)
     return Checkpoint(tag_dir, state, read_weights(tag_dir, state.config.model, state.model.tensor_parallel))
-
-
-def gated_mlp(model: ModelConfig) -> bool:
-    """Whether the model's fc1 is SwiGLU's [gate; up] (tensor parallelism splits both halves)."""
-    return FAMILIES[model.family].gated_mlp
 
 
 def read_weights(tag_dir: Path, model: ModelConfig, tensor_parallel: int) -> dict[str, torch.Tensor]:

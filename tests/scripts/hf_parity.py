@@ -12,7 +12,7 @@ from megacpt.config import ModelConfig, padded_vocab_size
 from megacpt.distributed import setup_world
 from megacpt.model import hf_mapping
 from megacpt.model.gpt import build_gpt
-from megacpt.tools.checkpoint_io import gated_mlp, module_state
+from megacpt.tools.checkpoint_io import module_state
 
 
 def main(hf_dir: str, tp: int, out: str) -> None:
@@ -25,7 +25,7 @@ def main(hf_dir: str, tp: int, out: str) -> None:
     unmapped = {name for name, _ in hf.named_parameters()} - hf_mapping.hf_names(model_cfg)
     assert not unmapped, f"Hugging Face parameters the mapping leaves out: {sorted(unmapped)}"
     full = hf_mapping.hf_to_megatron(hf.state_dict(), model_cfg, padded)
-    shard = hf_mapping.split_for_rank(full, tp, world.tensor_rank, gated_mlp=gated_mlp(model_cfg))
+    shard = hf_mapping.split_for_rank(full, tp, world.tensor_rank, gated_mlp=hf_mapping.gated_mlp(model_cfg))
     model.load_state_dict(module_state(shard), strict=True)
     ids = torch.randint(0, c.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
