@@ -32,7 +32,7 @@ def main() -> None:
     from megacpt.config import validate_config
     from megacpt.data.datasets import build_train_dataset
     from megacpt.data.loader import BatchStream
-    from megacpt.metrics import MetricsWriter
+    from megacpt.train.metrics import JsonlSink
 
     cpu = torch.device("cpu")
     step = megacpt_trainer(megacpt_engine("demo", cpu), "demo", cpu)  # sets up the world of one
@@ -61,7 +61,7 @@ def main() -> None:
     batch = stream.next_step()[0]
     train = [timed(lambda: step(batch["tokens"], batch["labels"])) for _ in range(REPS)]
     (folder / "metrics").mkdir()
-    writer = MetricsWriter(folder / "metrics", enabled=True)
+    writer = JsonlSink(folder / "metrics")
     log = [timed(lambda: writer.write({"step": 1, "loss": 1.0,
                                        "samples": dataset.samples_per_source(stream.consumed_samples)}))
            for _ in range(REPS)]

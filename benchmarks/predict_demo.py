@@ -26,7 +26,7 @@ import numpy as np
 from megacpt.cli import main as megacpt
 from megacpt.demo.corpora import write_corpora
 from megacpt.prediction.loss_curves import run_curve
-from megacpt.prediction.predict import fit_runs, plot_predictions, predict_stage
+from megacpt.prediction.predict_command import fit_runs, plot_predictions, predict_stage
 
 LAWS = ("tissue", "multipower", "cpt")
 VALS = ("code", "prose")

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from megacpt.data.preprocess import preprocess, tokenizer_config
+from megacpt.data.preprocess_command import preprocess, tokenizer_config
 from megacpt.data.sentencepiece_training import train_sentencepiece
 
 DOC_MODULES = ("argparse", "collections", "json", "os", "pathlib", "re", "shutil", "subprocess", "threading", "logging",

@@ -51,9 +51,9 @@ def padded_vocab(model_cfg) -> int:
 def megacpt_engine(size: str, device: torch.device, activation_checkpointing: bool = False):
     """megacpt's model in its DeepSpeed engine, built as `megacpt train` builds it."""
     from megacpt.config import RunConfig
-    from megacpt.distributed import MegatronMPU, setup_world
-    from megacpt.engine import deepspeed_config, initialize
     from megacpt.model.gpt import build_gpt
+    from megacpt.runtime.distributed import MegatronMPU, setup_world
+    from megacpt.runtime.engine import deepspeed_config, initialize
     from megacpt.schedule import StageScheduler
 
     setup_world(1, 0)

@@ -35,7 +35,7 @@ import numpy as np
 from megacpt.config import load_config
 from megacpt.data.documents import DOCUMENT_BYTES_SUFFIX
 from megacpt.demo.configs import FULL, QUICK, DemoPaths, stage0_config, stage1_config
-from megacpt.demo.experiment import corpora_phase
+from megacpt.demo.demo_command import corpora_phase
 from megacpt.sweep.execute import is_finished, train
 
 ARMS = ("own", "extended", "extended_freeze")

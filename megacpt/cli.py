@@ -15,39 +15,46 @@ from megacpt.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("megacpt.train", "train one stage from a JSON config (resumes RUN_DIR if it holds a checkpoint)"),
-    "preprocess": ("megacpt.data.preprocess", "tokenize jsonl/txt into Megatron indexed datasets (PREFIX.bin/.idx)"),
+    "train": ("megacpt.train.train_command",
+        "train one stage from a JSON config (resumes RUN_DIR if it holds a checkpoint)"),
+    "preprocess": ("megacpt.data.preprocess_command",
+        "tokenize jsonl/txt into Megatron indexed datasets (PREFIX.bin/.idx)"),
     "tokenizer": ("megacpt.data.tokenizer_command",
-                  "train a SentencePiece tokenizer, or extend one with pieces of a new corpus"),
-    "data": ("megacpt.data.data_command", "show the samples a training step read, from the run's sample ledger "
-                                          "(logging.sample_ledger)"),
+        "train a SentencePiece tokenizer, or extend one with pieces of a new corpus"),
+    "data": ("megacpt.data.data_command",
+        "show the samples a training step read, from the run's sample ledger (logging.sample_ledger)"),
     "schedule": ("megacpt.planning.schedule_command",
-                 "write the LR of every step of a config's stage, or of a chain of stages, as CSV (and a plot)"),
-    "plan": ("megacpt.planning.plan_command", "parameter count, memory per GPU, step time and the best layout for a "
-                                              "cluster"),
-    "convert": ("megacpt.tools.convert", "convert checkpoints between Hugging Face GPT-NeoX and megacpt (verified by "
-                                         "comparing logits)"),
-    "reshard": ("megacpt.tools.reshard", "change a checkpoint's tensor-parallel degree (weights and optimizer state)"),
-    "extend-vocab": ("megacpt.tools.extend_vocab", "grow a checkpoint's embedding and output layer for an extended "
-                                                   "tokenizer (old ids unchanged)"),
-    "merge": ("megacpt.tools.merge", "weighted average of checkpoints of the same architecture (model merging)"),
-    "checkpoint": ("megacpt.tools.checkpoint_command", "verify checkpoint tags against their manifests; --clean "
-                                                       "removes unfinished saves"),
-    "generate": ("megacpt.tools.generate", "greedy decoding from a checkpoint, for a quick look"),
-    "demo": ("megacpt.demo.experiment", "forgetting and replay end to end on CPU: prose -> code, five stage-1 arms "
-                                        "(--quick: ~3 min)"),
-    "eval": ("megacpt.evaluation.eval_command", "loss and perplexity of a checkpoint on each validation set (the "
-                                                "training loop's numbers)"),
-    "plot": ("megacpt.evaluation.plot", "LR and per-dataset validation loss against tokens for runs and their earlier "
-                                        "stages (forgetting/adaptation)"),
-    "passkey": ("megacpt.evaluation.passkey_command", "synthetic passkey retrieval: a number hidden at chosen depths "
-                                                      "of a long prompt, scored by loss and greedy answer"),
+        "write the LR of every step of a config's stage, or of a chain of stages, as CSV (and a plot)"),
+    "plan": ("megacpt.planning.plan_command",
+        "parameter count, memory per GPU, step time and the best layout for a cluster"),
+    "convert": ("megacpt.weights.convert_command",
+        "convert checkpoints between Hugging Face GPT-NeoX and megacpt (verified by comparing logits)"),
+    "reshard": ("megacpt.weights.reshard_command",
+        "change a checkpoint's tensor-parallel degree (weights and optimizer state)"),
+    "extend-vocab": ("megacpt.weights.extend_vocab_command",
+        "grow a checkpoint's embedding and output layer for an extended tokenizer (old ids unchanged)"),
+    "merge": ("megacpt.weights.merge_command",
+        "weighted average of checkpoints of the same architecture (model merging)"),
+    "checkpoint": ("megacpt.checkpoint.checkpoint_command",
+        "verify checkpoint tags against their manifests; --clean removes unfinished saves"),
+    "generate": ("megacpt.weights.generate_command",
+        "greedy decoding from a checkpoint, for a quick look"),
+    "demo": ("megacpt.demo.demo_command",
+        "forgetting and replay end to end on CPU: prose -> code, five stage-1 arms (--quick: ~3 min)"),
+    "passkey": ("megacpt.evaluation.passkey_command",
+        "synthetic passkey retrieval: a number hidden at chosen depths of a long prompt, scored by loss and greedy "
+        "answer"),
+    "eval": ("megacpt.evaluation.eval_command",
+        "loss and perplexity of a checkpoint on each validation set (the training loop's numbers)"),
+    "plot": ("megacpt.evaluation.plot_command",
+        "LR and per-dataset validation loss against tokens for runs and their earlier stages (forgetting/adaptation)"),
     "lm-eval": ("megacpt.evaluation.lm_eval_command",
-                "run lm-evaluation-harness tasks on a checkpoint (needs the 'eval' extra)"),
-    "sweep": ("megacpt.sweep.command", "run a config over a grid of values and seeds, locally or as a SLURM job "
-                                       "array, and report the runs side by side"),
-    "predict": ("megacpt.prediction.predict", "fit a loss law (tissue, multipower, cpt) on runs and predict the "
-                                              "validation curves of planned stages"),
+        "run lm-evaluation-harness tasks on a checkpoint (needs the 'eval' extra)"),
+    "sweep": ("megacpt.sweep.sweep_command",
+        "run a config over a grid of values and seeds, locally or as a SLURM job array, and report the runs side by "
+        "side"),
+    "predict": ("megacpt.prediction.predict_command",
+        "fit a loss law (tissue, multipower, cpt) on runs and predict the validation curves of planned stages"),
 }
 
 

@@ -177,7 +177,7 @@ class TokenizerConfig(Section):
         return self
 
 
-# A mixture schedule: [step, value] points, piecewise linear, constant outside (data/blend.py `scheduled`).
+# A mixture schedule: [step, value] points, piecewise linear, constant outside (`scheduled`).
 SchedulePoints = list[tuple[int | float, float]]
 _POINTS_RULE = ("[step, value] points whose step is an int (an optimizer step of the stage, >= 0) or a float in "
                 "[0, 1] (a fraction of train.steps), in increasing order")
@@ -202,6 +202,15 @@ def check_points(points: SchedulePoints, low: float, high: float, high_open: boo
 def point_steps(points: SchedulePoints, steps: int) -> list[float]:
     """The optimizer step of each point of a schedule of a stage of `steps` steps."""
     return [x * steps if isinstance(x, float) else float(x) for x, _ in points]
+
+
+def scheduled(schedule: float | SchedulePoints, stage_steps: int, steps: np.ndarray) -> np.ndarray:
+    """The value of `schedule` at each of `steps`: a number everywhere, or its points joined linearly and held
+    constant before the first and after the last (a float point step is a fraction of `stage_steps`)."""
+    if isinstance(schedule, (int, float)):
+        return np.full(len(steps), float(schedule))
+    xs = [x * stage_steps if isinstance(x, float) else x for x, _ in schedule]
+    return np.interp(steps, xs, [v for _, v in schedule])
 
 
 class DataSource(Section):
@@ -625,8 +634,6 @@ class RunConfig(Section):
 def check_mixture_schedules(data: DataConfig, steps: int) -> None:
     """Each schedule's points in increasing step order, and each group's weights summing to more than 0 at
     every step of the stage (raised as a ConfigError naming the key: pydantic passes it through)."""
-    from megacpt.data.blend import scheduled
-
     schedules = data.schedules()
     for key, points in schedules.items():
         at = point_steps(points, steps)

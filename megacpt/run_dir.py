@@ -1,5 +1,6 @@
-"""What a run owns on disk: RUN_DIR, held under an exclusive lock for the run's life, and the files in it
-that a restart rewrites (config.json, metrics.jsonl).
+"""What a run owns on disk: RUN_DIR, held under an exclusive lock for the run's life, the names of every
+file and folder in it (this module is their one owner), and the files a restart rewrites (config.json,
+metrics.jsonl).
 
 The lock is an OS file lock (flock through the `filelock` package) on RUN_DIR/.megacpt.lock: it dies with its
 process, so a killed run never leaves a stale lock, and a second run on the same folder (a requeued job that
@@ -24,6 +25,17 @@ from megacpt.files import write_atomic
 
 LOCK = ".megacpt.lock"
 OWNER = ".megacpt.lock.owner"  # host and pid of the holder (the lock file itself stays empty)
+CONFIG = "config.json"  # the resolved config of the run's latest start
+METRICS = "metrics.jsonl"  # one JSON record per line: training, evaluation, events
+CHECKPOINTS = "checkpoints"  # DeepSpeed tags and the `latest` pointer
+SAMPLES = "samples.jsonl"  # the sample ledger (logging.sample_ledger)
+SPIKE_LEDGER = "spike_ledger.json"  # loss-spike rollbacks and the batches skipped since
+TENSORBOARD = "tensorboard"  # event files (logging.tensorboard)
+WANDB_RUN_ID = "wandb_run_id"  # the W&B run a resumed stage continues (logging.wandb)
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
 
 
 def check_usable(run_dir: Path) -> None:
@@ -86,7 +98,7 @@ def _owner(run_dir: Path) -> str:
 
 def write_config(run_dir: Path, config: dict) -> None:
     """RUN_DIR/config.json, replaced atomically (written only once a start has passed its checks)."""
-    write_atomic(run_dir / "config.json", json.dumps(config, indent=2))
+    write_atomic(run_dir / CONFIG, json.dumps(config, indent=2))
 
 
 def keep_metrics_until(run_dir: Path, step: int) -> int:
@@ -95,7 +107,7 @@ def keep_metrics_until(run_dir: Path, step: int) -> int:
     A run killed after its last checkpoint logged steps that its resume will train again: dropping them
     leaves one record per step for every reader (plot, predict, eval).
     """
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     if not path.is_file():
         return 0
     kept, dropped = [], 0
@@ -112,3 +124,21 @@ def keep_metrics_until(run_dir: Path, step: int) -> int:
     if dropped:
         write_atomic(path, "".join(line + "\n" for line in kept))
     return dropped
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl; a UserError naming the path when there are none."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        what = "does not exist" if not Path(run_dir).exists() else f"holds no {METRICS}"
+        raise UserError(f"run directory {run_dir} {what}: give the run_dir of a `megacpt train` run")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {number} is not JSON: {e.msg}") from None
+    if not any("loss" in r or "eval" in r for r in records):
+        raise UserError(f"{path} holds no training or evaluation records yet")
+    return records

@@ -230,19 +230,21 @@ class StageScheduler:
     DeepSpeed builds the optimizer from its config).
     """
 
-    def __init__(self, optimizer: Optimizer, schedule: ScheduleConfig, steps: int, stage_index: int = 0):
+    def __init__(self, optimizer: Optimizer, schedule: ScheduleConfig, steps: int, stage_index: int = 0,
+                 lr_factor: Callable[[int], float] | None = None):
         check_schedule(schedule, steps)
         self.optimizer = optimizer
         self.schedule = schedule
         self.steps = steps
         self.stage_index = stage_index
         self.t = 0
-        self.lr_factor = 1.0  # set by the loop for a step whose LR is lowered (after a loss-spike rollback)
+        # step (1-based) -> multiplier of its LR: lowered for some steps after a loss-spike rollback
+        self.lr_factor = lr_factor or (lambda step: 1.0)
         optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: self.apply())
         self.apply()
 
     def current_lr(self) -> float:
-        return lr_at(self.schedule, self.steps, self.t, self.stage_index) * self.lr_factor
+        return lr_at(self.schedule, self.steps, self.t, self.stage_index) * self.lr_factor(self.t + 1)
 
     def apply(self) -> None:
         lr = self.current_lr()

@@ -80,6 +80,6 @@ def pattern_data(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def world():
     """A world of one in this process (gloo), for tests that build datasets or models in-process."""
-    from megacpt.distributed import setup_world
+    from megacpt.runtime.distributed import setup_world
 
     return setup_world(1, 0)

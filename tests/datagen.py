@@ -66,7 +66,7 @@ def samples_trained(run_dir: str | Path) -> dict[str, int]:
 def trained_stage(index: int, run_dir: str | Path, steps_done: int, steps: int | None = None, **fields):
     """A TrainedStage record as `megacpt train` saves it; `fields` override the tiny defaults (batch 4 x 64 tokens,
     a cosine schedule, one source 'x')."""
-    from megacpt.stages import TrainedStage
+    from megacpt.policy.stages import TrainedStage
 
     defaults = {"name": Path(run_dir).name, "init": None, "global_batch_size": 4, "seq_length": 64,
                 "schedule": {"style": "cosine", "max_lr": 1e-3, "min_lr": 1e-4, "warmup": 2},
@@ -78,8 +78,8 @@ def trained_stage(index: int, run_dir: str | Path, steps_done: int, steps: int |
 def write_state(tag_dir: Path, step: int, tokens: int, stages: list) -> Path:
     """A checkpoint tag holding only megacpt_state.json (no weights): what the lineage walk reads of a checkpoint."""
     from megacpt.config import ModelConfig, ParallelConfig
-    from megacpt.stages import CheckpointState, ModelSignature, SavedConfig
-    from megacpt.stages import write_state as write
+    from megacpt.policy.stages import CheckpointState, ModelSignature, SavedConfig
+    from megacpt.policy.stages import write_state as write
 
     model = ModelConfig(preset="tiny")
     tag_dir.mkdir(parents=True)
@@ -122,8 +122,8 @@ def optimizer_file_state(tag_dir: Path, zero: int = 0) -> tuple[list[dict], list
 
 def train_recording(monkeypatch, config_path: str) -> list[tuple[int, ...]]:
     """Run `megacpt train` in this process; the token rows of every micro-batch its loop trained on, in order."""
-    from megacpt import train
     from megacpt.cli import main
+    from megacpt.train import loop as train
 
     rows, real = [], train.micro_batch_loss
 

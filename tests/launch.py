@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from megacpt.launcher_env import free_port, own_world_env
+from megacpt.runtime.launcher_env import free_port, own_world_env
 
 clean_env = own_world_env  # the name the tests use
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from megacpt import manifest
+from megacpt.checkpoint import manifest
 
 from datagen import optimizer_file_state, read_metrics, tiny_config, write_config
 from launch import assert_ok, clean_env, deepspeed_launch, run_megacpt
@@ -52,7 +52,7 @@ def test_asynchronous_saves_equal_synchronous_ones(tmp_path, pattern_data, synch
 
 KILL_DURING_SAVE = """
 import os, signal, sys
-from megacpt import checkpoint
+from megacpt.checkpoint import save as checkpoint
 from megacpt.cli import main
 
 finish = checkpoint.PendingSave.finish

@@ -10,7 +10,7 @@ import pytest
 from megacpt.cli import main
 from megacpt.config import DataConfig, TokenizerConfig
 from megacpt.data.datasets import build_validation_datasets, validation_bytes
-from megacpt.data.preprocess import preprocess
+from megacpt.data.preprocess_command import preprocess
 
 from datagen import read_metrics, tiny_config, write_config, write_indexed
 

@@ -11,7 +11,7 @@ from megacpt.config import validate_config
 from megacpt.data.blend import Blend, batch_counts, batch_shares
 from megacpt.data.datasets import build_train_dataset
 from megacpt.data.loader import BatchStream
-from megacpt.stages import read_state
+from megacpt.policy.stages import read_state
 
 from datagen import read_metrics, samples_trained, tiny_config, train_recording, write_config, write_indexed
 
@@ -195,7 +195,7 @@ def _is_pattern(row: tuple[int, ...], period: int, offset: int) -> bool:
 def test_seen_only_replays_only_samples_the_earlier_stage_trained_on(tmp_path, pattern_data, world, monkeypatch):
     """What stage 0 trained on is what its loop fed the model (recorded here, and counted in its metrics and
     stage record); stage 1's loop replays exactly those samples, each once per pass."""
-    from megacpt import checkpoint
+    from megacpt.checkpoint import tags as checkpoint
     from megacpt.config import load_config
 
     stage0 = tiny_config(tmp_path / "stage0", [{"name": "old", "prefix": pattern_data["noise"]},

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from megacpt import manifest
+from megacpt.checkpoint import manifest
 from megacpt.cli import main
+from megacpt.policy.stages import STATE_FILE, read_state
 from megacpt.run_dir import LOCK, OWNER
-from megacpt.stages import STATE_FILE, read_state
 
 from datagen import optimizer_file_state, read_metrics, tiny_config, write_config
 from launch import assert_ok, clean_env, deepspeed_launch, free_port, run_megacpt, start_held, wait_for_step
@@ -316,7 +316,7 @@ def _overflow_on(monkeypatch, calls: set[int]) -> None:
     """DeepSpeed's fp16 overflow path, which this CPU cannot run in fp16: on the given optimizer-step calls the
     optimizer sets `overflow` and leaves the weights alone, as DeepSpeed's fp16 optimizers do, and the engine
     then skips the LR scheduler's step. Wrapped outside the step guard, as the fp16 optimizer wraps it."""
-    from megacpt.step_guard import StepGuard
+    from megacpt.train.step_guard import StepGuard
 
     real_init = StepGuard.__init__
 

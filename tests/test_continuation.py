@@ -5,10 +5,10 @@ import shutil
 import numpy as np
 import pytest
 
-from megacpt import checkpoint
+from megacpt.checkpoint import tags as checkpoint
 from megacpt.cli import main
 from megacpt.data.datasets import SourceStream
-from megacpt.stages import read_state
+from megacpt.policy.stages import read_state
 
 from datagen import random_documents, samples_trained, tiny_config, train_recording, write_config, write_indexed
 

@@ -11,8 +11,8 @@ import torch
 
 from megacpt.cli import main
 from megacpt.config import TokenizerConfig
-from megacpt.stages import read_state
-from megacpt.tools import checkpoint_io
+from megacpt.policy.stages import read_state
+from megacpt.weights import checkpoint_io
 
 from datagen import pattern_documents, read_metrics, tiny_config, write_config, write_indexed
 from hfmodel import perturb_every_parameter

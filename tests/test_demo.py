@@ -11,7 +11,7 @@ from megacpt.config import TokenizerConfig, load_config
 from megacpt.data.tokenizers import build_tokenizer
 from megacpt.demo.configs import ARMS, QUICK, REPLAY_SCHEDULE, DemoPaths, stage0_of, stage1_config
 from megacpt.demo.corpora import chunk, docstrings_text, is_validation, strip_code
-from megacpt.demo.experiment import check_reuse
+from megacpt.demo.demo_command import check_reuse
 from megacpt.errors import UserError
 
 from launch import assert_ok, run_megacpt

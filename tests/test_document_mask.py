@@ -6,9 +6,9 @@ import torch
 from megacpt.config import ModelConfig
 from megacpt.data.datasets import SourceStream
 from megacpt.data.loader import collate
-from megacpt.evaluate import token_losses
 from megacpt.model.attention import document_attention_mask
 from megacpt.model.gpt import build_gpt
+from megacpt.train.validation import token_losses
 
 from datagen import read_metrics, tiny_config, write_config, write_indexed
 
@@ -94,8 +94,8 @@ def test_packed_logits_with_the_mask_equal_each_document_run_alone(numbered, tmp
 
 
 def test_training_with_document_masking_feeds_the_loop_masked_batches(tmp_path, pattern_data, world, monkeypatch):
-    from megacpt import train
     from megacpt.cli import main
+    from megacpt.train import loop as train
 
     seen, real = [], train.micro_batch_loss
     monkeypatch.setattr(train, "micro_batch_loss", lambda model, mb: seen.append(mb) or real(model, mb))

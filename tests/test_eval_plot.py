@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from megacpt.cli import main
-from megacpt.stages import run_lineage
+from megacpt.evaluation.lineage import run_lineage
 
 from datagen import read_metrics, tiny_config, trained_stage, write_config, write_state
 from launch import assert_ok, deepspeed_launch
@@ -134,7 +134,7 @@ def test_eval_under_the_launcher_equals_the_loops_evaluation(runs, tmp_path, lay
 
 
 def test_plot_draws_every_run_with_its_earlier_stages(runs):
-    from megacpt.evaluation.plot import build_figure
+    from megacpt.evaluation.plot_command import build_figure
 
     histories = {name: run_lineage(runs[name]).logged for name in ("stage0", "stage1")}
     assert [s.run_dir.resolve() for s in histories["stage1"]] == [runs["stage0"].resolve(), runs["stage1"].resolve()]
@@ -188,7 +188,7 @@ def _fake_stage(run_dir: Path, init: Path | None, steps: int, tokens_before: int
 
 def test_plot_follows_a_three_stage_history_to_the_steps_each_next_stage_started_from(tmp_path):
     from megacpt.evaluation.forgetting import forgetting_table
-    from megacpt.evaluation.plot import build_figure
+    from megacpt.evaluation.plot_command import build_figure
 
     r0 = trained_stage(0, tmp_path / "r0", 4, global_batch_size=10, seq_length=10)
     r1 = trained_stage(1, tmp_path / "r1", 2, 4, global_batch_size=10, seq_length=10)
@@ -208,7 +208,7 @@ def test_plot_follows_a_three_stage_history_to_the_steps_each_next_stage_started
 
 
 def test_plot_stops_following_the_history_where_the_earlier_run_is_gone(runs, tmp_path):
-    from megacpt.evaluation.plot import build_figure
+    from megacpt.evaluation.plot_command import build_figure
 
     moved = tmp_path / "stage1"
     shutil.copytree(runs["stage1"], moved, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))

@@ -4,8 +4,8 @@ import torch
 
 from megacpt.config import DataConfig, ModelConfig
 from megacpt.data.datasets import build_validation_datasets
-from megacpt.evaluate import validation_losses
 from megacpt.model.gpt import build_gpt
+from megacpt.train.validation import validation_losses
 
 
 def test_validation_loss_is_the_token_mean_over_the_first_samples(tmp_path, pattern_data, world):

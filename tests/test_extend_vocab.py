@@ -10,14 +10,14 @@ import pytest
 import sentencepiece
 import torch
 
-from megacpt import manifest
+from megacpt.checkpoint import manifest
 from megacpt.cli import main
 from megacpt.config import TokenizerConfig, padded_vocab_size
 from megacpt.data.sentencepiece_training import train_sentencepiece
 from megacpt.data.vocab_extension import extend_tokenizer
 from megacpt.model.hf_mapping import VOCAB_ROWS, hf_to_megatron
-from megacpt.stages import VocabExtendedStage, read_state, write_state
-from megacpt.tools import checkpoint_io
+from megacpt.policy.stages import VocabExtendedStage, read_state, write_state
+from megacpt.weights import checkpoint_io
 
 from datagen import tiny_config, write_config
 from hfmodel import random_gpt_neox
@@ -55,7 +55,7 @@ def new_tokenizer(sp_model, code_corpus, tmp_path_factory) -> str:
 def checkpoints(tmp_path_factory, sp_model) -> dict:
     """TP degree -> a random GPT-NeoX (vocab 300, every parameter perturbed) as a megacpt checkpoint using
     the test tokenizer; made once per degree."""
-    from megacpt.tools.convert import import_state, model_config_from_hf
+    from megacpt.weights.convert_command import import_state, model_config_from_hf
 
     folder = tmp_path_factory.mktemp("ckpt")
     hf = random_gpt_neox(0, vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -13,8 +13,8 @@ from megacpt.cli import main
 from megacpt.config import ModelConfig, validate_config
 from megacpt.errors import ConfigError
 from megacpt.model import hf_mapping
-from megacpt.stages import ModelSignature, read_state
-from megacpt.tools import checkpoint_io
+from megacpt.policy.stages import ModelSignature, read_state
+from megacpt.weights import checkpoint_io
 
 from datagen import tiny_config
 from hfmodel import FAMILY_MODELS, random_family_model

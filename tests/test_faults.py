@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from megacpt import checkpoint, manifest
+from megacpt.checkpoint import manifest
+from megacpt.checkpoint import tags as checkpoint
 from megacpt.cli import main
 from megacpt.run_dir import LOCK, OWNER
 

@@ -1,11 +1,16 @@
-"""The import rules the package layout stands for, checked by reading every module's imports (nothing is
-imported: `ast` walks the source, lazy imports inside functions included).
+"""The rules the package layout stands for, checked by reading every module's source (nothing is imported:
+`ast` walks it, lazy imports inside functions included).
 
 - A *command module* defines both `add_arguments(parser)` and `run(args)` at its top level: argparse and
-  printing for one `megacpt` subcommand. No module imports one; `megacpt/cli.py` reaches them only by name,
-  through its COMMANDS table and importlib. What commands share lives in library modules.
-- The *trainer core* (the top-level modules of megacpt/, model/ and data/) never imports the evaluation,
-  prediction, planning, tools or demo subpackages: training needs none of them.
+  printing for one `megacpt` subcommand, in a file named `*_command.py`. No module imports one;
+  `megacpt/cli.py` reaches them only by name, through its COMMANDS table and importlib.
+- The *trainer core* (the top-level modules of megacpt/ and the policy, checkpoint, runtime, train, model and
+  data subpackages) never imports the evaluation, prediction, planning, weights, sweep or demo subpackages.
+- The CPT policy (megacpt/policy/) imports neither torch, DeepSpeed nor megatron, directly or through other
+  megacpt modules; the config schema imports nothing from the data package.
+- No import cycle between megacpt's modules; at most 16 modules at the top of megacpt/.
+- The loop is extended through its callbacks only: no module assigns an optimizer's `step`.
+- RUN_DIR's file names are spelled in run_dir.py only.
 - The CPU fallback is about megatron-core on the CPU only: it imports nothing from DeepSpeed.
 """
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "megacpt"
-OUTSIDE_CORE = ("evaluation", "prediction", "planning", "tools", "demo")
+OUTSIDE_CORE = ("evaluation", "prediction", "planning", "weights", "sweep", "demo")
 OUTSIDE_CORE_PATHS = [["megacpt", package] for package in OUTSIDE_CORE]
 
 
@@ -37,11 +42,21 @@ def is_command(tree: ast.Module) -> bool:
 COMMAND_MODULES = sorted(name for name, tree in MODULES.items() if is_command(tree))
 
 
+def runtime_nodes(tree: ast.AST):
+    """Every node of the tree except those under `if TYPE_CHECKING:` (imported for type hints only)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            continue
+        yield node
+        yield from runtime_nodes(node)
+
+
 def imported(name: str, tree: ast.Module) -> set[str]:
-    """Every module `name` imports, at any depth; `from package import module` counts as importing the module."""
+    """Every module `name` imports at run time, at any depth; `from package import module` counts as importing
+    the module."""
     package = name if name in PACKAGES else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(tree):
+    for node in runtime_nodes(tree):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -66,6 +81,7 @@ def cli_commands() -> dict[str, str]:
 def test_the_command_modules_are_exactly_the_cli_commands():
     assert COMMAND_MODULES  # the definition finds them at all
     assert sorted(set(cli_commands().values())) == COMMAND_MODULES
+    assert all(name.endswith("_command") for name in COMMAND_MODULES), COMMAND_MODULES
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
@@ -74,8 +90,9 @@ def test_no_module_imports_a_command_module(name):
     assert not offending, f"{name} imports the command module(s) {offending}; move what they share to a library"
 
 
+CORE_PACKAGES = ("policy", "checkpoint", "runtime", "train", "model", "data")
 CORE = sorted(name for name in MODULES
-              if name.count(".") == 1 or name.startswith(("megacpt.model.", "megacpt.data.")))
+              if name.count(".") <= 1 or name.split(".")[1] in CORE_PACKAGES)
 
 
 @pytest.mark.parametrize("name", CORE)
@@ -87,3 +104,61 @@ def test_the_trainer_core_imports_no_evaluation_prediction_planning_tools_or_dem
 def test_the_cpu_fallback_imports_nothing_from_deepspeed():
     modules = imported("megacpt.model.cpu_fallback", MODULES["megacpt.model.cpu_fallback"])
     assert not [m for m in modules if m == "deepspeed" or m.startswith("deepspeed.")]
+
+
+def internal_graph() -> dict[str, set[str]]:
+    """megacpt module -> the megacpt modules it imports (packages' empty __init__ files included as nodes)."""
+    return {name: {m for m in imported(name, tree) if m in MODULES and m != name} for name, tree in MODULES.items()}
+
+
+def reachable(start: str, graph: dict[str, set[str]]) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_there_is_no_import_cycle():
+    graph = internal_graph()
+    cycles = sorted(name for name in graph if name in reachable(name, graph))
+    assert not cycles, f"modules on an import cycle: {cycles}"
+
+
+POLICY = sorted(name for name in MODULES if name.startswith("megacpt.policy"))
+
+
+@pytest.mark.parametrize("name", POLICY)
+def test_the_cpt_policy_imports_no_torch_deepspeed_or_megatron(name):
+    graph = internal_graph()
+    through = {name} | reachable(name, graph)
+    heavy = sorted({f"{module} -> {m}" for module in through for m in imported(module, MODULES[module])
+                    if m.split(".")[0] in ("torch", "deepspeed", "megatron")})
+    assert not heavy, f"{name} reaches {heavy}"
+
+
+def test_the_config_schema_imports_nothing_from_data():
+    assert not [m for m in imported("megacpt.config", MODULES["megacpt.config"]) if m.startswith("megacpt.data")]
+
+
+def test_the_top_level_holds_at_most_16_modules():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= 16, top
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_module_assigns_an_optimizers_step(name):
+    patched = [ast.unparse(target) for node in ast.walk(MODULES[name]) if isinstance(node, ast.Assign)
+               for target in node.targets if isinstance(target, ast.Attribute) and target.attr == "step"]
+    assert not patched, f"{name} assigns {patched}: extend the loop through train/callbacks.py instead"
+
+
+RUN_DIR_NAMES = ("metrics.jsonl", "samples.jsonl", "spike_ledger.json", "wandb_run_id", "checkpoints", ".megacpt.lock")
+
+
+@pytest.mark.parametrize("name", sorted(set(MODULES) - {"megacpt.run_dir"}))
+def test_run_dir_file_names_are_spelled_in_run_dir_only(name):
+    spelled = [node.value for node in ast.walk(MODULES[name]) if isinstance(node, ast.Constant)
+               and isinstance(node.value, str) and node.value in RUN_DIR_NAMES]
+    assert not spelled, f"{name} spells {spelled}; use the names of megacpt/run_dir.py"

@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # read when `datasets` is imported: nothing is downloaded
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from megacpt import manifest
+from megacpt.checkpoint import manifest
 from megacpt.cli import main
 
 from datagen import tiny_config, write_config

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megacpt import checkpoint
+from megacpt.checkpoint import tags as checkpoint
 from megacpt.cli import main
 from megacpt.config import ScheduleConfig
 from megacpt.prediction.loss_curves import run_curve

@@ -63,8 +63,8 @@ def test_first_engine_step_is_clipped_adamw_by_the_formula(world):
     """The CPU engine (fused torch AdamW, no data-parallel reduction) moves every weight by AdamW's first
     step on the clipped gradient: p * (1 - lr * wd) - lr * g / (|g| + eps), with decay on matrices only."""
     from megacpt.config import RunConfig, padded_vocab_size
-    from megacpt.distributed import MegatronMPU
-    from megacpt.engine import deepspeed_config, initialize
+    from megacpt.runtime.distributed import MegatronMPU
+    from megacpt.runtime.engine import deepspeed_config, initialize
     from megacpt.schedule import StageScheduler
 
     lr = 1e-3
@@ -97,7 +97,7 @@ def test_first_engine_step_is_clipped_adamw_by_the_formula(world):
 def test_optimizer_offload_keeps_deepspeeds_cpu_adam():
     """torch's fused AdamW is the default, except where ZeRO offloads the optimizer to DeepSpeed's CPU Adam."""
     from megacpt.config import RunConfig
-    from megacpt.engine import derived_deepspeed_config
+    from megacpt.runtime.deepspeed_config import derived_deepspeed_config
 
     def optimizer_params(deepspeed: dict) -> dict:
         config = RunConfig.model_validate({
@@ -119,7 +119,7 @@ def test_hidden_dropout_in_train_mode_is_hugging_faces(world):
     [b, s, h] and [s, b, h] masks are drawn in the same order; attention dropout off, as megatron draws it from
     its own RNG tracker.)"""
     from megacpt.model import hf_mapping
-    from megacpt.tools.checkpoint_io import module_state
+    from megacpt.weights.checkpoint_io import module_state
 
     from hfmodel import random_gpt_neox
 

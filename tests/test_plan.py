@@ -31,7 +31,7 @@ TEN_B = str(REPO / "configs" / "ibrahim_10b_cpt_cosine.json")
 @pytest.fixture(scope="module")
 def world_of_one():
     """megatron's parallel state for one process (what building a model needs); left as found afterwards."""
-    from megacpt.distributed import setup_world, teardown_world
+    from megacpt.runtime.distributed import setup_world, teardown_world
 
     existed = torch.distributed.is_initialized()
     environ = dict(os.environ)

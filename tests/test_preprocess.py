@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from megacpt.cli import main as cli_main
-from megacpt.data import preprocess as preprocess_module
-from megacpt.data.preprocess import preprocess, tokenizer_config
+from megacpt.data import preprocess_command as preprocess_module
+from megacpt.data.preprocess_command import preprocess, tokenizer_config
 from megacpt.data.tokenizers import build_tokenizer
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from megacpt.stages import read_state
+from megacpt.policy.stages import read_state
 
 from datagen import read_metrics, tiny_config, write_config
 from launch import assert_ok, clean_env, free_port, wait_for_step

@@ -5,18 +5,18 @@ from pathlib import Path
 
 import pytest
 
-from megacpt import manifest
+from megacpt.checkpoint import manifest
 from megacpt.cli import main
 from megacpt.config import TokenizerConfig
 from megacpt.errors import UserError
-from megacpt.stages import (
+from megacpt.evaluation.lineage import history
+from megacpt.policy.stages import (
     STATE_FILE,
     CheckpointState,
     DataPosition,
     ImportedStage,
     MergeSource,
     SchedulerState,
-    history,
     read_state,
 )
 

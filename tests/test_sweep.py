@@ -17,10 +17,10 @@ from test_launch import FAKE_SCONTROL, FAKE_SRUN, script_env
 
 from megacpt import cli
 from megacpt.config import load_config
-from megacpt.launcher_env import free_port, own_world_env
-from megacpt.sweep.command import add_arguments, build_sweep
+from megacpt.runtime.launcher_env import free_port, own_world_env
 from megacpt.sweep.grid import grid_axes, write_sweep
 from megacpt.sweep.slurm import array_spec
+from megacpt.sweep.sweep_command import add_arguments, build_sweep
 
 from datagen import read_metrics, tiny_config, write_config
 from launch import assert_ok, run_megacpt, wait_for_step

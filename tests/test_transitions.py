@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megacpt.cli import main
-from megacpt.train import TrainingLoop
+from megacpt.train.loop import TrainingLoop
 
 from datagen import optimizer_file_state, read_metrics, tiny_config, write_config
 
@@ -284,10 +284,10 @@ def meta_schedule_stage_2(c: Case) -> None:
 
 
 def seen_only_replay_after_a_lengthened_stage(c: Case) -> None:
-    from megacpt.checkpoint import resolve_tag
+    from megacpt.checkpoint.tags import resolve_tag
     from megacpt.config import load_config
     from megacpt.data.datasets import build_train_dataset
-    from megacpt.stages import read_state
+    from megacpt.policy.stages import read_state
 
     only_a = [{"name": "a", "prefix": c.data["a"]}]
     grow = c.config("grow", 2, CONST, sources=only_a)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_extend_vocab import checkpoints, cli, code_corpus, new_tokenizer  # noqa: F401 (fixtures)
 
-from megacpt import elastic
-from megacpt.checkpoint import resolve_tag
+from megacpt.checkpoint import elastic
+from megacpt.checkpoint.tags import resolve_tag
 from megacpt.model.hf_mapping import VOCAB_ROWS
 
 from datagen import random_documents, read_metrics, tiny_config, write_config, write_indexed
@@ -119,11 +119,11 @@ def test_kept_optimizer_of_a_grown_checkpoint_keeps_old_moments_and_zeroes_new_o
     """After loading, before any step: the grown checkpoint's weights (fp32 master too), stage 0's moments."""
     import deepspeed
 
-    from megacpt import checkpoint
+    from megacpt.checkpoint import load as checkpoint
+    from megacpt.checkpoint.elastic import Layout
     from megacpt.config import validate_config
-    from megacpt.elastic import Layout
-    from megacpt.engine import build_engine
-    from megacpt.train import preflight
+    from megacpt.runtime.engine import build_engine
+    from megacpt.train.trainer import preflight
 
     config = validate_config(stage_config(tmp_path, grown, code_ids, load_optimizer=True))
     plan = preflight(config)

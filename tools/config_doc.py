@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from megacpt.config import RunConfig, inner_model
-from megacpt.engine import derived_deepspeed_config
+from megacpt.runtime.deepspeed_config import derived_deepspeed_config
 
 OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md"
 

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from megacpt.config import scheduled
+
 # A number, or [step, value] points: an int step is an optimizer step, a float one a fraction of the stage.
 Schedule = float | Sequence[Sequence[float]]
 
@@ -43,15 +45,6 @@ def _apportion(total: int, quotas: list[int], owed: list[int]) -> list[int]:
     for i, q in enumerate(quotas):
         owed[i] = claims[i] - (base[i] - q // _SCALE) * _SCALE
     return base
-
-
-def scheduled(schedule: Schedule, stage_steps: int, steps: np.ndarray) -> np.ndarray:
-    """The value of `schedule` at each of `steps`: a number everywhere, or its points joined linearly and held
-    constant before the first and after the last (a float point step is a fraction of `stage_steps`)."""
-    if isinstance(schedule, (int, float)):
-        return np.full(len(steps), float(schedule))
-    xs = [x * stage_steps if isinstance(x, float) else x for x, _ in schedule]
-    return np.interp(steps, xs, [v for _, v in schedule])
 
 
 def batch_shares(fraction: Schedule, new: list[Schedule], replay: list[Schedule], stage_steps: int,

@@ -13,6 +13,7 @@ from pathlib import Path
 from megacpt.cli_helpers import positive_int
 from megacpt.config import RunConfig, load_config
 from megacpt.errors import UserError
+from megacpt.run_dir import SAMPLES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def earlier_stages(config: RunConfig) -> list:
     """The stage history the run's stage started after: from its own latest checkpoint, else from init."""
-    from megacpt.checkpoint import checkpoint_dir, list_tags, resolve_tag
-    from megacpt.stages import read_state
+    from megacpt.checkpoint.tags import list_tags, resolve_tag
+    from megacpt.policy.stages import read_state
+    from megacpt.run_dir import checkpoint_dir
 
     own = checkpoint_dir(config.run_dir)
     if list_tags(own):
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if args.source is not None and name != args.source:
             continue
         if name not in dataset.names:
-            raise UserError(f"{run_dir / 'samples.jsonl'}: source '{name}' of step {args.step} is not in "
+            raise UserError(f"{run_dir / SAMPLES}: source '{name}' of step {args.step} is not in "
                             f"{run_dir / 'config.json'}; was the ledger written by another config?")
         source = dataset.sources[dataset.names.index(name)]
         for sample_id in ids:

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from megacpt.checkpoint.manifest import checksum
 from megacpt.config import DataConfig, DataSource
 from megacpt.data.blend import Blend, batch_counts, batch_shares
 from megacpt.data.documents import DOCUMENT_BYTES_SUFFIX
 from megacpt.data.packing import mask_documents, sample_parts
 from megacpt.errors import ConfigError, UserError
-from megacpt.manifest import checksum
-from megacpt.stages import SourceFile, SourceUse, StageRecord, TrainedStage
+from megacpt.policy.stages import SourceFile, SourceUse, StageRecord, TrainedStage
 
 # Scan at most this many tokens for out-of-vocabulary ids (larger files are checked on evenly spaced chunks).
 _FULL_SCAN_TOKENS = 1 << 28

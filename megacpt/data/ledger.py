@@ -15,8 +15,7 @@ from pathlib import Path
 
 from megacpt.errors import UserError
 from megacpt.files import replace_durably
-
-LEDGER = "samples.jsonl"
+from megacpt.run_dir import SAMPLES
 
 
 def _line(dataset, step: int, first: int, batch_size: int) -> str:
@@ -30,7 +29,7 @@ class SampleLedger:
     earlier checkpoint rewinds it the same way."""
 
     def __init__(self, run_dir: Path, dataset, batch_size: int, begin: int, done: int):
-        self.path, self.dataset, self.batch_size, self.begin = Path(run_dir) / LEDGER, dataset, batch_size, begin
+        self.path, self.dataset, self.batch_size, self.begin = Path(run_dir) / SAMPLES, dataset, batch_size, begin
         self.file = None
         self.rewind(done)
 
@@ -38,7 +37,7 @@ class SampleLedger:
         """The file as it is after step `done` (a resume, or a rollback to an earlier checkpoint)."""
         if self.file is not None:
             self.file.close()
-        temp = self.path.with_name(f"{LEDGER}.tmp-{os.getpid()}")
+        temp = self.path.with_name(f"{SAMPLES}.tmp-{os.getpid()}")
         with open(temp, "w", encoding="utf-8") as f:
             for step in range(1, done + 1):
                 f.write(_line(self.dataset, step, self.begin + (step - 1) * self.batch_size, self.batch_size))
@@ -56,7 +55,7 @@ class SampleLedger:
 
 def read_step(run_dir: Path, step: int) -> dict[str, list[int]]:
     """The `samples` of step `step` in RUN_DIR/samples.jsonl."""
-    path = Path(run_dir) / LEDGER
+    path = Path(run_dir) / SAMPLES
     if not path.is_file():
         raise UserError(f"{path} does not exist: the run did not keep a sample ledger (logging.sample_ledger)")
     last = None

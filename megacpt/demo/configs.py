@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megacpt.demo.corpora import CORPORA, corpus_path
+from megacpt.run_dir import checkpoint_dir
 from megacpt.sweep.grid import Axis, Sweep, SweepRun
 
 ARMS = ("rewarm", "rewarm_replay", "constant", "infinite", "replay_schedule")
@@ -168,6 +169,6 @@ def stage1_config(paths: DemoPaths, size: DemoSize, seed: int, arm: str) -> dict
                               "constant_end": size.infinite_constant_end}
     else:
         raise ValueError(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
-    config["init"] = {"checkpoint": str(paths.run_dir(stage0_of(arm)) / "checkpoints"), "mode": "new_stage",
+    config["init"] = {"checkpoint": str(checkpoint_dir(paths.run_dir(stage0_of(arm)))), "mode": "new_stage",
                       "load_optimizer": False, "load_scheduler": False, "load_data_position": False}
     return config

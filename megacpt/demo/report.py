@@ -16,7 +16,7 @@ from megacpt.cli_helpers import new_figure
 from megacpt.demo.configs import STAGE0, DemoPaths, stage0_of
 from megacpt.demo.corpora import CORPORA
 from megacpt.evaluation.forgetting import final_and_change
-from megacpt.stages import StageRun, run_lineage
+from megacpt.evaluation.lineage import StageRun, run_lineage
 from megacpt.sweep import report
 from megacpt.sweep.grid import Sweep
 

@@ -2,7 +2,7 @@
 
 The numbers are the training loop's own: the same validation samples (train.eval_samples, or --samples,
 whatever the world size), the same `validation_losses`, and the engine built and loaded by the loop's own
-code (`engine.build_engine`, then `checkpoint.plan_init` and `load_into_engine` as for a new stage on these
+code (`engine.build_engine`, then `checkpoint.locate.plan_init` and `load_into_engine` as for a new stage on these
 weights), so parameter groups and precision (bf16 on GPU) cannot differ from training. Evaluating the
 checkpoint of step s gives exactly the `eval` record of step s in metrics.jsonl. One process or under the
 deepspeed launcher (tensor parallel as the config says, the rest data parallel). It trains nothing and writes
@@ -16,11 +16,12 @@ import json
 import math
 from pathlib import Path
 
-from megacpt import checkpoint
+from megacpt.checkpoint.locate import plan_init
 from megacpt.cli_helpers import add_set_argument, positive_int, text_table
 from megacpt.config import InitConfig, RunConfig, ValidationSet, load_config
 from megacpt.errors import UserError
 from megacpt.files import write_output
+from megacpt.policy.load_plan import LoadPlan, check_architecture
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if args.samples:
         config.train.eval_samples = args.samples
     config.init = InitConfig(checkpoint=args.checkpoint)  # the weights only, as a new stage loads them
-    plan = checkpoint.plan_init(config, key="--checkpoint")
-    checkpoint.check_architecture(config, plan.state, plan.tag_dir)
+    plan = plan_init(config, key="--checkpoint")
+    check_architecture(config, plan.state, plan.tag_dir)
     check_validation_data(config)
     results = evaluate_checkpoint(config, plan)
     if results is not None:
@@ -91,19 +92,20 @@ def check_validation_data(config: RunConfig) -> None:
                               config.model.seq_length)
 
 
-def evaluate_checkpoint(config: RunConfig, plan: checkpoint.LoadPlan) -> dict[str, dict] | None:
+def evaluate_checkpoint(config: RunConfig, plan: LoadPlan) -> dict[str, dict] | None:
     """{name: {loss, perplexity}} on the main rank (None elsewhere): the loop's evaluation of these weights."""
     from megatron.core import parallel_state
 
+    from megacpt.checkpoint.load import load_into_engine
     from megacpt.data.datasets import build_validation_datasets
     from megacpt.data.tokenizers import eod_id
-    from megacpt.distributed import setup_world
-    from megacpt.engine import build_engine
-    from megacpt.evaluate import bits_per_byte, validation_losses
+    from megacpt.runtime.distributed import setup_world
+    from megacpt.runtime.engine import build_engine
+    from megacpt.train.validation import bits_per_byte, validation_losses
 
     world = setup_world(config.parallel.tensor, config.train.seed)
     engine, _, _ = build_engine(config, world)
-    checkpoint.load_into_engine(engine, plan, world)
+    load_into_engine(engine, plan, world)
     train = config.train
     datasets = build_validation_datasets(config.data, train.eval_samples,
                                          config.model.seq_length, str(config.data_cache_dir), config.model.vocab_size,

@@ -1,5 +1,5 @@
 """The forgetting/adaptation table: each run's final loss on every validation set and its change since the
-run's stage began (the last evaluation of the stages before it), from the lineage `megacpt.stages` reads.
+run's stage began (the last evaluation of the stages before it), from the lineage `megacpt.policy.stages` reads.
 
 `megacpt plot --table` prints it and the demo's report builds on it; a library module, so that neither
 imports the other's command.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from megacpt.cli_helpers import text_table
-from megacpt.stages import StageRun
+from megacpt.evaluation.lineage import StageRun
 
 
 def validation_names(histories: dict[str, list[StageRun]]) -> list[str]:

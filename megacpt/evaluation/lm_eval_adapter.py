@@ -20,7 +20,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
 from megacpt.errors import UserError
-from megacpt.tools import checkpoint_io
+from megacpt.weights import checkpoint_io
 
 
 @register_model("megacpt")
@@ -32,7 +32,7 @@ class MegacptLM(TemplateLM):
         """lm-eval passes `device` and `max_batch_size` to every model.
 
         The device is the world's (CUDA when present)."""
-        from megacpt.distributed import setup_world
+        from megacpt.runtime.distributed import setup_world
 
         super().__init__()
         source = checkpoint_io.load(checkpoint, key="checkpoint")

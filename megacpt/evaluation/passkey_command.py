@@ -29,9 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megacpt.distributed import setup_world
     from megacpt.evaluation.passkey import passkey_table
-    from megacpt.tools import checkpoint_io
+    from megacpt.runtime.distributed import setup_world
+    from megacpt.weights import checkpoint_io
 
     if args.json and Path(args.json).exists() and not args.overwrite:
         raise UserError(f"--json {args.json} already exists; choose another path or pass --overwrite")

@@ -6,7 +6,8 @@ states. Without CUDA those calls can only fail, so this module points them at th
 handled by `use_cpu_initialization`; the causal mask by megacpt's own SDPA core attention.
 
 The CPU's other concerns live with their owners: DeepSpeed's precision and comm backend on CPU in
-`megacpt.engine` and `megacpt.distributed`, each process's share of the cores in `megacpt.distributed`.
+`megacpt.runtime.engine` and `megacpt.runtime.distributed`, each process's share of the cores in
+`megacpt.runtime.distributed`.
 This module knows nothing of DeepSpeed.
 """
 from __future__ import annotations

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from megacpt import checkpoint
+from megacpt.checkpoint.tags import resolve_tag
 from megacpt.config import DataConfig, load_config
 from megacpt.errors import ConfigError, UserError
-from megacpt.metrics import METRICS
+from megacpt.evaluation.lineage import StageRun, history, run_lineage
+from megacpt.policy.stages import STATE_FILE, TrainedStage, read_state
 from megacpt.prediction.losslaw import LrLossCurve
+from megacpt.run_dir import CONFIG, METRICS
 from megacpt.schedule import check_schedule, lr_at
-from megacpt.stages import STATE_FILE, StageRun, TrainedStage, history, read_state, run_lineage
 
 
 def run_curve(run_dir: Path, val: str) -> LrLossCurve:
@@ -42,7 +43,7 @@ def run_curve(run_dir: Path, val: str) -> LrLossCurve:
         names = sorted({name for r in lineage.own.evals for name in r["eval"]})
         raise UserError(f"{run_dir / METRICS} has no evaluation records for validation set '{val}' "
                         f"(it has: {', '.join(names) or 'no evaluation records at all'})")
-    data = load_config(run_dir / "config.json").data if lineage.earlier else None
+    data = load_config(run_dir / CONFIG).data if lineage.earlier else None
     lrs, offset, shift_start, replay = life(lineage.earlier, own, data, str(run_dir))
     steps = np.array(sorted(evals))
     return LrLossCurve(lrs, offset + steps, np.array([evals[s] for s in steps]), shift_start, replay)
@@ -58,7 +59,7 @@ def planned_curve(config_path: Path) -> LrLossCurve:
     if init.checkpoint is not None and (init.mode == "resume" or init.load_scheduler):
         raise ConfigError("init.mode" if init.mode == "resume" else "init.load_scheduler",
                           "megacpt predict plans new stages that start their schedule at step 0", str(config_path))
-    earlier = history(read_state(checkpoint.resolve_tag(init.checkpoint))) if init.checkpoint else []
+    earlier = history(read_state(resolve_tag(init.checkpoint))) if init.checkpoint else []
     own = np.array([lr_at(config.schedule, steps, t, len(earlier)) for t in range(steps)])
     lrs, offset, shift_start, replay = life(earlier, own, config.data, str(config_path))
     return LrLossCurve(lrs, offset + np.arange(1, steps + 1), shift_start=shift_start, replay=replay)
@@ -98,7 +99,7 @@ def stage_lrs(run_dir: Path, records: list[dict], stage_index: int, steps_done: 
     logged = {r["step"]: r["lr"] for r in records if "lr" in r and r["step"] <= steps_done}
     if len(logged) == steps_done:
         return np.array([logged[s] for s in range(1, steps_done + 1)])
-    config = load_config(run_dir / "config.json")
+    config = load_config(run_dir / CONFIG)
     lrs = np.array([lr_at(config.schedule, config.train.steps, t, stage_index) for t in range(steps_done)])
     for step, lr in logged.items():
         if not np.isclose(lr, lrs[step - 1], rtol=1e-6, atol=0.0):

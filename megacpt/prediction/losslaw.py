@@ -18,7 +18,7 @@ numbers of steps. Three laws, constants named as in docs/PREDICT.md and the pape
 
 For tissue and cpt the model's first warmup counts as if the LR were already at its peak (Tissue et al.). The
 constants are fitted with scipy's least_squares on log-loss residuals with a robust (soft L1) loss, from
-several seeded starts inside bounds. This module reads no files; megacpt/prediction/predict.py does.
+several seeded starts inside bounds. This module reads no files; megacpt/prediction/predict_command.py does.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from megacpt.config import RunConfig, load_config
 from megacpt.errors import UserError
-from megacpt.launcher_env import own_world_env
+from megacpt.runtime.launcher_env import own_world_env
 
 PROGRESS_PREFIXES = ("stage ", "eval step", "resuming", "stop signal", "preprocess: wrote", "tokenizer:")
 STEP_LINE = re.compile(r"^step (\d+)/(\d+)\b")
@@ -144,7 +144,8 @@ def _stop(jobs: list[Job], procs: list[subprocess.Popen]) -> None:
 
 def latest_tag(config: RunConfig) -> str | None:
     """The tag the run directory's `latest` pointer names, None before the first checkpoint."""
-    from megacpt.checkpoint import LATEST, checkpoint_dir
+    from megacpt.checkpoint.tags import LATEST
+    from megacpt.run_dir import checkpoint_dir
 
     latest = checkpoint_dir(config.run_dir) / LATEST
     return latest.read_text().strip() if latest.is_file() else None
@@ -152,7 +153,7 @@ def latest_tag(config: RunConfig) -> str | None:
 
 def is_finished(config: RunConfig) -> bool:
     """A run is finished when its latest checkpoint is its last step."""
-    from megacpt.checkpoint import tag_name
+    from megacpt.checkpoint.tags import tag_name
 
     return latest_tag(config) == tag_name(config.train.steps)
 

@@ -19,8 +19,8 @@ from megacpt.cli_helpers import new_figure, save_figure, text_table
 from megacpt.config import load_config
 from megacpt.errors import UserError
 from megacpt.evaluation.forgetting import final_and_change
+from megacpt.evaluation.lineage import StageRun, run_lineage
 from megacpt.files import write_output
-from megacpt.stages import StageRun, run_lineage
 from megacpt.sweep.execute import is_finished
 from megacpt.sweep.grid import SEED, Sweep
 

@@ -9,10 +9,10 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from transformers import AutoModelForCausalLM
 
 from megacpt.config import ModelConfig, padded_vocab_size
-from megacpt.distributed import setup_world
 from megacpt.model import hf_mapping
 from megacpt.model.gpt import build_gpt
-from megacpt.tools.checkpoint_io import module_state
+from megacpt.runtime.distributed import setup_world
+from megacpt.weights.checkpoint_io import module_state
 
 
 def main(hf_dir: str, tp: int, out: str) -> None:

@@ -1,0 +1,151 @@
+"""Process groups: torch.distributed (one plain process or the deepspeed launcher's world) and megatron's
+parallel state, exposed to DeepSpeed through the `mpu` interface it expects.
+
+Device choice happens here, once: CUDA (nccl) when present, otherwise the CPU (gloo) with megatron-core's
+CPU fallback installed, DeepSpeed told it runs on the CPU, and each process given its share of the cores.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+
+from megacpt.errors import UserError
+from megacpt.model import cpu_fallback
+from megacpt.runtime.launcher_env import free_port
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process sits: global rank and size, tensor- and data-parallel coordinates, its device."""
+
+    rank: int
+    size: int
+    tensor_rank: int
+    tensor_size: int
+    data_rank: int
+    data_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def data_group():
+        """The process group of this rank's data-parallel peers (megatron's parallel state)."""
+        return parallel_state.get_data_parallel_group()
+
+
+class MegatronMPU:
+    """megatron's parallel_state under the names DeepSpeed's `mpu` argument looks up."""
+
+    get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_src_rank = staticmethod(parallel_state.get_tensor_model_parallel_src_rank)
+    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    get_data_parallel_group_ranks = staticmethod(
+        lambda: torch.distributed.get_process_group_ranks(parallel_state.get_data_parallel_group()))
+    get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(parallel_state.get_pipeline_model_parallel_world_size)
+    get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
+
+
+def setup_world(tensor_parallel: int, seed: int) -> World:
+    """Join (or create) the process group, build megatron's TP/DP groups and seed every generator.
+
+    A plain `megatron train` has no launcher environment, so it becomes a world of one on a free port.
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    # the node count and index that DeepSpeed's launcher sets and its checkpoint writers read (srun sets neither)
+    os.environ.setdefault("CROSS_SIZE", os.environ.get("SLURM_NNODES", "1"))
+    os.environ.setdefault("CROSS_RANK", os.environ.get("SLURM_NODEID", "0"))
+    world_size = int(os.environ["WORLD_SIZE"])
+    if world_size % tensor_parallel:
+        raise UserError(f"the world size {world_size} is not divisible by parallel.tensor {tensor_parallel}")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        _deepspeed_on_cpu()
+        cpu_fallback.install_if_needed()
+        share_cores()
+        device = torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+    _seed(seed, parallel_state.get_tensor_model_parallel_rank(), on_gpu)
+    return World(
+        rank=torch.distributed.get_rank(),
+        size=world_size,
+        tensor_rank=parallel_state.get_tensor_model_parallel_rank(),
+        tensor_size=tensor_parallel,
+        data_rank=parallel_state.get_data_parallel_rank(),
+        data_size=parallel_state.get_data_parallel_world_size(),
+        device=device,
+    )
+
+
+def _deepspeed_on_cpu() -> None:
+    """Tell DeepSpeed it runs on the CPU, and keep it from JIT-compiling its shared-memory all-reduce.
+
+    Only DeepSpeed's inference all-reduce uses that op; training reduces through gloo. Built, it costs every
+    run a compile (about a minute) behind a lock under ~/.cache/torch_extensions that a build killed half-way
+    leaves for good, and every process a 69 MB file in /dev/shm that is never removed. DeepSpeed keeps its
+    compatible ops in one dict that it consults before building; marking the op incompatible there is enough.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise warn while detecting it
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
+def share_cores() -> int:
+    """Give this process its share of the node's cores as torch threads, and return the count.
+
+    torch gives every process as many threads as there are cores, so N launcher processes on one node would
+    run N times too many threads. An explicit OMP_NUM_THREADS (DeepSpeed's `--bind_cores_to_rank` sets it)
+    wins; a CPU set already narrowed for this process (srun's binding) is used as it is.
+    """
+    if "OMP_NUM_THREADS" not in os.environ:
+        usable = len(os.sched_getaffinity(0))
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+        if usable == os.cpu_count():
+            usable //= local_processes
+        torch.set_num_threads(max(1, usable))
+    return torch.get_num_threads()
+
+
+def _seed(seed: int, tensor_rank: int, on_gpu: bool) -> None:
+    """Same default seed on every rank (so CPU-initialised weights agree), a distinct TP-region seed per TP rank."""
+    torch.manual_seed(seed)
+    if on_gpu:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+    else:
+        cpu_fallback.seed_tensor_parallel_rng(seed, tensor_rank)
+
+
+def teardown_world() -> None:
+    """Destroy megatron's groups and the process group (tests run several worlds in one process)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,35 @@
+"""`megacpt train CONFIG [--set key=value ...] [--dry-run [--json]]`: train one stage (trainer.py), or say what
+it would do without building anything (dry_run.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from megacpt.cli_helpers import add_set_argument
+from megacpt.config import load_config
+from megacpt.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="JSON run config")
+    add_set_argument(parser)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check everything, build no model, write nothing; print what the run would do and what "
+                             "it inherits from the checkpoint")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print it as one JSON object (last line)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megacpt.train.trainer import preflight, train
+
+    config = load_config(args.config, args.overrides)
+    if args.json and not args.dry_run:
+        raise UserError("--json is an option of --dry-run")
+    if args.dry_run:
+        from megacpt.train.dry_run import describe, format_text
+
+        summary = describe(config, preflight(config))
+        print(json.dumps(summary) if args.json else format_text(summary))
+        return 0
+    train(config)
+    return 0

@@ -1,0 +1,249 @@
+"""`megacpt train`: check everything, join the world, build the parts from the config, load, then loop.
+
+One process (a world of one) or one rank under the deepspeed launcher. Reads top to bottom: preflight (the
+config's data, schedule and checkpoint, and the load plan the CPT policy decides), the run dir's lock, the
+world, the engine with its gated optimizer and the stage's LR scheduler, the data, the restore, the
+callbacks in their order, the loop. SIGTERM and SIGUSR1 finish the current step, save and exit 0; received
+during startup (which can take minutes for a large checkpoint), they stop the run before its first step,
+exit 0 and leave the checkpoints as they were.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from megacpt import run_dir as run_dir_files
+from megacpt.checkpoint.locate import plan_load
+from megacpt.checkpoint.tags import set_aside_newer
+from megacpt.config import RunConfig, dump_config
+from megacpt.errors import ConfigError
+from megacpt.policy.load_plan import LoadPlan, check_architecture, new_rows
+from megacpt.policy.stage_start import check_freeze, stage_records, stream_start
+from megacpt.policy.stages import SourceFile, StageRecord, TrainedStage
+from megacpt.run_dir import checkpoint_dir
+from megacpt.train.callbacks import Callbacks
+from megacpt.train.stop_signals import StopSignal
+
+
+def preflight(config: RunConfig, checksums: bool = True) -> LoadPlan | None:
+    """Everything that can be checked before torch.distributed starts: schedule, tokenizer, data, checkpoint.
+    Returns the load plan."""
+    from megacpt.data.datasets import check_continued_files, check_data, continued_uses
+    from megacpt.data.tokenizers import check_vocabulary
+    from megacpt.schedule import check_schedule
+
+    check_schedule(config.schedule, config.train.steps)
+    check_vocabulary(config.tokenizer, config.model.vocab_size)
+    check_data(config.data, config.model.vocab_size, config.model.seq_length)
+    if config.logging.wandb is not None:
+        from megacpt.train.wandb_sink import check_available
+
+        check_available(config.logging.wandb)
+    if config.checkpoint.async_save and int(config.deepspeed.get("zero_optimization", {}).get("stage", 0)) > 0:
+        raise ConfigError("checkpoint.async_save", "works with ZeRO stage 0 only: DeepSpeed's decoupled checkpoint "
+                          "engine cannot hand ZeRO's optimizer partitions to its writer process (torch refuses to "
+                          "serialize a non-leaf tensor that requires grad); set it to false or use stage 0")
+    plan = plan_load(config, checksums)
+    if plan is not None:
+        # weights through the universal form may change layout; a grown tag's own weights load as they are
+        check_architecture(config, plan.state, plan.tag_dir,
+                           other_layout=plan.load_optimizer and plan.optimizer_tag is None)
+    check_freeze(config, plan)
+    if config.data.continue_sources and plan is not None:
+        earlier = plan.state.stages[:-1] if plan.resume else plan.state.stages
+        check_continued_files(continued_uses(config.data, earlier, config.model.seq_length), checksums)
+    return plan
+
+
+def train(config: RunConfig) -> None:
+    """Check, lock RUN_DIR, join the world, build, load, loop."""
+    from megacpt.runtime.distributed import setup_world
+
+    signals = StopSignal()  # first: a stop may arrive during the minutes the setup below can take
+    main = os.environ.get("RANK", "0") == "0"  # before the world exists: the launcher's rank, else a world of one
+    with run_dir_files.hold(config.run_dir, main):
+        plan = preflight(config, checksums=main)  # the main process checksums the tag, the others check sizes
+        world = setup_world(config.parallel.tensor, config.train.seed)
+        if world.is_main:
+            prepare_run_dir(Path(config.run_dir), config, plan)
+        run_stage(config, world, plan, signals)
+
+
+def prepare_run_dir(run_dir: Path, config: RunConfig, plan: LoadPlan | None) -> None:
+    """Once the start has passed its checks: the resolved config, and on a resume the run dir rolled back to
+    the checkpoint (newer tags set aside, metrics of steps after it dropped)."""
+    run_dir_files.write_config(run_dir, dump_config(config))
+    if plan is None or not plan.resume or plan.tag_dir.parent != checkpoint_dir(run_dir):
+        return
+    for moved in set_aside_newer(plan.tag_dir):
+        print(f"resuming from {plan.tag_dir.name}: moved the newer tag to {moved}", file=sys.stderr)
+    dropped = run_dir_files.keep_metrics_until(run_dir, plan.state.step)
+    if dropped:
+        print(f"metrics.jsonl: dropped {dropped} records of steps after {plan.tag_dir.name}, which this run "
+              "trains again", file=sys.stderr)
+
+
+def run_stage(config: RunConfig, world, plan: LoadPlan | None, signals: StopSignal) -> None:
+    """Build the engine, the data and the callbacks, restore the checkpoint, and train the stage."""
+    from megacpt.checkpoint.elastic import Layout
+    from megacpt.checkpoint.load import follow_layout, restore
+    from megacpt.runtime.deepspeed_config import zero_stage
+    from megacpt.runtime.engine import build_engine, deepspeed_config
+    from megacpt.schedule import StageScheduler
+    from megacpt.train.loop import TrainingLoop
+    from megacpt.train.spikes import SpikeLedger
+
+    stages = stage_records(config, plan)
+    stage = stages[-1]
+    layout = Layout(world.tensor_size, world.data_size, zero_stage(deepspeed_config(config, world.data_size)))
+    layout_change = plan and follow_layout(plan, layout, config.padded_vocab_size, world.is_main)
+    spike_ledger = SpikeLedger.read(config.run_dir)  # honoured even when train.spike is off now
+    callbacks = Callbacks()  # the optimizer's gate; filled below, once the engine exists
+    engine, _, scheduler = build_engine(
+        config, world, lambda opt: StageScheduler(opt, config.schedule, config.train.steps, stage.index,
+                                                  lambda step: spike_ledger.lr_factor(step, config.train.spike)),
+        load_universal=bool(plan and plan.universal and layout.zero_stage), gate=callbacks.gate_update)
+    begin = stream_start(config, plan)
+    stream, val_data = build_data(config, world, stages, begin)
+    tokens_before = restore(plan, engine, scheduler, stream, world)
+    loop = TrainingLoop(engine, scheduler, stream, world, callbacks, config.train.steps,
+                        config.train.global_batch_size * config.model.seq_length, tokens_before)
+    metrics, guard = build_callbacks(
+        callbacks, config, world, plan, stages, engine, scheduler, stream, val_data, begin, spike_ledger, signals,
+        lambda p: restore(p, engine, scheduler, stream, world))
+    try:
+        for message in (layout_change, freeze_message(config, scheduler.t, stages)):
+            if message:
+                metrics.print(message)
+        params = sum(p.numel() for p in engine.module.parameters()) * world.tensor_size
+        metrics.print(f"stage {stage.index} ({stage.name}): {config.train.steps} steps x "
+                      f"{config.train.global_batch_size} samples x {config.model.seq_length} tokens; "
+                      f"{params / 1e6:.1f}M parameters; world {world.size} (tensor {world.tensor_size} x data "
+                      f"{world.data_size}{cpu_threads(world)}); {'resuming ' if plan and plan.resume else 'from '}"
+                      f"{plan.tag_dir if plan else 'fresh weights'}")
+        if scheduler.t < config.train.steps and guard.agree_to_stop():
+            metrics.print(f"stop signal received before step {scheduler.t + 1}, the first of this run: no step "
+                          f"trained, nothing new to save; exiting")
+            return
+        if plan is None or not plan.resume:
+            metrics.write({"step": 0, "event": "stage_start", "stage": stage.index, "stage_name": stage.name,
+                           "init": str(plan.tag_dir) if plan else None})
+        loop.run()
+    finally:
+        callbacks.close()
+        if engine.checkpoint_engine.is_decoupled():  # stop the writer process, which outlives us otherwise
+            engine.checkpoint_engine.cleanup()
+
+
+def build_callbacks(callbacks: Callbacks, config: RunConfig, world, plan: LoadPlan | None,
+                    stages: list[StageRecord], engine, scheduler, stream, val_data, begin: int, spike_ledger,
+                    signals: StopSignal, restore_plan):
+    """The run's callbacks, in the order every hook calls them; returns the metrics log and the step guard.
+
+    Gates on the update, in order: the step guard (its all-reduce first, on every rank), the loss-spike test,
+    the frozen rows (around an applied update). After a step: the training record (before the guard may stop
+    a diverged run), the spike rollback, the sample ledger, validation, then the checkpoint."""
+    from megacpt.train.checkpointing import Checkpointing
+    from megacpt.train.metrics import MetricsLog, TrainLog
+    from megacpt.train.spikes import Spikes
+    from megacpt.train.step_guard import StepGuard
+    from megacpt.train.validation import Validation
+
+    cfg, index = config.train, stages[-1].index
+    metrics = MetricsLog(metric_sinks(config, world, stages), world.is_main)
+    guard = StepGuard(engine.basic_optimizer, world.device, signals.requested, cfg.max_skipped_steps, config.run_dir)
+    window = plan.state.spike_window if plan and plan.resume else None
+    callbacks.add(
+        metrics,
+        TrainLog(metrics, cfg.log_interval, cfg.steps, index, lambda: guard.diverged),
+        guard,
+        Spikes(cfg.spike, spike_ledger, guard, metrics, config.run_dir, world.is_main, restore_plan, window),
+        freeze(config, engine, scheduler, stages, world),
+        sample_ledger(config, world, stream, begin, scheduler.t if plan is not None and plan.resume else 0),
+        Validation(val_data, metrics, cfg.eval_interval, cfg.eval_samples, cfg.micro_batch_size, cfg.steps, index),
+        Checkpointing(config, stages, metrics, begin, source_identities(stream.dataset, stages[-1])
+                      if world.is_main else {}),
+    )
+    return metrics, guard
+
+
+def metric_sinks(config: RunConfig, world, stages: list[StageRecord]) -> list:
+    """metrics.jsonl always; TensorBoard and W&B when logging asks for them (main rank only)."""
+    if not world.is_main:
+        return []
+    from megacpt.train.metrics import JsonlSink, TensorBoardSink
+
+    run_dir = Path(config.run_dir)
+    sinks = [JsonlSink(run_dir)]
+    if config.logging.tensorboard:
+        sinks.append(TensorBoardSink(run_dir))
+    if config.logging.wandb is not None:
+        from megacpt.train.wandb_sink import WandbSink
+
+        run_config = {"config": dump_config(config), "stages": [s.model_dump(mode="json") for s in stages],
+                      "stage_index": stages[-1].index}
+        sinks.append(WandbSink.start(config.logging.wandb, run_dir, stages[-1].index, stages[0].name, run_config))
+    return sinks
+
+
+def freeze(config: RunConfig, engine, scheduler, stages: list[StageRecord], world):
+    """train.freeze: only the newest vocabulary rows train until step `steps` of the stage (freeze.py)."""
+    from megacpt.train.freeze import Freeze
+
+    if config.train.freeze is None or scheduler.t >= config.train.freeze.steps:
+        return None
+    return Freeze(engine, new_rows(stages), world.tensor_rank, lambda: scheduler.t < config.train.freeze.steps)
+
+
+def freeze_message(config: RunConfig, t: int, stages: list[StageRecord]) -> str | None:
+    freeze = config.train.freeze
+    if freeze is None or t >= freeze.steps:
+        return None
+    rows = new_rows(stages)
+    return (f"train.freeze: steps {t + 1}-{freeze.steps} train only the embedding and output rows of ids "
+            f"{rows.start}-{rows.stop - 1}")
+
+
+def sample_ledger(config: RunConfig, world, stream, begin: int, done: int):
+    """logging.sample_ledger: RUN_DIR/samples.jsonl on the main rank, rewritten up to step `done`."""
+    if not config.logging.sample_ledger or not world.is_main:
+        return None
+    from megacpt.data.ledger import SampleLedger
+    from megacpt.train.sample_ledger import SampleLedgerLog
+
+    return SampleLedgerLog(SampleLedger(Path(config.run_dir), stream.dataset, config.train.global_batch_size, begin,
+                                        done))
+
+
+def cpu_threads(world) -> str:
+    """', N CPU threads each' on CPU, where each process's share of the cores matters; nothing on GPU."""
+    return f", {torch.get_num_threads()} CPU threads each" if world.device.type == "cpu" else ""
+
+
+def build_data(config: RunConfig, world, stages: list[StageRecord], start: int):
+    """This rank's training batch stream (the blend with replay, covering the stage from sample `start`) and
+    the validation datasets."""
+    from megacpt.data.datasets import build_train_dataset, build_validation_datasets
+    from megacpt.data.loader import BatchStream
+    from megacpt.data.tokenizers import eod_id
+
+    common = dict(seq_length=config.model.seq_length, cache_dir=str(config.data_cache_dir),
+                  vocab_size=config.model.vocab_size, eod=eod_id(config.tokenizer))
+    train_data = build_train_dataset(config.data, start + config.train.steps * config.train.global_batch_size,
+                                     config.train.global_batch_size, earlier_stages=stages[:-1],
+                                     stage_steps=config.train.steps, **common)
+    stream = BatchStream(train_data, config.train.global_batch_size, config.train.micro_batch_size,
+                         world.data_rank, world.data_size, world.device)
+    return stream, build_validation_datasets(config.data, config.train.eval_samples, **common)
+
+
+def source_identities(dataset, stage: TrainedStage) -> dict[str, list[SourceFile]]:
+    """The files of each source the stage reads from its stream, as the stage first saw them (a resumed stage
+    keeps its record's)."""
+    from megacpt.data.datasets import source_files
+
+    return {name: stage.sources[name].files if name in stage.sources else source_files(source.prefix)
+            for name, (source, _, _) in dataset.uses(0, 0).items()}
