@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from megacpt.policy.load_plan import LoadPlan, check_architecture, new_rows
 from megacpt.policy.stage_start import check_freeze, stage_records, stream_start
 from megacpt.policy.stages import SourceFile, StageRecord, TrainedStage
 from megacpt.run_dir import checkpoint_dir
-from megacpt.train.callbacks import Callbacks
+from megacpt.train.callbacks import Callback, Callbacks
 from megacpt.train.stop_signals import StopSignal
 
 
@@ -58,8 +59,9 @@ def preflight(config: RunConfig, checksums: bool = True) -> LoadPlan | None:
     return plan
 
 
-def train(config: RunConfig) -> None:
-    """Check, lock RUN_DIR, join the world, build, load, loop."""
+def train(config: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
+    """Check, lock RUN_DIR, join the world, build, load, loop. `extra_callbacks` run after megacpt's own (a
+    concern of the caller's: see docs/ARCHITECTURE.md)."""
     from megacpt.runtime.distributed import setup_world
 
     signals = StopSignal()  # first: a stop may arrive during the minutes the setup below can take
@@ -69,7 +71,7 @@ def train(config: RunConfig) -> None:
         world = setup_world(config.parallel.tensor, config.train.seed)
         if world.is_main:
             prepare_run_dir(Path(config.run_dir), config, plan)
-        run_stage(config, world, plan, signals)
+        run_stage(config, world, plan, signals, extra_callbacks)
 
 
 def prepare_run_dir(run_dir: Path, config: RunConfig, plan: LoadPlan | None) -> None:
@@ -86,7 +88,8 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, plan: LoadPlan | None) -> 
               "trains again", file=sys.stderr)
 
 
-def run_stage(config: RunConfig, world, plan: LoadPlan | None, signals: StopSignal) -> None:
+def run_stage(config: RunConfig, world, plan: LoadPlan | None, signals: StopSignal,
+              extra_callbacks: Sequence[Callback] = ()) -> None:
     """Build the engine, the data and the callbacks, restore the checkpoint, and train the stage."""
     from megacpt.checkpoint.elastic import Layout
     from megacpt.checkpoint.load import follow_layout, restore
@@ -114,6 +117,7 @@ def run_stage(config: RunConfig, world, plan: LoadPlan | None, signals: StopSign
     metrics, guard = build_callbacks(
         callbacks, config, world, plan, stages, engine, scheduler, stream, val_data, begin, spike_ledger, signals,
         lambda p: restore(p, engine, scheduler, stream, world))
+    callbacks.add(*extra_callbacks)
     try:
         for message in (layout_change, freeze_message(config, scheduler.t, stages)):
             if message:
