@@ -26,12 +26,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
-
-    from megacpt.train.loop import TrainingLoop
 
 
 @dataclass
@@ -42,6 +40,28 @@ class StepResult:
     loss: torch.Tensor  # this rank's mean loss over its micro-batches (no host sync)
     first_sample: int  # the stream position of the step's first sample
     skipped: str | None  # why the update was skipped ("non-finite", "spike", "ledger"), None when applied
+
+
+class TrainingLoop(Protocol):
+    """What a callback may use of the training loop (train/loop.py)."""
+
+    engine: Any  # the DeepSpeed engine
+    scheduler: Any  # schedule.StageScheduler: `t` counts the stage's steps
+    stream: Any  # data.loader.BatchStream
+    world: Any  # runtime.distributed.World
+    callbacks: Callbacks
+    start_t: int  # the step the run started (or was rewound) at
+    skipped: str | None  # why the current step's update was skipped
+    skipped_total: int
+    stopping: bool
+
+    def total_tokens(self) -> int: ...
+
+    def samples_per_source(self) -> dict[str, int]: ...
+
+    def request_stop(self) -> None: ...
+
+    def rewind(self, state: Any) -> None: ...
 
 
 class Callback:
