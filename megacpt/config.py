@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from megacpt.errors import ConfigError, UserError
 from megacpt.model.presets import PRESETS
+from megacpt.run_dir import DATA_CACHE
 
 
 class Section(BaseModel):
@@ -628,7 +629,7 @@ class RunConfig(Section):
 
     @property
     def data_cache_dir(self) -> Path:
-        return Path(self.data.cache_dir) if self.data.cache_dir else Path(self.run_dir) / "data_cache"
+        return Path(self.data.cache_dir) if self.data.cache_dir else Path(self.run_dir) / DATA_CACHE
 
 
 def check_mixture_schedules(data: DataConfig, steps: int) -> None:

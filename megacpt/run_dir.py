@@ -31,6 +31,7 @@ CHECKPOINTS = "checkpoints"  # DeepSpeed tags and the `latest` pointer
 SAMPLES = "samples.jsonl"  # the sample ledger (logging.sample_ledger)
 SPIKE_LEDGER = "spike_ledger.json"  # loss-spike rollbacks and the batches skipped since
 TENSORBOARD = "tensorboard"  # event files (logging.tensorboard)
+DATA_CACHE = "data_cache"  # megatron's dataset indices, unless data.cache_dir says otherwise
 WANDB_RUN_ID = "wandb_run_id"  # the W&B run a resumed stage continues (logging.wandb)
 
 

@@ -154,7 +154,8 @@ def test_no_module_assigns_an_optimizers_step(name):
     assert not patched, f"{name} assigns {patched}: extend the loop through train/callbacks.py instead"
 
 
-RUN_DIR_NAMES = ("metrics.jsonl", "samples.jsonl", "spike_ledger.json", "wandb_run_id", "checkpoints", ".megacpt.lock")
+RUN_DIR_NAMES = ("metrics.jsonl", "samples.jsonl", "spike_ledger.json", "wandb_run_id", "checkpoints", ".megacpt.lock",
+                 "data_cache")
 
 
 @pytest.mark.parametrize("name", sorted(set(MODULES) - {"megacpt.run_dir"}))
