@@ -41,15 +41,15 @@ def main() -> None:
     args = parser.parse_args()
 
     from megacpt.config import ModelConfig, padded_vocab_size
-    from megacpt.distributed import setup_world
-    from megacpt.evaluate import token_losses
-    from megacpt.model.neox import build_gpt_neox
+    from megacpt.model.gpt import build_gpt
+    from megacpt.runtime.distributed import setup_world
+    from megacpt.train.validation import token_losses
 
     world = setup_world(1, seed=0)
     dims = dict(num_layers=4, hidden_size=192, num_attention_heads=6, vocab_size=2048) if args.preset == "demo" \
         else dict(preset=args.preset)
     model_cfg = ModelConfig(**dims, seq_length=args.seq)
-    model = build_gpt_neox(model_cfg, padded_vocab_size(model_cfg.vocab_size, 1)).to(world.device).train()
+    model = build_gpt(model_cfg, padded_vocab_size(model_cfg.vocab_size, 1)).to(world.device).train()
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model_cfg.vocab_size, (args.micro_batch, args.seq + 1), generator=g)
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(args.micro_batch, args.seq),

@@ -75,9 +75,14 @@ def documents_alone(model, sample: dict) -> tuple[torch.Tensor, float]:
     return torch.cat(logits), loss
 
 
-def test_packed_logits_with_the_mask_equal_each_document_run_alone(numbered, tmp_path, world):
+@pytest.mark.parametrize("family", [{}, {"family": "llama", "num_query_groups": 2},
+                                    {"family": "qwen2", "num_query_groups": 1}])
+def test_packed_logits_with_the_mask_equal_each_document_run_alone(numbered, tmp_path, world, family):
     torch.manual_seed(0)
-    model = build_gpt(ModelConfig(preset="tiny", vocab_size=65536, num_layers=2), 65536).eval()
+    model = build_gpt(ModelConfig(preset="tiny", vocab_size=65536, num_layers=2, **family), 65536).eval()
+    with torch.no_grad():
+        for param in model.parameters():  # norms and biases too, not only the randomly initialised matrices
+            param.add_(0.05 * torch.randn_like(param))
     laid = stream(numbered, tmp_path, True)
     samples = [laid[i] for i in range(2)]
     mb = collate(samples, torch.device("cpu"))
