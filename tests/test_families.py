@@ -212,3 +212,47 @@ def test_neox_defaults_are_unchanged_and_llama_defaults_are_llamas():
         ("neox", 0.25, True, 4, False)
     llama = ModelConfig(preset="tiny", family="llama")
     assert (llama.rotary_pct, llama.parallel_residual, llama.num_query_groups) == (1.0, False, 4)
+
+
+# ------------------------------------------------------------------------------------ vocabulary extension
+
+
+@pytest.mark.parametrize("name", ["llama-tied-llama3", "qwen2-bias"])
+def test_extend_vocab_grows_a_converted_model_with_its_hugging_face_tokenizer(tmp_path, capsys, make_hf_tokenizer,
+                                                                             corpus, write_jsonl, name):
+    """The converted checkpoint remembers the folder's tokenizer.json; `tokenizer extend` appends BPE tokens and
+    `extend-vocab` grows the embedding (tied: the one matrix) with the mean of each new token's base split."""
+    from megacpt.data.bpe_extension import bpe_base_splits
+
+    hf = tmp_path / "hf"
+    hf_model = random_family_model(name, seed=3)
+    hf_model.resize_token_embeddings(320)  # the tokenizer's 320 ids; the new rows random too
+    with torch.no_grad():
+        for param in (hf_model.get_input_embeddings().weight, hf_model.get_output_embeddings().weight):
+            param[200:] = torch.randn(120, param.shape[1], generator=torch.Generator().manual_seed(1)) * 0.1
+    hf_model.save_pretrained(hf)
+    make_hf_tokenizer(hf / "tokenizer.json", ["<|begin_of_text|>", "<|end_of_text|>"])
+    (hf / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end_of_text|>"}))
+    assert cli("convert", "hf-to-megacpt", "--hf", hf, "--output", tmp_path / "ckpt") == 0
+    source = checkpoint_io.load(tmp_path / "ckpt")
+    assert source.state.tokenizer.type == "hf"
+    code = write_jsonl(tmp_path / "code.jsonl", ["def f(x):\n    return x + 1\n" * 3] * 50)
+    assert cli("tokenizer", "extend", "--base", source.state.tokenizer.path, "--input", code, "--add", "12",
+               "--output", tmp_path / "ext" / "tokenizer.json") == 0
+    assert cli("extend-vocab", "--checkpoint", tmp_path / "ckpt", "--tokenizer", tmp_path / "ext" / "tokenizer.json",
+               "--output", tmp_path / "grown") == 0
+    grown_ckpt = checkpoint_io.load(tmp_path / "grown")
+    tied = grown_ckpt.model.tie_embeddings
+    assert ("output_layer.weight" in grown_ckpt.weights) is not tied
+    assert grown_ckpt.model.vocab_size == 332 and grown_ckpt.state.tokenizer.type == "hf"
+    splits = bpe_base_splits(source.state.tokenizer.path, tmp_path / "ext" / "tokenizer.json", 320, 12)
+    for key in [k for k in hf_mapping.VOCAB_ROWS if k in source.weights]:
+        before, after = source.weights[key], grown_ckpt.weights[key]
+        assert torch.equal(after[:320], before[:320]), key
+        for k, split in enumerate(splits):
+            assert torch.allclose(after[320 + k], before[split].mean(0)), (key, k)
+    for key in source.weights:
+        if key not in hf_mapping.VOCAB_ROWS:
+            assert torch.equal(source.weights[key], grown_ckpt.weights[key]), key
+    assert cli("convert", "megacpt-to-hf", "--checkpoint", tmp_path / "grown", "--output", tmp_path / "back") == 0
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["vocab_size"] == 332

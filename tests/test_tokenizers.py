@@ -59,6 +59,15 @@ def test_hf_without_endoftext_uses_the_eos_token_of_tokenizer_config(make_hf_tok
     assert tokenizer.eod_id == 1
 
 
+def test_hf_eod_is_the_eos_token_of_tokenizer_config_even_when_endoftext_exists(make_hf_tokenizer, tmp_path):
+    """Llama 3 declares <|end_of_text|>, an instruct Qwen2 <|im_end|> next to its <|endoftext|>: the tokenizer's
+    own config says which token ends a document."""
+    path = make_hf_tokenizer(tmp_path / "tokenizer.json", ["<|endoftext|>", "<|end_of_text|>"])
+    assert build_tokenizer(TokenizerConfig(type="hf", path=path)).eod_id == 0
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end_of_text|>"}))
+    assert build_tokenizer(TokenizerConfig(type="hf", path=path)).eod_id == 1
+
+
 def test_hf_without_any_end_of_document_token_is_an_error(make_hf_tokenizer, tmp_path):
     path = make_hf_tokenizer(tmp_path / "tokenizer.json", ["<unk>"])
     with pytest.raises(ConfigError, match="tokenizer.path.*<\\|endoftext\\|>.*tokenizer_config.json"):

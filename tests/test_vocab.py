@@ -1,5 +1,6 @@
-"""Vocabulary extension: `megacpt tokenizer extend` (old ids untouched, appended pieces reachable, tokens per
-byte) and bad input (exit 2 naming the file, nothing written). Fast: tiny SentencePiece models, no torch."""
+"""Vocabulary extension: `megacpt tokenizer extend` of SentencePiece models and of BPE tokenizer.json files
+(old ids untouched, appended pieces reachable, tokens per byte) and bad input (exit 2 naming the file, nothing
+written). Fast: tiny tokenizers, no torch."""
 import json
 import random
 
@@ -76,12 +77,16 @@ def test_extend_command_prints_the_count_and_tokens_per_byte(sp_model, code_corp
     assert len((tmp_path / "ext.vocab").read_text(encoding="utf-8").splitlines()) == 305
 
 
-@pytest.mark.parametrize("case", ["hf-json", "not-a-model", "missing-base", "add-zero", "missing-input", "exists"])
+@pytest.mark.parametrize("case", ["wordlevel-json", "not-a-model", "missing-base", "add-zero", "missing-input",
+                                  "exists"])
 def test_extend_bad_input_exits_2_naming_the_file_and_writes_nothing(case, sp_model, code_corpus,
                                                                       hf_tokenizer_json, tmp_path, capsys):
     base, inputs, add = sp_model, [code_corpus], "3"
-    if case == "hf-json":
-        base = hf_tokenizer_json
+    if case == "wordlevel-json":  # tokenizer.json bases are extended only when they are BPE
+        from tokenizers import Tokenizer, models
+
+        base = str(tmp_path / "wordlevel.json")
+        Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(base)
     elif case == "not-a-model":
         base = str(tmp_path / "junk.model")
         (tmp_path / "junk.model").write_bytes(b"\xff\x00junk" * 10)
@@ -98,9 +103,53 @@ def test_extend_bad_input_exits_2_naming_the_file_and_writes_nothing(case, sp_mo
                      "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2
-    named = {"hf-json": base, "not-a-model": base, "missing-base": base, "add-zero": "--add 0",
+    named = {"wordlevel-json": base, "not-a-model": base, "missing-base": base, "add-zero": "--add 0",
              "missing-input": inputs[0], "exists": str(tmp_path / "out.model")}[case]
     assert named in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     if case == "exists":
         assert (tmp_path / "out.model").read_bytes() == b"keep"
+
+
+# ------------------------------------------------------------------------------------ BPE tokenizer.json
+
+
+@pytest.fixture(scope="module")
+def bpe_base(tmp_path_factory, make_hf_tokenizer) -> str:
+    """A byte-level BPE tokenizer.json with two special tokens and a tokenizer_config.json naming the eos."""
+    folder = tmp_path_factory.mktemp("bpe")
+    path = make_hf_tokenizer(folder / "tokenizer.json", ["<|begin_of_text|>", "<|end_of_text|>"])
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end_of_text|>"}))
+    return path
+
+
+def test_bpe_extension_keeps_every_id_and_appends_reachable_tokens(bpe_base, code_corpus, tmp_path, capsys):
+    from tokenizers import Tokenizer
+
+    from megacpt.config import TokenizerConfig
+    from megacpt.data.bpe_extension import read_bpe, vocabulary
+    from megacpt.data.tokenizers import build_tokenizer
+
+    out = tmp_path / "ext" / "tokenizer.json"
+    assert cli_main(["tokenizer", "extend", "--base", bpe_base, "--input", code_corpus, "--add", "30",
+                     "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    base, extended = read_bpe(bpe_base, "base"), read_bpe(out, "out")
+    old, new = vocabulary(base), vocabulary(extended)
+    assert all(new[token] == i for token, i in old.items())  # special tokens included
+    appended = sorted((i, t) for t, i in new.items() if t not in old)
+    assert [i for i, _ in appended] == list(range(len(old), len(old) + 30))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in extended["model"]["merges"]]
+    assert merges[:len(base["model"]["merges"])] == [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
+                                                     for m in base["model"]["merges"]]
+    made = {token: position for position, (_, token) in enumerate(appended)}
+    for position, (_, token) in enumerate(appended):  # the join of two tokens that exist before it
+        left, right = merges[len(base["model"]["merges"]) + position]
+        assert left + right == token and all(old.get(x) is not None or made.get(x, 1e9) < position
+                                             for x in (left, right))
+    text = "".join(CODE)
+    before = Tokenizer.from_file(bpe_base).encode(text).ids
+    after = build_tokenizer(TokenizerConfig(type="hf", path=str(out)))
+    assert len(after.encode(text)) < len(before) and after.decode(after.encode(text)) == text
+    assert after.eod_id == old["<|end_of_text|>"]  # tokenizer_config.json came along
+    assert "30 tokens added" in printed and "tokens per byte" in printed

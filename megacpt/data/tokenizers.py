@@ -17,7 +17,7 @@ import sentencepiece
 from megacpt.config import TokenizerConfig
 from megacpt.errors import ConfigError
 
-# Pythia / GPT-NeoX-20B's end-of-document token; preferred over any eos_token an HF tokenizer declares.
+# Pythia / GPT-NeoX-20B's end-of-document token: the EOD of an HF tokenizer that declares no eos_token.
 HF_EOD_TOKEN = "<|endoftext|>"
 
 
@@ -71,10 +71,11 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A Hugging Face `tokenizer.json` (as shipped with Pythia), read with the `tokenizers` library.
+    """A Hugging Face `tokenizer.json` (Pythia, Llama 3, Qwen2, ...), read with the `tokenizers` library.
 
-    EOD is `<|endoftext|>` when the vocabulary has it, else the `eos_token` of a `tokenizer_config.json` next
-    to the file: tokenizer.json itself does not say which token ends a document.
+    EOD is the `eos_token` of the `tokenizer_config.json` next to the file (Llama 3: `<|end_of_text|>`, Qwen2:
+    `<|endoftext|>`), else `<|endoftext|>` when the vocabulary has it: tokenizer.json itself does not say which
+    token ends a document.
     """
 
     name = "hf"
@@ -93,26 +94,27 @@ class HFTokenizer(Tokenizer):
         except Exception as e:  # the Rust bindings raise plain Exception for unreadable or malformed files
             raise ConfigError("tokenizer.path", f"cannot load Hugging Face tokenizer {self.path}: {e}") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self.eod_token = HF_EOD_TOKEN if self._tok.token_to_id(HF_EOD_TOKEN) is not None else self._declared_eos()
+        config_file = self.path.parent / "tokenizer_config.json"
+        self.eod_token = self._declared_eos(config_file)
+        if self.eod_token is None and self._tok.token_to_id(HF_EOD_TOKEN) is not None:
+            self.eod_token = HF_EOD_TOKEN
+        if self.eod_token is None:
+            raise ConfigError("tokenizer.path", f"{self.path} has no {HF_EOD_TOKEN} token and no usable eos_token "
+                                                f"in {config_file}; one of them is needed as the end-of-document "
+                                                "token")
         self.eod_id = self._tok.token_to_id(self.eod_token)
 
-    def _declared_eos(self) -> str:
-        config_file = self.path.parent / "tokenizer_config.json"
-        eos = None
-        if config_file.is_file():
-            try:
-                eos = json.loads(config_file.read_text(encoding="utf-8")).get("eos_token")
-            except (OSError, ValueError, AttributeError) as e:
-                raise ConfigError("tokenizer.path", f"cannot read {config_file} for the eos token: {e}") from None
+    def _declared_eos(self, config_file: Path) -> str | None:
+        """The eos_token tokenizer_config.json declares, if it is in the vocabulary."""
+        if not config_file.is_file():
+            return None
+        try:
+            eos = json.loads(config_file.read_text(encoding="utf-8")).get("eos_token")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ConfigError("tokenizer.path", f"cannot read {config_file} for the eos token: {e}") from None
         if isinstance(eos, dict):  # older files store an AddedToken as a dict
             eos = eos.get("content")
-        if not isinstance(eos, str) or self._tok.token_to_id(eos) is None:
-            raise ConfigError(
-                "tokenizer.path",
-                f"{self.path} has no {HF_EOD_TOKEN} token and no usable eos_token in {config_file}; "
-                "one of them is needed as the end-of-document token",
-            )
-        return eos
+        return eos if isinstance(eos, str) and self._tok.token_to_id(eos) is not None else None
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -17,7 +17,8 @@ derives from the pieces (each piece from two shorter pieces) reproduce SentenceP
 pieces get scores below every base score, in the new model's order: the base's merges keep their priority,
 and among the new ones the new model's order holds.
 
-Hugging Face tokenizer.json bases are not extended (their merges and added tokens need a different edit).
+Hugging Face BPE tokenizer.json bases are extended by bpe_extension.py (their merges and added tokens need a
+different edit).
 """
 from __future__ import annotations
 
@@ -75,9 +76,6 @@ def extend_tokenizer(base: str, inputs: Sequence[str], add: int, output_prefix: 
 
 def read_base(path: str) -> ModelProto:
     """The base model's proto, or a UserError naming the file when it is not a SentencePiece BPE model."""
-    if Path(path).name.endswith(".json") and Path(path).is_file():
-        raise UserError(f"--base {path} is a Hugging Face tokenizer.json; extending one is not supported, only "
-                        "SentencePiece .model files")
     proto = read_sentencepiece(path, "--base")
     if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
         kind = proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type)

@@ -1,13 +1,16 @@
 """`megacpt extend-vocab --checkpoint CKPT --tokenizer NEW --output OUT`: grow a model for an extended tokenizer.
 
 The tokenizer comes from `megacpt tokenizer extend` (docs/DATA.md): its first V pieces are the checkpoint's
-tokenizer's, then come new ones. The output is a weights-only checkpoint whose input embedding and output
-layer have a row for every new id, padded to a multiple of 128 x the checkpoint's TP degree; every other
-tensor and every row of an old id is copied bit for bit, so the logits of old ids on old-id inputs do not
-change. A new id's rows start as the mean of the rows of the pieces the checkpoint's tokenizer splits the new
-piece's text into (`--init mean`, the usual choice), or drawn from N(0, init_std^2) (`--init random`, for
+tokenizer's, then come new ones (a SentencePiece .model, or a BPE tokenizer.json for a checkpoint with an
+'hf' tokenizer, e.g. one converted from Llama 3 or Qwen2). The output is a weights-only checkpoint whose input
+embedding and output layer (one matrix when they are tied) have a row for every new id, padded to a multiple
+of 128 x the checkpoint's TP degree; every other tensor and every row of an old id is copied bit for bit, so
+the logits of old ids on old-id inputs do not change. A new id's rows start as the mean of the rows of the
+pieces the checkpoint's tokenizer splits the new piece's text into (`--init mean`, the usual choice), or
+drawn from N(0, init_std^2) (`--init random`, for
 comparison). The stage history gains a `VocabExtendedStage`; the next `megacpt train` stage sets
-`model.vocab_size` to the new tokenizer's size and `tokenizer.model` to the new file.
+`model.vocab_size` to the new tokenizer's size (a model whose vocabulary already has unused rows, as
+Qwen2's, keeps its size) and `tokenizer.model` / `tokenizer.path` to the new file.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from pathlib import Path
 import torch
 
 from megacpt.config import TokenizerConfig, padded_vocab_size
+from megacpt.data.bpe_extension import bpe_base_splits, check_bpe_extends, read_bpe, vocabulary
 from megacpt.data.vocab_extension import base_splits, check_extends, read_sentencepiece
 from megacpt.errors import UserError
 from megacpt.model.hf_mapping import VOCAB_ROWS
@@ -26,10 +30,10 @@ from megacpt.weights import checkpoint_io
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                        help="a checkpoints folder (its `latest`) or one tag folder, trained with a SentencePiece "
-                             "tokenizer")
+                        help="a checkpoints folder (its `latest`) or one tag folder, with a SentencePiece or a "
+                             "Hugging Face BPE tokenizer")
     parser.add_argument("--tokenizer", required=True, metavar="MODEL",
-                        help="the extended SentencePiece .model (`megacpt tokenizer extend`)")
+                        help="the extended SentencePiece .model or tokenizer.json (`megacpt tokenizer extend`)")
     parser.add_argument("--init", choices=("mean", "random"), default="mean",
                         help="new rows: mean of the rows of the base tokenizer's split of the piece (default), or "
                              "N(0, model.init_std^2)")
@@ -40,23 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     with checkpoint_io.staged_output(args.output, args.overwrite) as staging:
         source = checkpoint_io.load(args.checkpoint)
-        base_file = base_tokenizer_file(source)
-        base = read_sentencepiece(base_file, "the checkpoint's tokenizer")
-        extended = read_sentencepiece(args.tokenizer, "--tokenizer")
-        check_extends(base, extended, args.tokenizer)
-        old, new = len(base.pieces), len(extended.pieces)
-        pieces = [p.piece for p in extended.pieces[old:]]
+        old, new, splits, section = new_ids(source, Path(args.tokenizer), args.init == "mean")
         model = source.model.model_copy(update={"vocab_size": max(source.model.vocab_size, new)})
         padded = padded_vocab_size(model.vocab_size, source.tensor_parallel)
-        rows = grown_rows(checkpoint_io.resize_vocab(source.weights, padded), old,
-                          base_splits(base, pieces) if args.init == "mean" else None, len(pieces),
+        rows = grown_rows(checkpoint_io.resize_vocab(source.weights, padded), old, splits, new - old,
                           model.init_std, args.seed)
         record = VocabExtendedStage(index=len(source.state.stages), name=Path(args.tokenizer).stem,
                                     checkpoint=str(source.tag_dir.resolve()), tokenizer=str(Path(args.tokenizer)),
                                     base_vocab_size=old, vocab_size=new, init=args.init)
-        state = source.state.model_copy(update={
-            "tokenizer": TokenizerConfig(type="sentencepiece", model=str(Path(args.tokenizer).resolve())),
-            "stages": [*source.state.stages, record]})
+        state = source.state.model_copy(update={"tokenizer": section, "stages": [*source.state.stages, record]})
         checkpoint_io.write(staging, rows, checkpoint_io.weights_only_state(state, model, source.tensor_parallel),
                             Path(args.output))
     print(f"wrote {args.output}: {source.tag_dir} with {new - old} new token rows ({old} -> {new} pieces, "
@@ -64,14 +60,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def base_tokenizer_file(source: checkpoint_io.Checkpoint) -> Path:
-    """The checkpoint's SentencePiece model file; a UserError when it has another tokenizer or none."""
+def new_ids(source: checkpoint_io.Checkpoint, tokenizer: Path,
+            mean: bool) -> tuple[int, int, list[list[int]] | None, TokenizerConfig]:
+    """(first new id, ids of the extended tokenizer, the base ids each new row averages or None, the extended
+    tokenizer's section), checked against the checkpoint's tokenizer; a UserError when it has none it can grow."""
     section = source.state.tokenizer
-    if section is None or section.type != "sentencepiece":
+    if section is None or section.type == "byte":
         found = "no tokenizer" if section is None else f"a '{section.type}' tokenizer"
         raise UserError(f"checkpoint {source.tag_dir} has {found}; extend-vocab grows models trained with a "
-                        "SentencePiece tokenizer (tokenizer.type 'sentencepiece')")
-    return Path(section.model)
+                        "SentencePiece tokenizer or a Hugging Face BPE tokenizer.json")
+    if section.type == "sentencepiece":
+        base = read_sentencepiece(section.model, "the checkpoint's tokenizer")
+        extended = read_sentencepiece(tokenizer, "--tokenizer")
+        check_extends(base, extended, tokenizer)
+        old, new = len(base.pieces), len(extended.pieces)
+        splits = base_splits(base, [p.piece for p in extended.pieces[old:]]) if mean else None
+        return old, new, splits, TokenizerConfig(type="sentencepiece", model=str(tokenizer.resolve()))
+    base_file = checkpoint_io.tokenizer_files(section)["tokenizer.json"]
+    base = read_bpe(base_file, "the checkpoint's tokenizer")
+    check_bpe_extends(base, read_bpe(tokenizer, "--tokenizer"), tokenizer)
+    old = max(vocabulary(base).values()) + 1
+    new = max(vocabulary(read_bpe(tokenizer, "--tokenizer")).values()) + 1
+    splits = bpe_base_splits(base_file, tokenizer, old, new - old) if mean else None
+    return old, new, splits, TokenizerConfig(type="hf", path=str(tokenizer.resolve()))
 
 
 def grown_rows(weights: dict[str, torch.Tensor], first_new: int, splits: list[list[int]] | None, count: int,
@@ -83,7 +94,7 @@ def grown_rows(weights: dict[str, torch.Tensor], first_new: int, splits: list[li
     """
     out = dict(weights)
     generator = torch.Generator().manual_seed(seed)
-    for name in VOCAB_ROWS:
+    for name in (n for n in VOCAB_ROWS if n in weights):  # a tied model has one matrix
         table = weights[name].clone()  # never write into the source (its tensors may map the checkpoint file)
         for k in range(count):
             if splits is None:
