@@ -489,6 +489,11 @@ class TrainConfig(Section):
     eval_interval: int = Field(0, ge=0,
                                description="Steps between evaluations on every validation set; 0 evaluates only at the "
                                            "end.")
+    eval_position_bucket: int = Field(0, ge=0,
+                                      description="N > 0: every evaluation record also carries eval_by_position, each "
+                                                  "validation set's loss over positions 0..N-1, N..2N-1, ... of its "
+                                                  "samples (e.g. the earlier stage's seq_length, to see the positions "
+                                                  "past it); 0: none.")
     eval_samples: int = Field(64, gt=0,
                               description="Sequences per validation set per evaluation: the first eval_samples of "
                                           "each validation stream, whatever the world size; the eval record's "

@@ -15,6 +15,7 @@ def test_validation_loss_is_the_token_mean_over_the_first_samples(tmp_path, patt
     torch.manual_seed(0)
     model = build_gpt(ModelConfig(preset="tiny"), 256).eval()
     total, count = 0.0, 0
+    at = torch.zeros(64, dtype=torch.float64)  # loss summed over the samples at each position
     with torch.no_grad():
         for i in range(5):  # one sample at a time: cross entropy of each scored token's label
             sample = dataset[i]
@@ -23,7 +24,15 @@ def test_validation_loss_is_the_token_mean_over_the_first_samples(tmp_path, patt
             per_token = torch.nn.functional.cross_entropy(logits.double(), labels, reduction="none")
             mask = torch.as_tensor(sample["loss_mask"]).double()
             total, count = total + (per_token * mask).sum().item(), count + int(mask.sum().item())
+            at += per_token * mask
     for micro_batch_size in (1, 2, 5, 8):  # 5 samples in micro-batches that do and do not divide them
-        losses, tokens = validation_losses(model, {"noise": dataset}, 5, micro_batch_size, 0, 1, torch.device("cpu"))
-        assert tokens == {"noise": count} and count == 5 * 64
+        losses, tokens, by_position = validation_losses(model, {"noise": dataset}, 5, micro_batch_size, 0, 1,
+                                                        torch.device("cpu"))
+        assert tokens == {"noise": count} and count == 5 * 64 and by_position == {}
         assert abs(losses["noise"] - total / count) < 1e-5, (micro_batch_size, losses, total / count)
+    for bucket, names in ((16, ["0-15", "16-31", "32-47", "48-63"]), (24, ["0-23", "24-47", "48-63"])):
+        _, _, by_position = validation_losses(model, {"noise": dataset}, 5, 2, 0, 1, torch.device("cpu"), None, bucket)
+        assert list(by_position["noise"]) == names
+        for name, loss in by_position["noise"].items():
+            first, last = map(int, name.split("-"))
+            assert abs(loss - at[first:last + 1].sum().item() / (5 * (last + 1 - first))) < 1e-5, name

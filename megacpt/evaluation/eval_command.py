@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 
 from megacpt.checkpoint.locate import plan_init
-from megacpt.cli_helpers import add_set_argument, positive_int, text_table
+from megacpt.cli_helpers import add_set_argument, non_negative_int, positive_int, text_table
 from megacpt.config import InitConfig, RunConfig, ValidationSet, load_config
 from megacpt.errors import UserError
 from megacpt.files import write_output
@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a checkpoints folder (its `latest`) or one tag folder")
     parser.add_argument("--samples", type=positive_int, metavar="N",
                         help="sequences per validation set, whatever the world size (default: train.eval_samples)")
+    parser.add_argument("--position-bucket", type=non_negative_int, metavar="N",
+                        help="also the loss per bucket of N positions (default: train.eval_position_bucket; 0 none)")
     parser.add_argument("--data", nargs="+", metavar="NAME[=PREFIX]",
                         help="validation sets to evaluate instead of all of data.validation: NAME picks one of the "
                              "config's, NAME=PREFIX adds an indexed dataset")
@@ -46,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     config.data.validation = select_validation(config.data.validation, args.data)
     if args.samples:
         config.train.eval_samples = args.samples
+    if args.position_bucket is not None:
+        config.train.eval_position_bucket = args.position_bucket
     config.init = InitConfig(checkpoint=args.checkpoint)  # the weights only, as a new stage loads them
     plan = plan_init(config, key="--checkpoint")
     check_architecture(config, plan.state, plan.tag_dir)
@@ -110,14 +114,15 @@ def evaluate_checkpoint(config: RunConfig, plan: LoadPlan) -> dict[str, dict] | 
     datasets = build_validation_datasets(config.data, train.eval_samples,
                                          config.model.seq_length, str(config.data_cache_dir), config.model.vocab_size,
                                          eod_id(config.tokenizer))
-    losses, tokens = validation_losses(engine, datasets, train.eval_samples, train.micro_batch_size,
-                                       world.data_rank, world.data_size, world.device,
-                                       parallel_state.get_data_parallel_group())
+    losses, tokens, by_position = validation_losses(
+        engine, datasets, train.eval_samples, train.micro_batch_size, world.data_rank, world.data_size, world.device,
+        parallel_state.get_data_parallel_group(), train.eval_position_bucket)
     if not world.is_main:
         return None
     bpb = bits_per_byte(losses, datasets, train.eval_samples)
     return {name: {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens[name],
-                   **({"bpb": bpb[name]} if name in bpb else {})}
+                   **({"bpb": bpb[name]} if name in bpb else {}),
+                   **({"by_position": by_position[name]} if name in by_position else {})}
             for name, loss in losses.items()}
 
 
@@ -126,6 +131,12 @@ def format_report(report: dict) -> str:
              f"{r['bpb']:.4f}" if "bpb" in r else "-") for name, r in report["results"].items()]
     title = (f"checkpoint {report['checkpoint']} (step {report['step']}, {report['tokens']} tokens), "
              f"{report['samples']} sequences per validation set")
-    return title + "\n" + text_table(rows, ["validation set", "loss", "perplexity", "tokens", "bits/byte"],
-                                     align=("left", "right", "right", "right", "right"))
+    table = text_table(rows, ["validation set", "loss", "perplexity", "tokens", "bits/byte"],
+                       align=("left", "right", "right", "right", "right"))
+    buckets = {name: r["by_position"] for name, r in report["results"].items() if "by_position" in r}
+    if buckets:
+        columns = list(next(iter(buckets.values())))
+        table += "\nloss by position\n" + text_table(
+            [[name, *(f"{b[c]:.4f}" for c in columns)] for name, b in buckets.items()], ["validation set", *columns])
+    return title + "\n" + table
 

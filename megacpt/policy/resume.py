@@ -26,7 +26,8 @@ from megacpt.policy.stages import SavedConfig
 RESUMABLE = (
     "run_dir",  # the folder may have been moved or copied
     "train.steps",  # lengthening a stage keeps the samples trained so far (data/blend.py); the record says so
-    "train.log_interval", "train.eval_interval", "train.eval_samples", "train.eval_batches", "train.save_interval",
+    "train.log_interval", "train.eval_interval", "train.eval_samples", "train.eval_position_bucket",
+    "train.eval_batches", "train.save_interval",
     "train.max_skipped_steps", "train.spike",
     "train.micro_batch_size",  # the same samples per step, accumulated in other chunks (float rounding differs)
     "train.activation_checkpointing",  # recomputation gives the same numbers

@@ -167,7 +167,8 @@ def build_callbacks(callbacks: Callbacks, config: RunConfig, world, plan: LoadPl
         Spikes(cfg.spike, spike_ledger, guard, metrics, config.run_dir, world.is_main, restore_plan, window),
         freeze(config, engine, scheduler, stages, world),
         sample_ledger(config, world, stream, begin, scheduler.t if plan is not None and plan.resume else 0),
-        Validation(val_data, metrics, cfg.eval_interval, cfg.eval_samples, cfg.micro_batch_size, cfg.steps, index),
+        Validation(val_data, metrics, cfg.eval_interval, cfg.eval_samples, cfg.micro_batch_size, cfg.steps, index,
+                   cfg.eval_position_bucket),
         Checkpointing(config, stages, metrics, begin, source_identities(stream.dataset, stages[-1])
                       if world.is_main else {}),
     )
