@@ -35,6 +35,10 @@ RECIPES = {
     "ibrahim_10b_cpt_cosine.json": ("neox-10b", "cosine", 1.2e-4, 1.2e-5, NEOX, 300e9, 0.05, True),
     "ibrahim_10b_cpt_german_cosine.json": ("neox-10b", "cosine", 1.2e-4, 1.2e-5, NEOX, 200e9, 0.25, True),
     "wsd_405m.json": ("neox-405m", "wsd", 3e-4, 3e-5, NEOX, 300e9, 0.05, True),
+    # Llama 3.1 8B on a new domain, 10% replay of a public web corpus; Qwen2.5 0.5B on a new language after
+    # `tokenizer extend` + `extend-vocab`, 25% replay (Ibrahim et al.'s share for a strong shift)
+    "llama31_8b_cpt_replay.json": ("llama-3.1-8b", "cosine", 3e-5, 3e-6, 512 * 8192, 20e9, 0.1, True),
+    "qwen25_05b_new_language_extended.json": ("qwen2.5-0.5b", "cosine", 1e-4, 1e-5, 256 * 4096, 10e9, 0.25, True),
 }
 
 
@@ -60,8 +64,9 @@ def test_every_shipped_config_is_a_checked_recipe():
     assert sorted(RECIPES) == [p.name for p in CONFIGS]
 
 
-# Nodes of 8 x 80 GB GPUs each config is laid out for (configs/README.md): one for ~400M models, eight for the 10B.
-NODES = {"pythia-410m": 1, "neox-405m": 1, "neox-10b": 8}
+# Nodes of 8 x 80 GB GPUs each config is laid out for (configs/README.md): one for ~400M models and Llama 3.1 8B,
+# eight for the 10B.
+NODES = {"pythia-410m": 1, "neox-405m": 1, "neox-10b": 8, "llama-3.1-8b": 1, "qwen2.5-0.5b": 1}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

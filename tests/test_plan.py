@@ -176,6 +176,36 @@ def test_10b_plan_fits_on_8_nodes_of_8_gpus_with_80_gb(tmp_path, capsys):
     assert 1 <= own["largest_micro_batch"]
 
 
+LLAMA_8B = str(REPO / "configs" / "llama31_8b_cpt_replay.json")
+
+
+@pytest.mark.parametrize("preset", PUBLISHED)
+def test_every_llama_style_preset_gets_a_plan_that_fits_on_8_nodes(preset, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", LLAMA_8B, "--set", f"model={{\"preset\": \"{preset}\"}}", "--set", "parallel.tensor=1",
+                 "--nodes", "8", "--gpus-per-node", "8", "--json", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert plan["parameters"] == PUBLISHED[preset][0]
+    best = plan["recommended"]
+    assert best["fits"] and best["memory_gb"]["total"] <= 0.9 * 80
+    model = ModelConfig(preset=preset)
+    assert model.num_query_groups % best["layout"]["tensor"] == 0  # whole key/value groups per rank
+    assert f"({model.family})" in capsys.readouterr().out
+
+
+def test_70b_says_what_it_needs(capsys):
+    """On one node of 8 x 80 GB nothing fits (tensor parallelism stops at the node, no pipeline parallelism); on
+    eight it trains at TP 8 x DP 8 with ZeRO-1 and recompute."""
+    args = ["plan", LLAMA_8B, "--set", 'model={"preset": "llama-3.1-70b"}', "--set", "parallel.tensor=8"]
+    assert main([*args, "--nodes", "1", "--gpus-per-node", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "no layout fits in 80 GB per GPU on 1 node x 8 GPUs" in err and "no pipeline parallelism" in err
+    assert main([*args, "--nodes", "8", "--gpus-per-node", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "llama-3.1-70b (llama): 80 layers" in printed and "(8 key/value groups)" in printed
+    assert "recommended: TP 8 x DP 8, ZeRO-1, micro batch 1, activation checkpointing on" in printed
+
+
 def test_smaller_gpus_get_a_layout_that_fits_them():
     config = load_config(TEN_B)
     roomy = recommend(config, Cluster(nodes=2, gpus_per_node=8, gpu_memory_gb=80))

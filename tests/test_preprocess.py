@@ -97,6 +97,27 @@ def test_vocabulary_of_65500_or_more_is_written_as_int32(tmp_path, write_jsonl):
     assert read_back(prefix) == ([[65_601, 2, 0], [1, 0]], np.int32)
 
 
+def test_parquet_rows_are_documents_in_order_from_the_named_column(tmp_path, write_jsonl, capsys):
+    """A FineWeb-style Parquet file (text column by name, several row groups, a null row) gives the same dataset
+    as the jsonl of its texts; a missing column exits 2 naming it and the columns there are."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ["first doc", None, "zweites Dokument", "third", "über"]
+    pq.write_table(pa.table({"id": list(range(5)), "text": texts}), tmp_path / "in.parquet", row_group_size=2)
+    for name, source in (("parquet", tmp_path / "in.parquet"),
+                         ("jsonl", write_jsonl(tmp_path / "in.jsonl", [t for t in texts if t is not None]))):
+        assert cli_main(["preprocess", "--input", str(source), "--tokenizer-type", "byte", "--output-prefix",
+                         str(tmp_path / name), "--append-eod"]) == 0
+    assert read_back(str(tmp_path / "parquet")) == read_back(str(tmp_path / "jsonl"))
+    assert len(read_back(str(tmp_path / "parquet"))[0]) == 4
+    capsys.readouterr()
+    assert cli_main(["preprocess", "--input", str(tmp_path / "in.parquet"), "--tokenizer-type", "byte",
+                     "--output-prefix", str(tmp_path / "bad"), "--json-key", "content"]) == 2
+    assert "no column 'content' (its columns: id, text)" in capsys.readouterr().err
+    assert not list(tmp_path.glob("bad*"))
+
+
 def test_progress_reports_documents_tokens_and_rate(tmp_path, write_jsonl, monkeypatch):
     monkeypatch.setattr(preprocess_module, "PROGRESS_SECONDS", 0.0)
     log = io.StringIO()

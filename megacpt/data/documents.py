@@ -1,12 +1,16 @@
-"""Reading documents from jsonl and plain-text files: the one reader behind `preprocess` and `tokenizer train`.
+"""Reading documents from jsonl, Parquet and plain-text files: the one reader behind `preprocess` and `tokenizer
+train`.
 
 The format is chosen by the file name:
 
 - `.jsonl`, `.jsonl.gz`, `.jsonl.zst`: one JSON object per line, the document being the string under
   `json_key`; blank lines are skipped.
+- `.parquet` (FineWeb, RedPajama-style dumps): one document per row, the string in the column named
+  `json_key`; read one row group at a time with pyarrow (the 'parquet' extra), null rows skipped.
 - `.txt`: the whole file is one document (a corpus of many documents belongs in jsonl, or in many files).
 
-Every problem is a UserError naming the file and, for jsonl, the line. This module does not tokenize.
+Every problem is a UserError naming the file and, for jsonl, the line (for Parquet, the row). This module does
+not tokenize.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ except ImportError:
     zstandard = None
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+PARQUET_SUFFIXES = (".parquet",)
 # PREFIX.bytes.npy beside a dataset's PREFIX.bin/.idx: the UTF-8 bytes of each document's text (int64), written by
 # `megacpt preprocess` so that validation can report bits per byte.
 DOCUMENT_BYTES_SUFFIX = ".bytes.npy"
@@ -52,9 +57,15 @@ def _check_input(path: str | Path) -> Path:
         raise UserError(f"input file {file} does not exist")
     if not file.is_file():
         raise UserError(f"input {file} is not a file")
-    if not file.name.endswith(JSONL_SUFFIXES + TEXT_SUFFIXES):
+    if not file.name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES):
         raise UserError(f"input file {file} has an unsupported name; expected one ending in "
-                        f"{', '.join(JSONL_SUFFIXES + TEXT_SUFFIXES)}")
+                        f"{', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES)}")
+    if file.name.endswith(PARQUET_SUFFIXES):
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            raise UserError(f"input file {file} is Parquet, which needs the 'pyarrow' package (pip install "
+                            "megacpt[parquet])") from None
     if file.name.endswith(".zst") and zstandard is None:
         raise UserError(f"input file {file} is zstd-compressed, which needs the 'zstandard' package (pip install "
                         "zstandard)")
@@ -65,6 +76,8 @@ def _read(files: list[Path], json_key: str) -> Iterator[str]:
     for file in files:
         if file.name.endswith(TEXT_SUFFIXES):
             yield _read_text(file)
+        elif file.name.endswith(PARQUET_SUFFIXES):
+            yield from _read_parquet(file, json_key)
         else:
             yield from _read_jsonl(file, json_key)
 
@@ -88,6 +101,27 @@ def _read_jsonl(file: Path, json_key: str) -> Iterator[str]:
                 if raw.strip():
                     yield _parse_line(raw, json_key, f"{file}, line {number}")
     except _READ_ERRORS as e:
+        raise UserError(f"cannot read input file {file}: {e}") from None
+
+
+def _read_parquet(file: Path, column: str) -> Iterator[str]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(file)
+        names = parquet.schema_arrow.names
+        if column not in names:
+            raise UserError(f"{file}: no column '{column}' (its columns: {', '.join(names)}); choose the text "
+                            "column with --json-key")
+        kind = parquet.schema_arrow.field(column).type
+        if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
+            raise UserError(f"{file}: column '{column}' holds {kind}, expected strings")
+        for group in range(parquet.num_row_groups):
+            for text in parquet.read_row_group(group, columns=[column]).column(0).to_pylist():
+                if text is not None:
+                    yield text
+    except (OSError, pyarrow.ArrowException) as e:
         raise UserError(f"cannot read input file {file}: {e}") from None
 
 

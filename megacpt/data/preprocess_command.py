@@ -56,8 +56,8 @@ class PreprocessResult:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                        help="documents: .jsonl, .jsonl.gz, .jsonl.zst (one JSON object per line) or .txt (one "
-                             "document per file)")
+                        help="documents: .jsonl, .jsonl.gz, .jsonl.zst (one JSON object per line), .parquet (one "
+                             "per row, the --json-key column) or .txt (one document per file)")
     parser.add_argument("--tokenizer-type", required=True, choices=["sentencepiece", "hf", "byte"])
     parser.add_argument("--tokenizer-model", metavar="PATH",
                         help="the .model file (sentencepiece) or tokenizer.json (hf); not used by byte")

@@ -9,8 +9,8 @@ from megacpt.data.bpe_extension import bpe_tokens_per_byte, extend_bpe
 from megacpt.data.sentencepiece_training import train_sentencepiece
 from megacpt.data.vocab_extension import extend_tokenizer
 
-INPUT_HELP = ("documents: .jsonl, .jsonl.gz, .jsonl.zst (one JSON object per line) or .txt (one document per "
-              "file)")
+INPUT_HELP = ("documents: .jsonl, .jsonl.gz, .jsonl.zst (one JSON object per line), .parquet (one per row) or .txt "
+              "(one document per file)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -189,8 +189,10 @@ def memory_per_gpu(model: ModelConfig, layout: Layout, precision: Precision) -> 
 
 
 def flops_per_token(model: ModelConfig, padded_vocab: int) -> float:
-    """Model FLOPs of one trained token: 6 per matmul parameter (the input embedding is a lookup) plus attention."""
-    matmul_params = parameter_count(model, padded_vocab) - padded_vocab * model.hidden_size
+    """Model FLOPs of one trained token: 6 per matmul parameter (the input embedding is a lookup, unless it is
+    tied to the output layer) plus attention."""
+    lookup = 0 if model.tie_embeddings else padded_vocab * model.hidden_size
+    matmul_params = parameter_count(model, padded_vocab) - lookup
     return 6 * matmul_params + 12 * model.num_layers * model.hidden_size * model.seq_length
 
 

@@ -77,6 +77,12 @@ def _nodes_and_gpus(args: argparse.Namespace) -> tuple[int, int]:
     return len(hosts), uniform_slots(hosts, args.hostfile)
 
 
+def _groups(model) -> str:
+    """' (8 key/value groups)' for grouped-query attention, '' for multi-head attention."""
+    grouped = model.num_query_groups != model.num_attention_heads
+    return f" ({model.num_query_groups} key/value groups)" if grouped else ""
+
+
 def _report(path: str, config: RunConfig, cluster: Cluster, own: Estimate, largest: int, best: Estimate) -> str:
     model, train = config.model, config.train
     vocab = config.padded_vocab_size
@@ -85,8 +91,9 @@ def _report(path: str, config: RunConfig, cluster: Cluster, own: Estimate, large
     share = train.global_batch_size // own.layout.data
     lines = [
         f"megacpt plan: {path}",
-        f"model        {model.preset or 'custom'}: {model.num_layers} layers, hidden {model.hidden_size}, "
-        f"{model.num_attention_heads} heads, FFN {model.ffn_hidden_size}, seq {model.seq_length}, "
+        f"model        {model.preset or 'custom'} ({model.family}): {model.num_layers} layers, hidden "
+        f"{model.hidden_size}, {model.num_attention_heads} heads{_groups(model)}, FFN {model.ffn_hidden_size}, "
+        f"seq {model.seq_length}, "
         f"vocab {model.vocab_size} padded to {vocab} (TP {config.parallel.tensor})",
         f"parameters   {parameter_count(model, vocab):,} "
         f"({parameters_per_rank(model, vocab, own.layout.tensor):,} per tensor-parallel rank)",
