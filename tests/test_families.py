@@ -256,3 +256,47 @@ def test_extend_vocab_grows_a_converted_model_with_its_hugging_face_tokenizer(tm
             assert torch.equal(source.weights[key], grown_ckpt.weights[key]), key
     assert cli("convert", "megacpt-to-hf", "--checkpoint", tmp_path / "grown", "--output", tmp_path / "back") == 0
     assert json.loads((tmp_path / "back" / "config.json").read_text())["vocab_size"] == 332
+
+
+# ------------------------------------------------------------------------------------ a CPT stage on a converted model
+
+
+@pytest.mark.parametrize("name", ["llama-tied-llama3", "qwen2-bias"])
+def test_a_converted_model_trains_a_stage_with_replay_reshards_merges_evaluates_and_exports(tmp_path, capsys,
+                                                                                             converted, name):
+    """A new stage (replay, validation) on the converted weights; the stage's checkpoint resharded to TP 2 and
+    back gives every tensor back; merged 1:0 with the import it is itself; `megacpt eval` gives the loop's
+    final validation loss; the export is verified on logits (the converter exits 1 otherwise)."""
+    from datagen import pattern_documents, read_metrics, write_config, write_indexed
+
+    model = read_state(checkpoint_io.load(converted[name, 1]).tag_dir).config.model.model_dump(mode="json")
+    new, old, val = (write_indexed(tmp_path / n, pattern_documents(p, o, 40, 100, vocab=200))
+                     for n, p, o in (("new", 11, 3), ("old", 5, 100), ("val", 11, 7)))
+    config = tiny_config(tmp_path / "run", [{"name": "new", "prefix": new}],
+                         model={**model, "seq_length": 64},
+                         data={"sources": [{"name": "new", "prefix": new}], "cache_dir": str(tmp_path / "cache"),
+                               "replay": {"fraction": 0.5, "sources": [{"name": "old", "prefix": old}]},
+                               "validation": [{"name": "val", "prefix": val}]},
+                         schedule={"style": "cosine", "max_lr": 1e-3, "min_lr": 1e-4, "warmup": 1},
+                         train={"steps": 4, "global_batch_size": 4, "micro_batch_size": 2, "eval_samples": 4},
+                         init={"checkpoint": str(converted[name, 1])})
+    path = write_config(tmp_path / "c.json", config)
+    assert cli("train", path) == 0
+    records = read_metrics(tmp_path / "run")
+    assert [r for r in records if "loss" in r][-1]["samples"] == {"new": 8, "old": 8}
+    before, after = checkpoint_io.load(converted[name, 1]).weights, checkpoint_io.load(tmp_path / "run" /
+                                                                                        "checkpoints").weights
+    assert before.keys() == after.keys() and 0 < max((after[k] - before[k]).abs().max().item() for k in before)
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert cli("reshard", "--checkpoint", ckpt, "--tp", 2, "--output", tmp_path / "tp2", "--weights-only") == 0
+    assert cli("reshard", "--checkpoint", tmp_path / "tp2", "--tp", 1, "--output", tmp_path / "tp1") == 0
+    back = checkpoint_io.load(tmp_path / "tp1").weights
+    assert all(torch.equal(back[k], after[k]) for k in after)
+    assert cli("merge", "--checkpoints", ckpt, converted[name, 1], "--weights", 1, 0, "--output", tmp_path / "m") == 0
+    assert all(torch.equal(checkpoint_io.load(tmp_path / "m").weights[k], after[k]) for k in after)
+    capsys.readouterr()
+    assert cli("eval", path, "--checkpoint", ckpt, "--json", tmp_path / "eval.json") == 0
+    final = [r for r in records if "eval" in r][-1]["eval"]["val"]
+    assert json.loads((tmp_path / "eval.json").read_text())["results"]["val"]["loss"] == pytest.approx(final, abs=1e-6)
+    assert cli("convert", "megacpt-to-hf", "--checkpoint", ckpt, "--output", tmp_path / "hf") == 0
+    assert load_hf(tmp_path / "hf")[0].config.model_type == FAMILY_MODELS[name][0].lower()
