@@ -116,9 +116,15 @@ def test_extend_bad_input_exits_2_naming_the_file_and_writes_nothing(case, sp_mo
 
 @pytest.fixture(scope="module")
 def bpe_base(tmp_path_factory, make_hf_tokenizer) -> str:
-    """A byte-level BPE tokenizer.json with two special tokens and a tokenizer_config.json naming the eos."""
+    """A byte-level BPE tokenizer.json laid out as Llama 3's: two special tokens added after the BPE vocabulary
+    (in added_tokens only), and a tokenizer_config.json naming the eos."""
+    from tokenizers import Tokenizer
+
     folder = tmp_path_factory.mktemp("bpe")
-    path = make_hf_tokenizer(folder / "tokenizer.json", ["<|begin_of_text|>", "<|end_of_text|>"])
+    path = make_hf_tokenizer(folder / "tokenizer.json", [])
+    tokenizer = Tokenizer.from_file(path)
+    tokenizer.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+    tokenizer.save(path)
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end_of_text|>"}))
     return path
 
@@ -137,6 +143,8 @@ def test_bpe_extension_keeps_every_id_and_appends_reachable_tokens(bpe_base, cod
     base, extended = read_bpe(bpe_base, "base"), read_bpe(out, "out")
     old, new = vocabulary(base), vocabulary(extended)
     assert all(new[token] == i for token, i in old.items())  # special tokens included
+    loaded = Tokenizer.from_file(str(out))  # and as the library reads the file back
+    assert all(loaded.token_to_id(token) == i for token, i in new.items())
     appended = sorted((i, t) for t, i in new.items() if t not in old)
     assert [i for i, _ in appended] == list(range(len(old), len(old) + 30))
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in extended["model"]["merges"]]

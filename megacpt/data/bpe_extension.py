@@ -7,7 +7,9 @@ model on the new corpus with the base's normalizer and pre-tokenizer (the `token
 and appends, in that model's merge order, each merge whose two parts the base (or an earlier appended merge)
 already has and whose result it lacks: the result gets the next free id, after the added tokens, and its
 merge goes after every base merge, so the base's merges keep their priority. Every appended token is thus the
-join of two tokens the extended model can form. The base's files are edited as JSON, never re-serialised by
+join of two tokens the extended model can form. Added tokens are also put into the vocabulary at their ids
+(the library would otherwise renumber them after the grown vocabulary), and the written file is read back
+with the library to check that every old token kept its id. The base's files are edited as JSON, never re-serialised by
 the library, so nothing else of the tokenizer changes.
 
 What this module does not do: extend WordPiece/Unigram tokenizer.json files, or SentencePiece models
@@ -69,6 +71,11 @@ def extend_bpe(base: str, inputs: Sequence[str], add: int, output: str, *, json_
     trainer_model.train_from_iterator(documents, trainer)
     learned = json.loads(trainer_model.to_str())["model"]["merges"]
     string_form = any(isinstance(m, str) for m in data["model"]["merges"])
+    # tokenizers gives an added token that the model's vocabulary lacks the id len(vocabulary) + k when it loads
+    # the file, whatever id the file says: with tokens appended to the vocabulary, Llama 3's specials would move.
+    # In the vocabulary at their own ids they keep them (no merge produces them; they are matched before BPE).
+    for token in data.get("added_tokens", []):
+        data["model"]["vocab"].setdefault(token["content"], token["id"])
     next_id = max(known.values()) + 1
     added = 0
     for left, right in map(_pair, learned):
@@ -83,7 +90,11 @@ def extend_bpe(base: str, inputs: Sequence[str], add: int, output: str, *, json_
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = out.with_name(f".{out.name}.partial")
     temp.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
-    Tokenizer.from_file(str(temp))  # the library reads what was written
+    written = Tokenizer.from_file(str(temp))  # the library reads what was written, every id where it was put
+    moved = [token for token, i in known.items() if written.token_to_id(token) != i]
+    if moved:
+        temp.unlink()
+        raise UserError(f"--base {base}: the extended tokenizer would give {moved[0]!r} another id; nothing written")
     temp.replace(out)
     for companion in ("tokenizer_config.json", "special_tokens_map.json"):
         source = Path(base).parent / companion
