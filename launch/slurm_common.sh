@@ -14,8 +14,13 @@
 #                   with the other nodes) when every node reads it (NO_SSH=1 on several nodes); removed at exit
 #   GPU_MEMORY_GB   GPU memory the preflight plans for; default 80
 #   PYTHON          the Python that has megacpt installed; default python
+#   DEEPSPEED       the deepspeed launcher of that environment; default deepspeed
 #   STOP_FORWARD_DELAY  seconds after the launch before a stop this shell received is passed on; default 3
 #   MEGACPT_DRY_RUN 1: check everything and print the launch command instead of running it
+#
+# Exit status: the launch's, except that a job stopped before its first step (nothing trained) exits 75
+# (STOPPED_BEFORE_TRAINING, as `megacpt train` does in that case): a stop that arrived before the launch, or
+# ranks that SLURM's stop signal killed as they started, before they could take it.
 
 set -euo pipefail
 
@@ -31,6 +36,12 @@ die() {
 LAUNCH_DIR="${MEGACPT_LAUNCH_DIR:-${SLURM_SUBMIT_DIR:-$PWD}/launch}"
 source "$LAUNCH_DIR/stop_signals.sh"
 PYTHON="${PYTHON:-python}"
+STOPPED_BEFORE_TRAINING=75
+
+# -I: not the megacpt folder of the submit directory, which imports without its dependencies being installed.
+"$PYTHON" -I -c 'import importlib.metadata as m; m.version("megacpt")' 2>/dev/null \
+  || die "'$PYTHON' has no megacpt installed: activate the environment megacpt is installed in before sbatch (the \
+job inherits it), or set PYTHON=/path/to/env/bin/python and DEEPSPEED=/path/to/env/bin/deepspeed"
 hostnames="$(scontrol show hostnames "$SLURM_JOB_NODELIST")"
 mapfile -t HOSTS <<< "$hostnames"
 NNODES="${#HOSTS[@]}"
@@ -61,9 +72,21 @@ write_hostfile() {
 }
 
 # `megacpt plan` on the config and this cluster: exits 2 (and so stops the job) on a bad hostfile, a world
-# size the tensor-parallel degree does not divide, or a model that fits on no layout; prints the plan.
+# size the tensor-parallel degree does not divide, or a model that fits on no layout; prints the plan. Without
+# GPUs (none asked of SLURM, no nvidia-smi) it plans CPU processes in this node's memory.
 preflight() {
-  "$PYTHON" -m megacpt plan "$@" --gpu-memory-gb "${GPU_MEMORY_GB:-80}"
+  if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]] || nvidia-smi -L >/dev/null 2>&1; then
+    "$PYTHON" -m megacpt plan "$@" --gpu-memory-gb "${GPU_MEMORY_GB:-80}"
+  else
+    "$PYTHON" -m megacpt plan "$@" --cpu
+  fi
+}
+
+# The job's end when it trained nothing: the message, and the exit status that says "run me again".
+stopped_before_training() {
+  echo "megacpt launch: stopped before the first step ($*): nothing trained; submit the job again (or requeue it) \
+to train" >&2
+  exit "$STOPPED_BEFORE_TRAINING"
 }
 
 # The launch, in the background, so that this shell can wait for it and take a stop meanwhile: a USR1 or TERM
@@ -71,14 +94,29 @@ preflight() {
 # to every process of the job step (launch/stop_signals.sh). Not TERM: srun takes it as an order to end the step.
 # The TERM of scancel, a requeue or the time limit reaches the job step from SLURM itself. A stop that comes
 # before srun has run for STOP_FORWARD_DELAY seconds (default 3) waits until then: srun would deliver it the
-# moment the step's tasks start, before their shells have set the traps that make them survive it.
+# moment the step's tasks start, before their shells have set the traps that make them survive it. A stop
+# that came before the launch ends the job without starting the ranks.
+#
+# SLURM itself signals every process of the job step the moment it exists (`scancel --signal=USR1 JOB`, a
+# `--signal=USR1@...` due at startup): a task that has not yet blocked the signal dies of it, and srun exits
+# 128 + the signal. No rank trains before it has blocked the stop signals, so that is a stop before the first
+# step too, and reported as one.
 launch() {
+  local status=0
   if [[ "${MEGACPT_DRY_RUN:-0}" == 1 ]]; then
     printf 'would run:'
     printf ' %q' "$@"
     printf '\n'
-  else
-    "$@" {stop_signals_tick}<&- &
-    wait_forwarding $! $! USR1 "${STOP_FORWARD_DELAY:-3}"
+    return
   fi
+  (( ! stop_requested )) || stopped_before_training "a stop signal reached the batch shell before the launch"
+  "$@" {stop_signals_tick}<&- &
+  wait_forwarding $! $! USR1 "${STOP_FORWARD_DELAY:-3}" || status=$?
+  case "$status" in
+    "$STOPPED_BEFORE_TRAINING") stopped_before_training "the ranks took a stop signal during their startup" ;;
+    $((128 + $(kill -l USR1))) | $((128 + $(kill -l TERM))))
+      stopped_before_training "SLURM's stop signal $(kill -l $((status - 128))) killed the job step's processes \
+as they started, before they could hold it" ;;
+  esac
+  return "$status"
 }

@@ -6,7 +6,7 @@
 # the request (ranks the launcher forks later, a job step still being created) get it too. The ranks'
 # handler only sets a flag, so the repeats are harmless. INT is passed on once, unchanged (an abort).
 
-stop_requested=0
+stop_requested="${stop_requested:-0}"  # the batch scripts set the trap on their first line already
 trap 'stop_requested=1' USR1 TERM
 # A pipe nobody writes to: `read -t 1` from it waits a second without a child process (SLURM signals every
 # process of a job step, and a `sleep` would die of USR1).

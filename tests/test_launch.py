@@ -37,7 +37,7 @@ while args[0].startswith("--"):
         nodes = int(value)
     elif key in ("--ntasks-per-node", "--ntasks"):
         per_node = int(value)
-    elif key != "--cpus-per-task":
+    elif key not in ("--cpus-per-task", "--kill-on-bad-exit"):
         sys.exit("fake srun: unexpected option " + key)
 tasks = [subprocess.Popen(args, env=dict(os.environ, SLURM_NODEID=str(n), SLURM_LOCALID=str(t),
                                          SLURM_PROCID=str(n * per_node + t), SLURM_NTASKS=str(nodes * per_node),
@@ -88,23 +88,23 @@ HOSTS = ["gpu-node-01", "gpu-node-02"]
 ARGS = [TEN_B, "--set", "train.steps=10"]
 FORMS = {
     "one launcher over ssh": ("slurm_deepspeed.sbatch", {}, (
-        "srun --nodes=1 --ntasks=1 --cpus-per-task=16 {launch}/deepspeed.sh --hostfile {hostfile} --master_addr "
-        "gpu-node-01 --master_port 24242 --module megacpt train configs/ibrahim_10b_cpt_cosine.json "
+        "srun --kill-on-bad-exit=1 --nodes=1 --ntasks=1 --cpus-per-task=16 {launch}/deepspeed.sh --hostfile {hostfile} "
+        "--master_addr gpu-node-01 --master_port 24242 --module megacpt train configs/ibrahim_10b_cpt_cosine.json "
         "--set train.steps=10")),
     "one launcher per node": ("slurm_deepspeed.sbatch", {"NO_SSH": "1"}, (
-        "srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=16 {launch}/deepspeed.sh --hostfile {hostfile} "
-        "--master_addr gpu-node-01 --master_port 24242 --no_ssh --module megacpt train "
+        "srun --kill-on-bad-exit=1 --nodes=2 --ntasks-per-node=1 --cpus-per-task=16 {launch}/deepspeed.sh "
+        "--hostfile {hostfile} --master_addr gpu-node-01 --master_port 24242 --no_ssh --module megacpt train "
         "configs/ibrahim_10b_cpt_cosine.json --set train.steps=10")),
     "one task per gpu": ("slurm_srun_tasks.sbatch", {}, (
-        "srun --nodes=2 --ntasks-per-node=8 --cpus-per-task=2 {launch}/task.sh configs/ibrahim_10b_cpt_cosine.json "
-        "--set train.steps=10")),
+        "srun --kill-on-bad-exit=1 --nodes=2 --ntasks-per-node=8 --cpus-per-task=2 {launch}/task.sh "
+        "configs/ibrahim_10b_cpt_cosine.json --set train.steps=10")),
 }
 
 
 @pytest.mark.parametrize("form", FORMS)
 def test_slurm_script_writes_the_hostfile_and_assembles_the_exact_command(tmp_path, form):
     script, extra, command = FORMS[form]
-    result = sbatch(script, ARGS, slurm_env(tmp_path, HOSTS, 8, MEGACPT_DRY_RUN="1", **extra))
+    result = sbatch(script, ARGS, slurm_env(tmp_path, HOSTS, 8, MEGACPT_DRY_RUN="1", SLURM_GPUS_ON_NODE="8", **extra))
     assert_ok(result)
     hostfile = tmp_path / "hostfile"
     assert dry_run_lines(result) == ["would run: " + command.format(launch=LAUNCH, hostfile=hostfile)]
@@ -140,7 +140,8 @@ def test_one_node_needs_no_ssh_and_the_hostfile_leaves_no_trace(tmp_path):
     result = sbatch("slurm_deepspeed.sbatch", [SMALL], env, cwd=submit_dir)
     assert_ok(result)
     assert dry_run_lines(result) == [
-        f"would run: srun --nodes=1 --ntasks-per-node=1 --cpus-per-task=6 {LAUNCH}/deepspeed.sh --hostfile "
+        f"would run: srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=1 --cpus-per-task=6 {LAUNCH}/deepspeed.sh "
+        f"--hostfile "
         f"{tmpdir}/megacpt-hostfile-4242 --master_addr node-a --master_port 24242 --no_ssh --module megacpt train "
         f"{SMALL}"]
     assert not any(submit_dir.iterdir()) and not any(tmpdir.iterdir())
@@ -148,9 +149,9 @@ def test_one_node_needs_no_ssh_and_the_hostfile_leaves_no_trace(tmp_path):
 
 @pytest.mark.parametrize("script, extra, words", [
     ("slurm_srun_tasks.sbatch", {"SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_ON_NODE": "4"},
-     ["would run: srun --nodes=1 --ntasks-per-node=2 --cpus-per-task=2 "]),
+     ["would run: srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=2 --cpus-per-task=2 "]),
     ("slurm_srun_tasks.sbatch", {"SLURM_NTASKS_PER_NODE": "2", "SLURM_GPUS_ON_NODE": "4"},
-     ["would run: srun --nodes=1 --ntasks-per-node=4 --cpus-per-task=4 "]),
+     ["would run: srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=4 --cpus-per-task=4 "]),
     ("slurm_deepspeed.sbatch", {"SLURM_NTASKS_PER_NODE": "1"},
      ["GPUS_PER_NODE is ''; set it", "on a partition without GPUs the CPU processes"]),
     ("slurm_srun_tasks.sbatch", {"SLURM_NTASKS_PER_NODE": "32"}, ["32 ranks per node but only 16 CPUs each node"]),
@@ -166,6 +167,79 @@ def test_ranks_per_node_without_gpus(tmp_path, script, extra, words):
     for word in words:
         assert word in output
     assert result.returncode == (0 if words[0].startswith("would run") else 2), output[-3000:]
+
+
+def test_a_job_without_the_environment_is_told_to_activate_it(tmp_path):
+    """Submitted without the venv (a python without megacpt, in the repository root where `python -m megacpt`
+    would import the sources without their dependencies): exit 2 naming what to do, before anything runs."""
+    no_megacpt = tmp_path / "python"
+    no_megacpt.symlink_to(sys.base_prefix + "/bin/python3")
+    env = slurm_env(tmp_path, ["node-a"], 2, PYTHON=str(no_megacpt))
+    for script in ("slurm_deepspeed.sbatch", "slurm_srun_tasks.sbatch"):
+        result = sbatch(script, [SMALL], env)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        for words in (f"'{no_megacpt}' has no megacpt installed", "activate the environment megacpt is installed in",
+                      "PYTHON=/path/to/env/bin/python and DEEPSPEED=/path/to/env/bin/deepspeed"):
+            assert words in result.stderr
+        assert "megacpt plan" not in result.stdout
+
+
+def test_a_script_submitted_outside_the_repository_stops_at_the_missing_file(tmp_path):
+    """sbatch runs a copy of the script, so launch/ is found from the submit directory: elsewhere the script
+    stops at once (exit 2) and names MEGACPT_LAUNCH_DIR; with it set, it runs from anywhere."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = slurm_env(tmp_path, ["node-a"], 2, MEGACPT_DRY_RUN="1", SLURM_SUBMIT_DIR=str(elsewhere))
+    for script in ("slurm_deepspeed.sbatch", "slurm_srun_tasks.sbatch"):
+        copy = elsewhere / script  # what sbatch runs: a copy, here outside the repository
+        copy.write_text((LAUNCH / script).read_text())
+        run = subprocess.run(["bash", str(copy), SMALL], cwd=elsewhere, env=env, capture_output=True, text=True)
+        assert run.returncode == 2, run.stderr
+        assert f"no slurm_common.sh in {elsewhere}/launch" in run.stderr and "MEGACPT_LAUNCH_DIR" in run.stderr
+        assert "command not found" not in run.stderr and "would run" not in run.stdout
+        run = subprocess.run(["bash", str(copy), SMALL], cwd=elsewhere, env={**env, "MEGACPT_LAUNCH_DIR": str(LAUNCH)},
+                             capture_output=True, text=True)
+        assert_ok(run)
+        assert dry_run_lines(run)
+
+
+FAKE_SRUN_STOPPED = """#!/usr/bin/env bash
+# srun whose job step ended as FAKE_STOP says: killed by a signal as its tasks started, or megacpt's own exit
+case "$FAKE_STOP" in
+  USR1|TERM) bash -c 'kill -s '"$FAKE_STOP"' $$' ;;
+  *) exit "$FAKE_STOP" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("stop, words", [
+    ("USR1", "SLURM's stop signal USR1 killed the job step's processes as they started, before they could hold it"),
+    ("TERM", "SLURM's stop signal TERM killed the job step's processes as they started, before they could hold it"),
+    ("75", "the ranks took a stop signal during their startup"),
+    ("before", "a stop signal reached the batch shell before the launch"),
+])
+def test_a_job_stopped_before_its_first_step_says_so_and_exits_75(tmp_path, stop, words):
+    """However a stop ended a job before its first step, the log says that nothing was trained and the job
+    exits 75 (not 0, which reads as success): a stop the batch shell took before the launch (here during
+    the preflight; no step is started), ranks that SLURM's signal killed as they started, ranks that took it
+    during their startup (`megacpt train`'s own 75). Other exit statuses pass through unchanged."""
+    env = slurm_env(tmp_path, ["node-a"], 2, FAKE_STOP=stop)
+    (tmp_path / "bin" / "srun").write_text(FAKE_SRUN_STOPPED)
+    if stop == "before":  # the preflight's python sends the batch shell a stop
+        python = tmp_path / "bin" / "python-stopping"
+        python.write_text(f'#!/usr/bin/env bash\nkill -USR1 $PPID\nexec {sys.executable} "$@"\n')
+        python.chmod(0o755)
+        env["PYTHON"] = str(python)
+        (tmp_path / "bin" / "srun").write_text("#!/bin/sh\ntouch $FAKE_SLURM_LOG.srun\n")
+    for script in ("slurm_deepspeed.sbatch", "slurm_srun_tasks.sbatch"):
+        result = sbatch(script, [SMALL], env)
+        assert result.returncode == 75, result.stderr
+        assert (f"megacpt launch: stopped before the first step ({words}): nothing trained; submit the job again "
+                "(or requeue it) to train") in result.stderr
+        assert not Path(env["FAKE_SLURM_LOG"] + ".srun").exists()
+    if stop == "75":
+        result = sbatch("slurm_srun_tasks.sbatch", [SMALL], {**env, "FAKE_STOP": "3"})
+        assert result.returncode == 3 and "stopped before" not in result.stderr
 
 
 def test_slurm_script_outside_a_job_is_an_error(tmp_path):

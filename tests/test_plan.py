@@ -221,6 +221,25 @@ def test_hostfile_gives_the_cluster(tmp_path, capsys):
     assert "2 nodes x 8 GPUs = 16" in capsys.readouterr().out
 
 
+def test_cpu_processes_get_the_layout_checks_and_no_gpu_figures(tmp_path, capsys):
+    """--cpu (the SLURM preflight on a partition without GPUs): the config's layout is checked and shown, in
+    fp32, with nothing about GPUs, their memory or their FLOPs; a world the batch does not divide is exit 2."""
+    out = tmp_path / "plan.json"
+    assert main(["plan", TEN_B, "--nodes", "2", "--gpus-per-node", "8", "--cpu", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "cluster      2 nodes x 8 CPU processes = 16\n" in printed
+    assert "layout: TP 4 x DP 4, ZeRO-1, micro batch 3" in printed and "fp32 weights" in printed
+    for word in ("GPU", " GB", "TFLOP", "days"):
+        assert word not in printed
+    plan = json.loads(out.read_text())
+    assert plan["parameters"] == 9_642_249_216 and plan["cluster"]["cpu"]
+    assert plan["config_layout"]["layout"]["data"] == 4
+    assert main(["plan", TEN_B, "--nodes", "1", "--gpus-per-node", "6", "--cpu"]) == 2
+    assert "world size 6 (1 node x 6 CPU processes) is not divisible by parallel.tensor 4" in capsys.readouterr().err
+    assert main(["plan", TEN_B, "--cpu", "--gpu-memory-gb", "40"]) == 2
+    assert "--gpu-memory-gb describes a GPU" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("hostfile_text, args, words", [
     ("node-a slots=8\nnode-b slots=0\n", [], ["line 2", "node-b slots=0", "at least one slot"]),
     ("node-a slots=8\nnode-b slots=4\n", [], ["different slot counts [4, 8]"]),

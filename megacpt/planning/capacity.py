@@ -31,6 +31,7 @@ class Cluster:
     gpu_memory_gb: float = 80.0
     gpu_tflops: float = 989.0  # H100 SXM dense bf16 peak
     mfu: float = 0.4  # model FLOPs utilisation assumed without recompute
+    cpu: bool = False  # the ranks are CPU processes (gpus_per_node of them per node): only the layout is planned
 
     @property
     def world_size(self) -> int:
@@ -41,7 +42,11 @@ class Cluster:
         return FIT_FRACTION * self.gpu_memory_gb * GB
 
     def describe(self) -> str:
-        return f"{self.nodes} node{'s' * (self.nodes != 1)} x {self.gpus_per_node} GPUs"
+        return f"{self.nodes} node{'s' * (self.nodes != 1)} x {self.gpus_per_node} {self.rank_name}"
+
+    @property
+    def rank_name(self) -> str:
+        return "CPU processes" if self.cpu else "GPUs"
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
-"""`megacpt plan CONFIG [--nodes N --gpus-per-node G | --hostfile FILE] [--json FILE]`: will it fit, how long.
+"""`megacpt plan CONFIG [--nodes N --gpus-per-node G | --hostfile FILE] [--cpu] [--json FILE]`: will it fit, how long.
 
 Reads only the config (no torch): the parameter count, memory per GPU for the config's own layout, the
 largest micro batch that fits, the step time and days to the token budget at an assumed MFU, and the
 layout `megacpt.planning.capacity.recommend` picks for the cluster. The launch scripts run it as their preflight, so a
-bad hostfile or a world size the tensor-parallel degree does not divide stops a job before it starts.
+bad hostfile or a world size the tensor-parallel degree does not divide stops a job before it starts. With
+`--cpu` the ranks are CPU processes: only the layout is checked and shown (GPU memory and FLOPs do not apply).
 """
 from __future__ import annotations
 
@@ -42,18 +43,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=positive_int, help=f"nodes (default {DEFAULT_NODES})")
     parser.add_argument("--gpus-per-node", type=positive_int, help=f"GPUs per node (default {DEFAULT_GPUS_PER_NODE})")
     parser.add_argument("--hostfile", metavar="FILE", help="take nodes and GPUs per node from a DeepSpeed hostfile")
-    parser.add_argument("--gpu-memory-gb", type=positive_float, default=Cluster.gpu_memory_gb,
-                        help="memory of one GPU in GB (10^9 bytes); default %(default)g")
-    parser.add_argument("--gpu-tflops", type=positive_float, default=Cluster.gpu_tflops,
-                        help="peak dense bf16 TFLOP/s of one GPU; default %(default)g (H100 SXM)")
-    parser.add_argument("--mfu", type=unit_fraction, default=Cluster.mfu,
-                        help="assumed model FLOPs utilisation; default %(default)g")
+    parser.add_argument("--gpu-memory-gb", type=positive_float,
+                        help=f"memory of one GPU in GB (10^9 bytes); default {Cluster.gpu_memory_gb:g}")
+    parser.add_argument("--gpu-tflops", type=positive_float,
+                        help=f"peak dense bf16 TFLOP/s of one GPU; default {Cluster.gpu_tflops:g} (H100 SXM)")
+    parser.add_argument("--mfu", type=unit_fraction, help=f"assumed model FLOPs utilisation; default {Cluster.mfu:g}")
+    parser.add_argument("--cpu", action="store_true",
+                        help="the ranks are CPU processes (--gpus-per-node of them per node, or the hostfile's "
+                             "slots): check and show the layout only, no memory or time estimate")
     parser.add_argument("--json", metavar="FILE", help="also write the plan to FILE as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
-    cluster = Cluster(*_nodes_and_gpus(args), args.gpu_memory_gb, args.gpu_tflops, args.mfu)
+    gpu = {"gpu_memory_gb": args.gpu_memory_gb, "gpu_tflops": args.gpu_tflops, "mfu": args.mfu}
+    given = {key: value for key, value in gpu.items() if value is not None}
+    if args.cpu:
+        if given:
+            raise UserError(f"--{next(iter(given)).replace('_', '-')} describes a GPU; --cpu plans CPU processes")
+        return _cpu_plan(args, config, Cluster(*_nodes_and_gpus(args), cpu=True))
+    cluster = Cluster(*_nodes_and_gpus(args), **given)
     best = recommend(config, cluster)
     try:
         layout = config_layout(config, cluster)
@@ -64,6 +73,22 @@ def run(args: argparse.Namespace) -> int:
     print(_report(args.config, config, cluster, own, largest, best))
     if args.json:
         plan = _plan_json(args.config, config, cluster, own, largest, best)
+        write_output(args.json, json.dumps(plan, indent=2) + "\n", "--json")
+    return 0
+
+
+def _cpu_plan(args: argparse.Namespace, config: RunConfig, cluster: Cluster) -> int:
+    """The layout of CPU processes: the checks the launch needs (world size, tensor parallel, batch arithmetic)."""
+    layout = config_layout(config, cluster)
+    accumulation = config.train.global_batch_size // layout.data // layout.micro_batch
+    lines = _report_head(args.config, config, cluster, layout) + [
+        "", f"layout: {layout.describe()}, gradient accumulation {accumulation}",
+        "  CPU processes: memory and step time are not estimated"]
+    print("\n".join(lines))
+    if args.json:
+        vocab = config.padded_vocab_size
+        plan = {"config": args.config, "parameters": parameter_count(config.model, vocab),
+                "padded_vocab_size": vocab, "cluster": asdict(cluster), "config_layout": {"layout": asdict(layout)}}
         write_output(args.json, json.dumps(plan, indent=2) + "\n", "--json")
     return 0
 
@@ -83,23 +108,36 @@ def _groups(model) -> str:
     return f" ({model.num_query_groups} key/value groups)" if grouped else ""
 
 
-def _report(path: str, config: RunConfig, cluster: Cluster, own: Estimate, largest: int, best: Estimate) -> str:
-    model, train = config.model, config.train
-    vocab = config.padded_vocab_size
-    precision = training_precision(config.deepspeed)
-    tokens = train.global_batch_size * model.seq_length
-    share = train.global_batch_size // own.layout.data
-    lines = [
+def _report_head(path: str, config: RunConfig, cluster: Cluster, layout) -> list[str]:
+    """The lines both plans start with: config, model, parameters, cluster, precision."""
+    model, vocab = config.model, config.padded_vocab_size
+    if cluster.cpu:  # megacpt trains in fp32 without a GPU
+        hardware, precision = "", "fp32 weights and gradients (CPU processes train in fp32)"
+    else:
+        hardware = (f", {cluster.gpu_memory_gb:g} GB and {cluster.gpu_tflops:g} TFLOP/s each, assumed MFU "
+                    f"{cluster.mfu:.0%}")
+        p = training_precision(config.deepspeed)
+        precision = f"{p.weights} weights, {p.gradients} gradient accumulation"
+    return [
         f"megacpt plan: {path}",
         f"model        {model.preset or 'custom'} ({model.family}): {model.num_layers} layers, hidden "
         f"{model.hidden_size}, {model.num_attention_heads} heads{_groups(model)}, FFN {model.ffn_hidden_size}, "
         f"seq {model.seq_length}, "
         f"vocab {model.vocab_size} padded to {vocab} (TP {config.parallel.tensor})",
         f"parameters   {parameter_count(model, vocab):,} "
-        f"({parameters_per_rank(model, vocab, own.layout.tensor):,} per tensor-parallel rank)",
-        f"cluster      {cluster.describe()} = {cluster.world_size}, "
-        f"{cluster.gpu_memory_gb:g} GB and {cluster.gpu_tflops:g} TFLOP/s each, assumed MFU {cluster.mfu:.0%}",
-        f"precision    {precision.weights} weights, {precision.gradients} gradient accumulation",
+        f"({parameters_per_rank(model, vocab, layout.tensor):,} per tensor-parallel rank)",
+        f"cluster      {cluster.describe()} = {cluster.world_size}{hardware}",
+        f"precision    {precision}",
+    ]
+
+
+def _report(path: str, config: RunConfig, cluster: Cluster, own: Estimate, largest: int, best: Estimate) -> str:
+    model, train = config.model, config.train
+    vocab = config.padded_vocab_size
+    tokens = train.global_batch_size * model.seq_length
+    share = train.global_batch_size // own.layout.data
+    lines = [
+        *_report_head(path, config, cluster, own.layout),
         "",
         f"config layout: {own.layout.describe()}, gradient accumulation {share // own.layout.micro_batch}",
         *_memory_lines(own, cluster),
