@@ -15,6 +15,7 @@ from megacpt.checkpoint import manifest
 from megacpt.cli import main
 from megacpt.policy.stages import STATE_FILE, read_state
 from megacpt.run_dir import LOCK, OWNER
+from megacpt.train.stop_signals import STOPPED_BEFORE_TRAINING
 
 from datagen import optimizer_file_state, read_metrics, tiny_config, write_config
 from launch import assert_ok, clean_env, deepspeed_launch, free_port, run_megacpt, start_held, wait_for_step
@@ -151,16 +152,18 @@ def _records_up_to(metrics: bytes, step: int) -> bytes:
 
 def test_a_stop_during_startup_ends_the_run_before_its_first_step_and_writes_nothing(tmp_path, pattern_data):
     """A stop sent while `megacpt train` starts (before its handler exists; the launch scripts hold it pending)
-    is honoured before the first step: exit 0, and the run dir is left byte for byte as it was, fresh or
-    resumed (so the next run continues as if nothing had happened: the kill -9 test above)."""
+    is honoured before the first step: exit 75 (STOPPED_BEFORE_TRAINING: nothing trained, not a finished run),
+    and the run dir is left byte for byte as it was, fresh or resumed (so the next run continues as if nothing
+    had happened: the kill -9 test above)."""
     cfg = write_config(tmp_path / "c.json", _config(tmp_path, "run", pattern_data, train={"save_interval": 2}))
     run_dir = tmp_path / "run"
     for sig in (signal.SIGUSR1, signal.SIGTERM):  # a fresh run
         proc = start_held(["train", cfg])
         os.kill(proc.pid, sig)
         output = proc.communicate(timeout=300)[0]
-        assert proc.returncode == 0, output[-3000:]
-        assert "before step 1, the first of this run: no step trained, nothing new to save" in output
+        assert proc.returncode == STOPPED_BEFORE_TRAINING == 75, output[-3000:]
+        assert "before step 1, the first of this run: no step trained, nothing new to save; exiting with status 75 " \
+               "(run it again)" in output
         assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").read_text()
     proc = _start([sys.executable, "-m", "megacpt", "train", cfg])
     wait_for_step(run_dir, 3, proc)
@@ -171,7 +174,7 @@ def test_a_stop_during_startup_ends_the_run_before_its_first_step_and_writes_not
     os.kill(proc.pid, signal.SIGUSR1)
     output = proc.communicate(timeout=300)[0]
     latest = (run_dir / "checkpoints" / "latest").read_text()
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == STOPPED_BEFORE_TRAINING, output[-3000:]
     assert f"before step {int(latest.removeprefix('step')) + 1}, the first of this run" in output
     before["metrics.jsonl"] = _records_up_to(before["metrics.jsonl"], int(latest.removeprefix("step")))
     assert _files(run_dir) == before

@@ -386,13 +386,14 @@ def test_a_stop_before_the_ranks_exist_reaches_them_and_ends_the_run_before_its_
                                                                                            one_node_losses):
     """USR1 to the launcher as it starts, before any rank is forked: launch/deepspeed.sh passes it on until
     the launcher exits, the ranks hold it until their handler is installed, and the run stops before its first
-    step with exit 0 and nothing saved; the same command then trains exactly like an undisturbed run."""
+    step with nothing saved and exit 75 through the launcher (nothing trained, not a finished run); the same
+    command then trains exactly like an undisturbed run."""
     config = make_config("startup")
     run_dir = Path(json.loads(Path(config).read_text())["run_dir"])
     run = start_local(config)
     os.kill(run.pid, signal.SIGUSR1)
     output = finish(run)
-    assert run.returncode == 0, output[-4000:]
+    assert run.returncode == 75, output[-4000:]
     assert "before step 1, the first of this run: no step trained, nothing new to save" in output
     assert not (run_dir / "checkpoints").exists()
     assert_ok_output = finish(start_local(config))

@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megacpt.train.stop_signals import STOPPED_BEFORE_TRAINING
     from megacpt.train.trainer import preflight, train
 
     config = load_config(args.config, args.overrides)
@@ -31,5 +32,4 @@ def run(args: argparse.Namespace) -> int:
         summary = describe(config, preflight(config))
         print(json.dumps(summary) if args.json else format_text(summary))
         return 0
-    train(config)
-    return 0
+    return 0 if train(config) else STOPPED_BEFORE_TRAINING

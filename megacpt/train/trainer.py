@@ -4,8 +4,8 @@ One process (a world of one) or one rank under the deepspeed launcher. Reads top
 config's data, schedule and checkpoint, and the load plan the CPT policy decides), the run dir's lock, the
 world, the engine with its gated optimizer and the stage's LR scheduler, the data, the restore, the
 callbacks in their order, the loop. SIGTERM and SIGUSR1 finish the current step, save and exit 0; received
-during startup (which can take minutes for a large checkpoint), they stop the run before its first step,
-exit 0 and leave the checkpoints as they were.
+during startup (which can take minutes for a large checkpoint), they stop the run before its first step and
+leave the checkpoints as they were (`train` returns False: the command exits STOPPED_BEFORE_TRAINING, 75).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from megacpt.policy.stage_start import check_freeze, stage_records, stream_start
 from megacpt.policy.stages import SourceFile, StageRecord, TrainedStage
 from megacpt.run_dir import checkpoint_dir
 from megacpt.train.callbacks import Callback, Callbacks
-from megacpt.train.stop_signals import StopSignal
+from megacpt.train.stop_signals import STOPPED_BEFORE_TRAINING, StopSignal
 
 
 def preflight(config: RunConfig, checksums: bool = True) -> LoadPlan | None:
@@ -59,9 +59,9 @@ def preflight(config: RunConfig, checksums: bool = True) -> LoadPlan | None:
     return plan
 
 
-def train(config: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
-    """Check, lock RUN_DIR, join the world, build, load, loop. `extra_callbacks` run after megacpt's own (a
-    concern of the caller's: see docs/ARCHITECTURE.md)."""
+def train(config: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> bool:
+    """Check, lock RUN_DIR, join the world, build, load, loop; False when a stop came before the first step.
+    `extra_callbacks` run after megacpt's own (a concern of the caller's: see docs/ARCHITECTURE.md)."""
     from megacpt.runtime.distributed import setup_world
 
     signals = StopSignal()  # first: a stop may arrive during the minutes the setup below can take
@@ -71,7 +71,7 @@ def train(config: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> None:
         world = setup_world(config.parallel.tensor, config.train.seed)
         if world.is_main:
             prepare_run_dir(Path(config.run_dir), config, plan)
-        run_stage(config, world, plan, signals, extra_callbacks)
+        return run_stage(config, world, plan, signals, extra_callbacks)
 
 
 def prepare_run_dir(run_dir: Path, config: RunConfig, plan: LoadPlan | None) -> None:
@@ -89,8 +89,9 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, plan: LoadPlan | None) -> 
 
 
 def run_stage(config: RunConfig, world, plan: LoadPlan | None, signals: StopSignal,
-              extra_callbacks: Sequence[Callback] = ()) -> None:
-    """Build the engine, the data and the callbacks, restore the checkpoint, and train the stage."""
+              extra_callbacks: Sequence[Callback] = ()) -> bool:
+    """Build the engine, the data and the callbacks, restore the checkpoint, and train the stage; False when a
+    stop came before its first step."""
     from megacpt.checkpoint.elastic import Layout
     from megacpt.checkpoint.load import follow_layout, restore
     from megacpt.runtime.deepspeed_config import zero_stage
@@ -130,12 +131,14 @@ def run_stage(config: RunConfig, world, plan: LoadPlan | None, signals: StopSign
                       f"{plan.tag_dir if plan else 'fresh weights'}")
         if scheduler.t < config.train.steps and guard.agree_to_stop():
             metrics.print(f"stop signal received before step {scheduler.t + 1}, the first of this run: no step "
-                          f"trained, nothing new to save; exiting")
-            return
+                          f"trained, nothing new to save; exiting with status {STOPPED_BEFORE_TRAINING} (run it "
+                          "again)")
+            return False
         if plan is None or not plan.resume:
             metrics.write({"step": 0, "event": "stage_start", "stage": stage.index, "stage_name": stage.name,
                            "init": str(plan.tag_dir) if plan else None})
         loop.run()
+        return True
     finally:
         callbacks.close()
         if engine.checkpoint_engine.is_decoupled():  # stop the writer process, which outlives us otherwise
