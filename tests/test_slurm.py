@@ -1,8 +1,11 @@
 """The batch scripts under a real SLURM: a private single-node cluster (slurmctld, slurmd and munged with
 their config, key, sockets and state in a temporary folder, stopped by their pids at the end) runs both
 scripts with 2 CPU ranks. Training equals launch/local.sh 2; every way a job is stopped (USR1 to the job
-step, USR1 to the batch shell, a stop during startup, scancel, scontrol requeue) leaves a complete
-checkpoint at the step it stopped, with `latest` on it, and the next job continues bit-exactly.
+step, USR1 to the batch shell, scancel, scontrol requeue) leaves a complete checkpoint at the step it
+stopped, with `latest` on it, and the next job continues bit-exactly. A stop in a job's first seconds (USR1
+to the job step as its first process starts, to the batch shell as soon as it runs, the scripts' own
+`--signal=B:USR1@120` due at once) is neither lost nor fatal: the job ends before its first step with exit
+75 and says so, its checkpoint untouched.
 
 Skipped, with the reason, where SLURM cannot be started: not root, the packages missing (.ci/run installs
 slurm-wlm and munge with apt as root), or daemons that do not come up.
@@ -26,7 +29,7 @@ import pytest
 from megacpt.policy.stages import read_state
 
 from datagen import read_metrics, tiny_config, write_config
-from launch import assert_ok, clean_env, free_port, wait_for_step
+from launch import assert_ok, clean_env, free_port, signal_mask, wait_for_step
 
 # Each test chains three or four jobs, each starting two ranks.
 pytestmark = [pytest.mark.launcher, pytest.mark.slurm, pytest.mark.timeout(1800)]
@@ -60,7 +63,7 @@ AccountingStorageType=accounting_storage/none
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
-KillWait=60
+KillWait=30
 SchedulerType=sched/builtin
 NodeName={host} NodeAddr=127.0.0.1 CPUs=2 State=UNKNOWN
 PartitionName=cpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP
@@ -265,34 +268,101 @@ def continue_to_the_end(slurm: Cluster, script: str, config: str, reference: dic
     assert resumed[STEPS]["samples"] == reference[STEPS]["samples"]
 
 
+def job_processes(job_id: str, step: str | None) -> list[int]:
+    """The pids of this node's processes of a job's step (None: its batch shell), from their environment."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            variables = (entry / "environ").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:  # gone, or a kernel thread
+            continue
+        if f"SLURM_JOB_ID={job_id}".encode() in variables:
+            steps = [v.removeprefix(b"SLURM_STEP_ID=").decode() for v in variables if v.startswith(b"SLURM_STEP_ID=")]
+            if steps == ([] if step is None else [step]):
+                pids.append(int(entry.name))
+    return pids
+
+
+def catches_usr1(pid: int) -> bool:
+    try:
+        return bool(signal_mask(pid, "SigCgt") & (1 << (signal.SIGUSR1 - 1)))
+    except (OSError, AssertionError):
+        return False
+
+
+def stopped_at_startup(slurm: Cluster, script: str, config: str, options: list[str], env: dict[str, str],
+                       when: str) -> str:
+    """Submit a job and stop it in its first seconds: `when` "step": USR1 to the job step within 100 ms of its
+    first process starting (SLURM then signals every process of the step, those still starting too); "batch":
+    USR1 to the batch shell the moment it catches USR1 (its first line). The job must end before its first
+    step with exit 75 (not 0: nothing was trained), saying so, the checkpoint as it was. Returns the log."""
+    before = _checkpoint_step(config)
+    job_id = slurm.submit(script, config, *options, **env)
+    deadline = time.monotonic() + 300
+    while not (job_processes(job_id, "0") if when == "step" else
+               [pid for pid in job_processes(job_id, None) if catches_usr1(pid)]):
+        assert time.monotonic() < deadline, slurm.job(job_id)
+    seen = time.monotonic()
+    slurm.run("scancel", "--signal=USR1", *(["--batch"] if when == "batch" else []), job_id)
+    assert time.monotonic() - seen < 0.1 or when == "batch", "scancel took more than 100 ms"
+    return _ended_before_its_first_step(slurm, job_id, config, before)
+
+
+def stopped_by_the_time_limit_at_startup(slurm: Cluster, script: str, config: str, options: list[str],
+                                         env: dict[str, str]) -> None:
+    """A 2-minute limit: the scripts' `--signal=B:USR1@120` is due at once, and SLURM sends it at its next
+    time-limit check (within 30 s), to the batch shell. The stop must be taken, whenever it arrives: before the
+    first step (exit 75, as `stopped_at_startup`) or after it (a checkpoint, COMPLETED with exit 0); never
+    lost (the run trained to the end without a word) nor fatal."""
+    before = _checkpoint_step(config)
+    job_id = slurm.submit(script, config, *options, "--time=2", **env)
+    job = slurm.wait_job(job_id)
+    if job["ExitCode"] != "0:0":
+        _ended_before_its_first_step(slurm, job_id, config, before)
+        return
+    log = (Path(config).parent / f"slurm-{job_id}.out").read_text()
+    step = stopped_at(config)
+    assert job["JobState"] == "COMPLETED" and (before or 0) < step < STEPS, f"{job}\n{log[-4000:]}"
+    assert f"saved a checkpoint at step {step}, exiting" in log
+
+
+def _checkpoint_step(config: str) -> int | None:
+    return stopped_at(config) if (run_dir(config) / "checkpoints" / "latest").is_file() else None
+
+
+def _ended_before_its_first_step(slurm: Cluster, job_id: str, config: str, before: int | None) -> str:
+    job = slurm.wait_job(job_id)
+    log = (Path(config).parent / f"slurm-{job_id}.out").read_text()
+    assert (job["JobState"], job["ExitCode"]) == ("FAILED", "75:0"), f"{job}\n{log[-4000:]}"
+    assert "megacpt launch: stopped before the first step (" in log and "nothing trained" in log, log[-4000:]
+    assert "Traceback" not in log
+    assert _checkpoint_step(config) == before
+    metrics = run_dir(config) / "metrics.jsonl"
+    assert (trained_steps(config) if metrics.is_file() else 0) == (before or 0)
+    return log
+
+
 DEEPSPEED = ("slurm_deepspeed.sbatch", ["--nodes=1"], {"GPUS_PER_NODE": "2"})
 TASKS = ("slurm_srun_tasks.sbatch", ["--nodes=1", "--ntasks-per-node=2"], {})
 
 
-def test_the_deepspeed_script_stops_on_usr1_to_the_step_and_during_startup_then_requeues_and_finishes_exactly(
+def test_the_deepspeed_script_stops_at_startup_on_usr1_to_the_step_and_on_requeue_then_finishes_exactly(
         cluster, make_config, reference):
-    """slurm_deepspeed.sbatch on one node (no ssh: one launcher with --no_ssh): `scancel --signal=USR1` (the
-    job step) saves and completes the job with exit 0; a USR1 sent to the next job as soon as it runs, before
-    its first step, ends it with exit 0 and the checkpoint untouched; `scontrol requeue` (TERM, then the job
-    runs again by itself) saves at the step it reached and the requeued job trains to the end, bit-exactly."""
+    """slurm_deepspeed.sbatch on one node (no ssh: one launcher with --no_ssh): USR1 to the job step as its
+    first process starts and to the batch shell as soon as it runs each end the job before its first step
+    with exit 75, and so does the time limit's USR1 due at once (or it saves, if it comes later); `scancel --signal=USR1` (the job step) after a step saves and
+    completes the job with exit 0; `scontrol requeue` (TERM to every process, while deepspeed.sh passes USR1 on
+    to the launcher's group) saves at the step it reached without a traceback, and the requeued job trains to
+    the end, bit-exactly."""
     script, options, env = DEEPSPEED
     config = make_config("deepspeed")
+    stopped_at_startup(cluster, script, config, options, env, "step")
     job_id = cluster.submit(script, config, *options, **env)
     first = stop_after_a_step(cluster, job_id, config, ["scancel", "--signal=USR1"], "COMPLETED")
     assert cluster.job(job_id)["ExitCode"] == "0:0"
-
-    job_id = cluster.submit(script, config, *options, **env)
-    log_file = Path(config).parent / f"slurm-{job_id}.out"
-    deadline = time.monotonic() + 300  # the batch shell has started: it prints this line once it traps USR1
-    while not (log_file.is_file() and f"megacpt launch: job {job_id}" in log_file.read_text()):
-        assert time.monotonic() < deadline, cluster.job(job_id)
-        time.sleep(0.05)
-    cluster.run("scancel", "--batch", "--signal=USR1", job_id)  # before the preflight, the step, the ranks
-    job = cluster.wait_job(job_id)
-    log = (Path(config).parent / f"slurm-{job_id}.out").read_text()
-    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), f"{job}\n{log[-4000:]}"
-    assert f"before step {first + 1}, the first of this run: no step trained, nothing new to save" in log
-    assert stopped_at(config) == first and trained_steps(config) == first
+    log = stopped_at_startup(cluster, script, config, options, env, "batch")
+    assert "(a stop signal reached the batch shell before the launch)" in log
+    stopped_by_the_time_limit_at_startup(cluster, script, config, options, env)
 
     job_id = cluster.submit(script, config, *options, **env)
     wait_for_step(run_dir(config), first + 1, _JobProcess(cluster, job_id), timeout=600)
@@ -307,23 +377,28 @@ def test_the_deepspeed_script_stops_on_usr1_to_the_step_and_during_startup_then_
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), f"{job}\n{log[-4000:]}"
     saved = [int(m) for m in re.findall(r"saved a checkpoint at step (\d+), exiting", log)]
     assert len(saved) == 1 and first < saved[0] < STEPS  # the requeue's TERM, then the requeued run to the end
+    assert "Traceback" not in log and "ignored due to race condition" not in log
     assert f"resuming stage 0 at step {saved[0]}/{STEPS}" in log
     resumed = per_step(config)
     assert [resumed[s]["loss"] for s in range(1, STEPS + 1)] == [reference[s]["loss"] for s in range(1, STEPS + 1)]
     assert resumed[STEPS]["samples"] == reference[STEPS]["samples"]
 
 
-def test_the_per_task_script_stops_on_usr1_to_the_batch_shell_and_on_scancel_then_finishes_exactly(
+def test_the_per_task_script_stops_at_startup_on_usr1_to_the_batch_shell_and_on_scancel_then_finishes_exactly(
         cluster, make_config, reference):
-    """slurm_srun_tasks.sbatch, one srun task per rank with a CPU each: `scancel --batch --signal=USR1` (the
-    batch shell alone, as --signal=B:USR1@... does) is passed on to the tasks, which save and exit 0 (the job
-    COMPLETED, not killed by the signal); plain `scancel` (TERM to every process) saves too; the third job
-    trains to the end, bit-exactly."""
+    """slurm_srun_tasks.sbatch, one srun task per rank with a CPU each: USR1 to the job step as its first task
+    starts and to the batch shell as soon as it runs each end the job before its first step with exit 75, and
+    so does the time limit's USR1 due at once (or it saves, if it comes later); `scancel --batch --signal=USR1` (the batch shell alone, as --signal=B:USR1@...
+    does) after a step is passed on to the tasks, which save and exit 0 (the job COMPLETED, not killed by the
+    signal); plain `scancel` (TERM to every process) saves too; the last job trains to the end, bit-exactly."""
     script, options, env = TASKS
     config = make_config("tasks")
+    stopped_at_startup(cluster, script, config, options, env, "step")
+    stopped_at_startup(cluster, script, config, options, env, "batch")
     job_id = cluster.submit(script, config, *options, **env)
     stop_after_a_step(cluster, job_id, config, ["scancel", "--batch", "--signal=USR1"], "COMPLETED")
     assert cluster.job(job_id)["ExitCode"] == "0:0"
+    stopped_by_the_time_limit_at_startup(cluster, script, config, options, env)
     job_id = cluster.submit(script, config, *options, **env)
     stop_after_a_step(cluster, job_id, config, ["scancel"], "CANCELLED")
     continue_to_the_end(cluster, script, config, reference, *options, **env)

@@ -42,7 +42,7 @@ def array_script(sweep: Sweep, indices: list[int], launch_dir: Path, launcher: s
     """The batch script: #SBATCH lines for one array task, the run configs, the launch script for task i."""
     tasks_per_node = ranks_per_node if launcher == "tasks" else 1
     options = [f"--job-name=megacpt-sweep-{sweep.root.name}", f"--array={array_spec(indices, max_parallel)}",
-               f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--exclusive", "--signal=USR1@120",
+               f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--exclusive", "--signal=B:USR1@120",
                "--requeue", "--open-mode=append", f"--chdir={workdir}",
                f"--output={sweep.root / 'logs' / 'slurm-%A_%a.log'}", *extra]
     configs = "\n".join(f"  {shlex.quote(str(sweep.config_path(r.name)))}  # {i}" for i, r in enumerate(sweep.runs))
