@@ -310,20 +310,17 @@ def stopped_at_startup(slurm: Cluster, script: str, config: str, options: list[s
 
 def stopped_by_the_time_limit_at_startup(slurm: Cluster, script: str, config: str, options: list[str],
                                          env: dict[str, str]) -> None:
-    """A 2-minute limit: the scripts' `--signal=B:USR1@120` is due at once, and SLURM sends it at its next
-    time-limit check (within 30 s), to the batch shell. The stop must be taken, whenever it arrives: before the
-    first step (exit 75, as `stopped_at_startup`) or after it (a checkpoint, COMPLETED with exit 0); never
-    lost (the run trained to the end without a word) nor fatal."""
+    """A 2-minute limit: the scripts' `--signal=B:USR1@120` is due at once, and SLURM sends it to the batch shell
+    at its next time-limit check, within 30 s. A preflight slowed down to 32 s makes sure that it arrives
+    during the preflight: the job must end before its first step (exit 75, as `stopped_at_startup`) without
+    starting the ranks, not train as if nothing had happened."""
+    slow_python = Path(config).parent / "python-slow-preflight"
+    slow_python.write_text(f'#!/bin/sh\n[ "$3" = plan ] && sleep 32\nexec {sys.executable} "$@"\n')
+    slow_python.chmod(0o755)
     before = _checkpoint_step(config)
-    job_id = slurm.submit(script, config, *options, "--time=2", **env)
-    job = slurm.wait_job(job_id)
-    if job["ExitCode"] != "0:0":
-        _ended_before_its_first_step(slurm, job_id, config, before)
-        return
-    log = (Path(config).parent / f"slurm-{job_id}.out").read_text()
-    step = stopped_at(config)
-    assert job["JobState"] == "COMPLETED" and (before or 0) < step < STEPS, f"{job}\n{log[-4000:]}"
-    assert f"saved a checkpoint at step {step}, exiting" in log
+    job_id = slurm.submit(script, config, *options, "--time=2", **{**env, "PYTHON": str(slow_python)})
+    log = _ended_before_its_first_step(slurm, job_id, config, before)
+    assert "(a stop signal reached the batch shell before the launch)" in log
 
 
 def _checkpoint_step(config: str) -> int | None:
@@ -350,7 +347,7 @@ def test_the_deepspeed_script_stops_at_startup_on_usr1_to_the_step_and_on_requeu
         cluster, make_config, reference):
     """slurm_deepspeed.sbatch on one node (no ssh: one launcher with --no_ssh): USR1 to the job step as its
     first process starts and to the batch shell as soon as it runs each end the job before its first step
-    with exit 75, and so does the time limit's USR1 due at once (or it saves, if it comes later); `scancel --signal=USR1` (the job step) after a step saves and
+    with exit 75; `scancel --signal=USR1` (the job step) after a step saves and
     completes the job with exit 0; `scontrol requeue` (TERM to every process, while deepspeed.sh passes USR1 on
     to the launcher's group) saves at the step it reached without a traceback, and the requeued job trains to
     the end, bit-exactly."""
@@ -362,7 +359,6 @@ def test_the_deepspeed_script_stops_at_startup_on_usr1_to_the_step_and_on_requeu
     assert cluster.job(job_id)["ExitCode"] == "0:0"
     log = stopped_at_startup(cluster, script, config, options, env, "batch")
     assert "(a stop signal reached the batch shell before the launch)" in log
-    stopped_by_the_time_limit_at_startup(cluster, script, config, options, env)
 
     job_id = cluster.submit(script, config, *options, **env)
     wait_for_step(run_dir(config), first + 1, _JobProcess(cluster, job_id), timeout=600)
@@ -387,10 +383,11 @@ def test_the_deepspeed_script_stops_at_startup_on_usr1_to_the_step_and_on_requeu
 def test_the_per_task_script_stops_at_startup_on_usr1_to_the_batch_shell_and_on_scancel_then_finishes_exactly(
         cluster, make_config, reference):
     """slurm_srun_tasks.sbatch, one srun task per rank with a CPU each: USR1 to the job step as its first task
-    starts and to the batch shell as soon as it runs each end the job before its first step with exit 75, and
-    so does the time limit's USR1 due at once (or it saves, if it comes later); `scancel --batch --signal=USR1` (the batch shell alone, as --signal=B:USR1@...
-    does) after a step is passed on to the tasks, which save and exit 0 (the job COMPLETED, not killed by the
-    signal); plain `scancel` (TERM to every process) saves too; the last job trains to the end, bit-exactly."""
+    starts, to the batch shell as soon as it runs, and the time limit's USR1 due at once (the batch shell's
+    path, the same in both scripts) each end the job before its first step with exit 75; `scancel --batch
+    --signal=USR1` (the batch shell alone, as --signal=B:USR1@... does) after a step is passed on to the tasks,
+    which save and exit 0 (the job COMPLETED, not killed by the signal); plain `scancel` (TERM to every
+    process) saves too; the last job trains to the end, bit-exactly."""
     script, options, env = TASKS
     config = make_config("tasks")
     stopped_at_startup(cluster, script, config, options, env, "step")

@@ -307,8 +307,8 @@ def test_the_slurm_array_script_runs_each_unfinished_run_under_stand_in_sbatch(t
     assert_ok(dry)
     lines = [line for line in dry.stdout.splitlines() if line.startswith("would run:")]
     names = [f"max_lr{lr}_seed{s}" for s in (1234, 1235) for lr in ("1e-3", "3e-3")]
-    assert lines == [f"would run: srun --nodes=1 --ntasks-per-node=1 --cpus-per-task=1 {REPO}/launch/task.sh "
-                     f"{workdir}/configs/{name}.json" for name in names]
+    assert lines == [f"would run: srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=1 --cpus-per-task=1 "
+                     f"{REPO}/launch/task.sh {workdir}/configs/{name}.json" for name in names]
 
     # one array task for real (task 1, as SLURM would run it alone): it trains its run
     env = fake_slurm(tmp_path)
