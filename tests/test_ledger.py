@@ -65,11 +65,44 @@ def test_the_ledger_is_identical_after_kill_9_and_resume(tmp_path, pattern_data,
     assert (tmp_path / "run" / "samples.jsonl").read_bytes() == (uninterrupted / "samples.jsonl").read_bytes()
 
 
+# A rank of `deepspeed ... RECORD_ROWS CONFIG OUT`: `megacpt train CONFIG`, and the token rows of every micro-batch
+# this rank fed its model, in order, to OUT.RANK.json.
+RECORD_ROWS = """
+import json, os, sys
+from megacpt.cli import main
+from megacpt.train import loop
+
+rows, real = [], loop.micro_batch_loss
+
+def recording(model, mb):
+    rows.extend(mb["tokens"].tolist())
+    return real(model, mb)
+
+loop.micro_batch_loss = recording
+code = main(["train", sys.argv[-2]])  # after the launcher's --local_rank
+json.dump(rows, open(f"{sys.argv[-1]}.{os.environ['RANK']}.json", "w"))
+sys.exit(code)
+"""
+
+
 @pytest.mark.launcher
-def test_two_data_parallel_ranks_write_the_same_ledger_as_one_process(tmp_path, pattern_data, uninterrupted):
+def test_two_data_parallel_ranks_write_the_ledger_of_the_rows_they_trained_on(tmp_path, pattern_data, uninterrupted):
+    """Data-parallel 2: each step's ledger line names exactly the token rows the two ranks fed their models
+    (each rank 2 micro-batches of 2), and the ledger equals one process's."""
     config = write_config(tmp_path / "c.json", _config(tmp_path, "dp2", pattern_data))
-    assert_ok(deepspeed_launch(2, ["megacpt", "train", config]))
+    (tmp_path / "record_rows.py").write_text(RECORD_ROWS)
+    assert_ok(deepspeed_launch(2, [str(tmp_path / "record_rows.py"), config, str(tmp_path / "rows")], module=False))
     assert (tmp_path / "dp2" / "samples.jsonl").read_bytes() == (uninterrupted / "samples.jsonl").read_bytes()
+    per_rank = [json.loads((tmp_path / f"rows.{rank}.json").read_text()) for rank in (0, 1)]
+    share = BATCH // 2  # rows per rank and step
+    assert [len(rows) for rows in per_rank] == [STEPS * share] * 2
+    cache = str(tmp_path / "cache")
+    streams = {name: SourceStream(pattern_data[name], 1, 64, 1234, cache, 256, -1) for name in ("a", "noise", "b")}
+    for s, line in enumerate(_ledger(tmp_path / "dp2")):
+        named = [tuple(streams[name].sample(i)["tokens"].tolist()) for name, ids in line["samples"].items()
+                 for i in ids]
+        trained = [tuple(row) for rows in per_rank for row in rows[share * s:share * (s + 1)]]
+        assert Counter(named) == Counter(trained), line["step"]
 
 
 def test_the_ledger_names_what_the_loop_trained_on_across_a_continued_stage(tmp_path, pattern_data, world,
