@@ -34,25 +34,40 @@ LLAMA3_ROPE_CONSTANTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "origi
 class RopeScalingConfig(Section):
     """RoPE frequency scaling, in Hugging Face's `rope_scaling` form (config.json)."""
 
-    rope_type: Literal["llama3"] = Field(description="'llama3': Llama 3.1's frequency-dependent scaling "
-                                                     "(megatron-core's rope_scaling).")
-    factor: float = Field(gt=0, description="Scaling factor (Llama 3.1: 8, Llama 3.2: 32).")
-    low_freq_factor: float = Field(1.0, description="llama3: wavelengths above original_max_position_embeddings / "
-                                                    "low_freq_factor are divided by factor. Only 1 (megatron-core's "
-                                                    "constant).")
-    high_freq_factor: float = Field(4.0, description="llama3: wavelengths below original_max_position_embeddings / "
-                                                     "high_freq_factor are kept. Only 4 (megatron-core's constant).")
-    original_max_position_embeddings: int = Field(8192, description="llama3: the context length the frequencies were "
-                                                                    "trained at. Only 8192 (megatron-core's "
-                                                                    "constant).")
+    rope_type: Literal["linear", "llama3"] = Field(
+        description="'linear': position interpolation (Chen et al. 2023), positions divided by factor (megatron-core's "
+                    "seq_len_interpolation_factor); 'llama3': Llama 3.1's frequency-dependent scaling (megatron-core's "
+                    "rope_scaling).")
+    factor: float = Field(gt=0, description="Scaling factor: linear, the new length over the trained one (L'/L); "
+                                            "llama3, 8 for Llama 3.1, 32 for Llama 3.2.")
+    low_freq_factor: float | None = Field(None, description="llama3 only: wavelengths above "
+                                                            "original_max_position_embeddings / low_freq_factor are "
+                                                            "divided by factor. Only 1 (megatron-core's constant).")
+    high_freq_factor: float | None = Field(None, description="llama3 only: wavelengths below "
+                                                             "original_max_position_embeddings / high_freq_factor are "
+                                                             "kept. Only 4 (megatron-core's constant).")
+    original_max_position_embeddings: int | None = Field(None, description="llama3 only: the context length the "
+                                                                           "frequencies were trained at. Only 8192 "
+                                                                           "(megatron-core's constant).")
 
     @model_validator(mode="after")
     def _megatron_constants(self) -> "RopeScalingConfig":
         for key, value in LLAMA3_ROPE_CONSTANTS.items():
-            if getattr(self, key) != value:
-                raise ValueError(f"{key} {getattr(self, key)} is not supported: megatron-core's llama3 scaling has "
+            given = getattr(self, key)
+            if self.rope_type != "llama3":
+                if given is not None:
+                    raise ValueError(f"{key} belongs to rope_type 'llama3', not '{self.rope_type}'")
+                continue
+            if given is None:
+                object.__setattr__(self, key, value)
+            elif given != value:
+                raise ValueError(f"{key} {given} is not supported: megatron-core's llama3 scaling has "
                                  f"{key} {value} built in")
         return self
+
+    def hf_dict(self) -> dict:
+        """The entries of Hugging Face's rope_scaling / rope_parameters."""
+        return self.model_dump(exclude_none=True)
 
 
 class ModelConfig(Section):

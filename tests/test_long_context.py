@@ -9,10 +9,13 @@ from megacpt.evaluation.lineage import run_lineage
 
 from datagen import read_metrics, tiny_config, write_config
 
+# stage 1's context: twice the length, adjusted base frequency and position interpolation by 2
+LONG = {"seq_length": 128, "rotary_base": 500000, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+
 
 def _config(root, name: str, pattern_data: dict, seq: int, batch: int, **sections) -> dict:
     return tiny_config(root / name, [{"name": "a", "prefix": pattern_data["a"]}],
-                       model={"preset": "tiny", "seq_length": seq},
+                       model=sections.pop("model", {"preset": "tiny", "seq_length": seq}),
                        data={"validation": [{"name": "a_val", "prefix": pattern_data["a_val"]}]},
                        train={"steps": 4, "global_batch_size": batch, "micro_batch_size": 2, "log_interval": 1,
                               "eval_interval": 2, "eval_samples": 6, "eval_position_bucket": 32},
@@ -21,13 +24,15 @@ def _config(root, name: str, pattern_data: dict, seq: int, batch: int, **section
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory, pattern_data) -> dict:
-    """Stage 0 at 64 tokens (batch 4), stage 1 at 128 (batch 2: the same tokens per step) from its checkpoint."""
+    """Stage 0 at 64 tokens (batch 4), stage 1 at 128 (batch 2: the same tokens per step) with base 500,000 and
+    linear interpolation by 2, from stage 0's checkpoint."""
     root = tmp_path_factory.mktemp("longctx")
     config0 = write_config(root / "s0.json", _config(root, "stage0", pattern_data, 64, 4))
     assert main(["train", config0]) == 0
     config1 = write_config(root / "s1.json", _config(
         root, "stage1", pattern_data, 128, 2, init={"checkpoint": str(root / "stage0" / "checkpoints"),
-                                                   "mode": "new_stage"}))
+                                                   "mode": "new_stage"},
+        model={"preset": "tiny", **LONG}))
     assert main(["train", config1]) == 0
     return {"root": root, "config0": config0, "config1": config1}
 
@@ -83,3 +88,63 @@ def test_plot_by_position_without_buckets_is_refused(tmp_path, capsys):
     assert main(["plot", str(run), "--by-position", "--output", str(tmp_path / "p.png")]) == 2
     err = capsys.readouterr().err
     assert "eval_position_bucket" in err and "Traceback" not in err and not (tmp_path / "p.png").exists()
+
+
+def test_the_stage_record_keeps_each_stages_length_and_rope(stages):
+    from megacpt.policy.stages import read_state
+
+    checkpoints = stages["root"] / "stage1" / "checkpoints"
+    state = read_state(checkpoints / (checkpoints / "latest").read_text())
+    first, second = state.stages
+    assert (first.seq_length, first.rotary_base, first.rope_scaling) == (64, 10000, None)
+    assert (second.seq_length, second.rotary_base, second.rope_scaling.hf_dict()) == \
+        (128, 500000, {"rope_type": "linear", "factor": 2.0})
+    assert first.tokens == second.tokens == 4 * 4 * 64  # fewer, longer samples: the same tokens
+
+
+def test_dry_run_shows_the_checkpoints_context_and_the_new_one(stages, capsys, tmp_path):
+    assert main(["train", stages["config1"], "--set", f"run_dir={tmp_path / 'again'}", "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan["mode"] == "new_stage"
+    assert plan["context"] == {"checkpoint": {"seq_length": 64, "rotary_base": 10000, "rope_scaling": None},
+                               "stage": {"seq_length": 128, "rotary_base": 500000,
+                                         "rope_scaling": {"rope_type": "linear", "factor": 2.0}}}
+    assert plan["samples"] == {"a": 8} and plan["tokens"] == {"a": 8 * 128}
+
+
+@pytest.mark.parametrize("key, value", [("model.seq_length", "64"), ("model.rotary_base", "10000"),
+                                        ("model.rope_scaling.factor", "4")])
+def test_a_resume_refuses_another_length_or_rope(stages, capsys, key, value):
+    assert main(["train", stages["config1"], "--set", f"{key}={value}", "--set", "train.steps=6"]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "Traceback" not in err
+
+
+def test_hugging_face_export_writes_the_final_context_and_matches_past_the_old_length(stages, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megacpt.runtime.distributed import setup_world
+    from megacpt.weights import checkpoint_io
+
+    checkpoints = stages["root"] / "stage1" / "checkpoints"
+    assert main(["convert", "megacpt-to-hf", "--checkpoint", str(checkpoints), "--output", str(tmp_path / "hf")]) == 0
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert written["max_position_embeddings"] == 128
+    assert written["rope_parameters"] == {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0,
+                                          "partial_rotary_factor": 0.25}
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    source = checkpoint_io.load(checkpoints)
+    world = setup_world(1, seed=0)
+    ours = checkpoint_io.build_model(source.model, source.weights, 1, 0, world.device)
+    ids = torch.randint(0, 256, (1, 128), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        theirs = hf(ids).logits[0, 64:]
+        mine = ours(ids, torch.arange(128)[None], None)[0, 64:, :256]
+    matched = (theirs - mine).abs().max().item()
+    assert matched < 1e-5
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32,
+                                                 rope_parameters={"rope_type": "default", "rope_theta": 500000.0,
+                                                                  "partial_rotary_factor": 0.25}).eval()
+    with torch.no_grad():
+        assert (plain(ids).logits[0, 64:] - mine).abs().max().item() > 20 * matched  # the interpolation matches

@@ -102,6 +102,7 @@ def build_gpt(model: ModelConfig, padded_vocab_size: int, tensor_parallel_size: 
         position_embedding_type="rope",
         rotary_percent=model.rotary_pct,
         rotary_base=model.rotary_base,
-        rope_scaling=scaling is not None,
+        rope_scaling=scaling is not None and scaling.rope_type == "llama3",
         rope_scaling_factor=scaling.factor if scaling is not None else 8.0,
+        seq_len_interpolation_factor=scaling.factor if scaling is not None and scaling.rope_type == "linear" else None,
     )

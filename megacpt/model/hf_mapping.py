@@ -228,15 +228,17 @@ def model_fields_from_hf(hf_config: dict) -> dict:
         "seq_length": hf_config.get("max_position_embeddings", 2048),
         "vocab_size": hf_config["vocab_size"],
     }
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "type", "partial_rotary_factor")} | \
+        {"rope_type": rope_type}
     if family.name == "neox":
         return fields | {
+            "rope_scaling": None if rope_type == "default" else scaling,
             "rotary_pct": rope.get("partial_rotary_factor", hf_config.get("rotary_pct", 0.25)),
             "rotary_base": int(rope.get("rope_theta", hf_config.get("rotary_emb_base", 10000))),
             "parallel_residual": hf_config.get("use_parallel_residual", True),
             "layernorm_eps": hf_config.get("layer_norm_eps", 1e-5),
         }
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "type")} | {"rope_type": rope_type}
     window = hf_config.get("sliding_window") if family.name == "mistral" else None
     return fields | {
         "num_query_groups": hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"],

@@ -27,6 +27,7 @@ def stage_records(config: RunConfig, plan: LoadPlan | None) -> list[StageRecord]
         index=len(earlier), name=Path(config.run_dir).name, run_dir=str(Path(config.run_dir).resolve()),
         init=str(plan.tag_dir) if plan else None, steps=config.train.steps,
         global_batch_size=config.train.global_batch_size, seq_length=config.model.seq_length,
+        rotary_base=config.model.rotary_base, rope_scaling=config.model.rope_scaling,
         schedule=config.schedule, data=config.data, samples={}, steps_done=0)]
 
 

@@ -15,7 +15,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from megacpt.config import DataConfig, ModelConfig, ParallelConfig, ScheduleConfig, TokenizerConfig, padded_vocab_size
+from megacpt.config import (
+    DataConfig,
+    ModelConfig,
+    ParallelConfig,
+    RopeScalingConfig,
+    ScheduleConfig,
+    TokenizerConfig,
+    padded_vocab_size,
+)
 from megacpt.errors import UserError
 from megacpt.files import write_atomic
 
@@ -70,6 +78,9 @@ class TrainedStage(Record):
     steps_done: int = Field(ge=0, description="Steps trained when this record was saved.")
     global_batch_size: int = Field(gt=0)
     seq_length: int = Field(gt=0)
+    rotary_base: int | None = Field(None, description="model.rotary_base of the stage (None in records of older "
+                                                      "megacpt versions).")
+    rope_scaling: RopeScalingConfig | None = Field(None, description="model.rope_scaling of the stage.")
     schedule: ScheduleConfig
     data: DataConfig
     samples: dict[str, int] = Field(description="Samples trained on per source name, up to steps_done.")

@@ -42,11 +42,21 @@ def describe(config: RunConfig, plan: LoadPlan | None) -> dict[str, Any]:
         "last_lr": lrs[-1],
         "data_position": position,
         "samples": {name: int(n) for name, n in zip(names, samples)},
+        "tokens": {name: int(n) * config.model.seq_length for name, n in zip(names, samples)},
+        # the context of the checkpoint's model and of this stage's: a long-context stage changes them
+        "context": {"checkpoint": _context(plan.state.config.model) if plan is not None else None,
+                    "stage": _context(config.model)},
         # where a grown (extend-vocab) checkpoint's kept optimizer comes from: the checkpoint it grew
         "optimizer_from": str(plan.optimizer_tag) if plan is not None and plan.optimizer_tag else None,
         "freeze": _freeze(config, plan),
         "continued_sources": _continued(config, plan),
     }
+
+
+def _context(model) -> dict[str, Any]:
+    """The sequence length and RoPE settings of a model config."""
+    return {"seq_length": model.seq_length, "rotary_base": model.rotary_base,
+            "rope_scaling": model.rope_scaling.hf_dict() if model.rope_scaling else None}
 
 
 def _continued(config: RunConfig, plan: LoadPlan | None) -> dict[str, int]:

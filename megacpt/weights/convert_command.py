@@ -169,7 +169,7 @@ def read_hf_config(hf_dir: Path) -> dict:
                             f"{key} {wanted!r}")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    supported = ("default",) if family.name == "neox" else ("default", "llama3")
+    supported = ("default", "linear") if family.name == "neox" else ("default", "linear", "llama3")
     if rope_type not in supported:
         raise UserError(f"{file}: rope_type '{rope_type}' is not supported for {family.name}; megacpt converts "
                         f"{' and '.join(supported)} RoPE")
@@ -231,6 +231,7 @@ def hf_config(model: ModelConfig, eod: int | None):
         # rotary given by its legacy names, which transformers 4 and 5 read
         return transformers.GPTNeoXConfig(
             **common, rotary_pct=model.rotary_pct, rotary_emb_base=model.rotary_base,
+            rope_parameters={**rope_parameters(model), "partial_rotary_factor": model.rotary_pct},
             use_parallel_residual=model.parallel_residual, layer_norm_eps=model.layernorm_eps, hidden_act="gelu",
             attention_bias=True, hidden_dropout=model.dropout, attention_dropout=model.dropout)
     own = {"mistral": dict(sliding_window=model.sliding_window, head_dim=model.head_dim),
@@ -244,7 +245,7 @@ def hf_config(model: ModelConfig, eod: int | None):
 
 def rope_parameters(model: ModelConfig) -> dict:
     """Hugging Face's rope_parameters (transformers 5): rope_theta and the rope_scaling entries."""
-    scaling = model.rope_scaling.model_dump() if model.rope_scaling else {"rope_type": "default"}
+    scaling = model.rope_scaling.hf_dict() if model.rope_scaling else {"rope_type": "default"}
     return {"rope_theta": float(model.rotary_base), **scaling}
 
 
