@@ -520,6 +520,12 @@ class TrainConfig(Section):
     activation_checkpointing: bool = Field(False,
                                            description="Recompute each layer in the backward pass (megatron-core full "
                                                        "recompute).")
+    compile: bool = Field(False,
+                          description="Compile the model with torch.compile (DeepSpeed's engine.compile(): "
+                                      "TorchInductor kernels for the forward and backward pass, on CPU and GPU). "
+                                      "Losses equal the uncompiled model's to float rounding; checkpoints are the same "
+                                      "files. The first steps pay the compilation (tens of seconds to minutes); "
+                                      "BENCHMARKS.md has the measured speed.")
     freeze: FreezeConfig | None = Field(None, description="Train only the new vocabulary rows for the stage's first "
                                                           "steps; omit to train everything from the start.")
     max_skipped_steps: int = Field(10, gt=0,

@@ -18,6 +18,7 @@ from megacpt.planning.capacity import (
     Layout,
     Precision,
     activation_bytes,
+    flops_per_token,
     memory_per_gpu,
     parameter_count,
     parameters_per_rank,
@@ -124,6 +125,16 @@ def test_published_parameter_counts_of_the_llama_style_presets(preset):
     assert padded_vocab_size(vocab, 1) == vocab  # multiples of 128: nothing padded at TP 1
     assert parameter_count(model, vocab) == published
     assert parameters_per_rank(model, padded_vocab_size(vocab, 8), 8) == by_hand(model, padded_vocab_size(vocab, 8), 8)
+
+
+def test_flops_per_token_count_a_tied_embedding_as_the_output_matmul():
+    """6 x the matmul parameters + 12 L h s: an untied model's input embedding is a lookup and drops out; a tied
+    one's single vocabulary matrix is the output layer's matmul and stays."""
+    tied = ModelConfig(preset="llama-3.2-1b")
+    s, layers, h = tied.seq_length, 16, 2048
+    assert flops_per_token(tied, 128256) == 6 * 1_235_814_400 + 12 * layers * h * s
+    untied = ModelConfig(preset="llama-3.1-8b")
+    assert flops_per_token(untied, 128256) == 6 * (8_030_261_248 - 128256 * 4096) + 12 * 32 * 4096 * untied.seq_length
 
 
 @pytest.mark.parametrize("stage, weights, grads, optimizer", [

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
@@ -119,7 +120,25 @@ class NeoXTransformerLayer(TransformerLayer):
                                  for out, bias in ((attn_out, attn_bias), (mlp_out, mlp_bias)))
             return hidden_states + attn_out + mlp_out, context
         branches = attn_out + mlp_out
-        biases = [bias for bias in (attn_bias, mlp_bias) if bias is not None]
-        if biases:  # the two [h] biases summed first: one pass over the activations instead of two
-            branches = branches + sum(biases)
+        if attn_bias is not None and mlp_bias is not None:  # the two [h] biases summed first: one pass over the
+            branches = branches + BiasSum.apply(attn_bias, mlp_bias)  # activations instead of two
+        elif attn_bias is not None or mlp_bias is not None:
+            branches = branches + (attn_bias if mlp_bias is None else mlp_bias)
         return hidden_states + branches, context
+
+
+class BiasSum(torch.autograd.Function):
+    """`a + b`, whose backward gives each input its own gradient tensor.
+
+    A plain sum's backward hands one tensor to both inputs. Eager autograd copies it before keeping it as a
+    parameter's `.grad`, but a compiled backward (`train.compile`) keeps that one tensor as both parameters'
+    `.grad`: gradient clipping would then scale it twice and the next micro-batch add into it twice.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, grad.clone()

@@ -31,6 +31,7 @@ RESUMABLE = (
     "train.max_skipped_steps", "train.spike",
     "train.micro_batch_size",  # the same samples per step, accumulated in other chunks (float rounding differs)
     "train.activation_checkpointing",  # recomputation gives the same numbers
+    "train.compile",  # compiled kernels compute the same losses (to float rounding: tests/test_compile.py)
     "data.validation", "data.cache_dir",
     "checkpoint", "logging",
     # another layout: elastic.py converts the optimizer state through DeepSpeed's universal form

@@ -73,7 +73,10 @@ def build_engine(config: RunConfig, world, scheduler_factory=None, load_universa
                       cpu_init=world.device.type == "cpu")
     model.universal_checkpoint_info = universal_checkpoint_info(config.padded_vocab_size, gated_mlp(config.model))
     ds = deepspeed_config(config, world.data_size, load_universal)
-    return initialize(model, ds, scheduler_factory, MegatronMPU, gate)
+    engine, optimizer, scheduler = initialize(model, ds, scheduler_factory, MegatronMPU, gate)
+    if config.train.compile:
+        engine.compile()  # the module compiled in place (nn.Module.compile): its state dict keys stay the same
+    return engine, optimizer, scheduler
 
 
 def initialize(model: torch.nn.Module, ds: dict, scheduler_factory, mpu, gate: Gate | None = None):
