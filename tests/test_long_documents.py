@@ -64,3 +64,22 @@ def test_a_boost_needs_the_long_document_threshold(tmp_path):
     assert error.value.key == "data"
     with pytest.raises(ConfigError, match="continued or replayed seen-only"):
         validate_config({**config, "data": {**config["data"], "long_document_tokens": 8, "continue_sources": True}})
+
+
+def test_the_stage_start_record_reports_each_sources_long_document_share(mixed, pattern_data, tmp_path):
+    from megacpt.cli import main
+
+    from datagen import read_metrics, write_config
+
+    def share(boost: int, name: str) -> dict:
+        sources = [{"name": "mixed", "prefix": mixed, "long_document_boost": boost},
+                   {"name": "a", "prefix": pattern_data["a"]}]
+        config = tiny_config(tmp_path / name, sources, data={"long_document_tokens": SHORT},
+                             train={"steps": 3, "global_batch_size": 40, "micro_batch_size": 20})
+        assert main(["train", write_config(tmp_path / f"{name}.json", config)]) == 0
+        start = next(r for r in read_metrics(tmp_path / name) if r.get("event") == "stage_start")
+        return start["long_document_share"]
+
+    plain, boosted = share(1, "plain"), share(4, "boosted")
+    assert plain["a"] == boosted["a"] == 1.0  # every document of 'a' (100 tokens) is longer than 20
+    assert boosted["mixed"] > plain["mixed"] + 0.1

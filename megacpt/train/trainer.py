@@ -136,13 +136,25 @@ def run_stage(config: RunConfig, world, plan: LoadPlan | None, signals: StopSign
             return False
         if plan is None or not plan.resume:
             metrics.write({"step": 0, "event": "stage_start", "stage": stage.index, "stage_name": stage.name,
-                           "init": str(plan.tag_dir) if plan else None})
+                           "init": str(plan.tag_dir) if plan else None,
+                           **long_document_shares(config, stream, begin)})
         loop.run()
         return True
     finally:
         callbacks.close()
         if engine.checkpoint_engine.is_decoupled():  # stop the writer process, which outlives us otherwise
             engine.checkpoint_engine.cleanup()
+
+
+def long_document_shares(config: RunConfig, stream, begin: int) -> dict:
+    """With data.long_document_tokens: {"long_document_share": {source: share of the stage's sample tokens that
+    come from documents longer than it}} (from the datasets' indices; seen-only replay sources left out)."""
+    threshold = config.data.long_document_tokens
+    if not threshold:
+        return {}
+    end = begin + config.train.steps * config.train.global_batch_size
+    return {"long_document_share": {name: source.long_token_share(first, stop, threshold)
+                                    for name, (source, first, stop) in stream.dataset.uses(begin, end).items()}}
 
 
 def build_callbacks(callbacks: Callbacks, config: RunConfig, world, plan: LoadPlan | None,
