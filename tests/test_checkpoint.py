@@ -69,6 +69,24 @@ def test_kill_9_then_rerun_is_bit_exact(tmp_path, pattern_data, uninterrupted):
         assert resumed[step]["lr"] == uninterrupted[step]["lr"]
 
 
+def test_kill_9_then_rerun_is_bit_exact_for_a_llama_style_model(tmp_path, pattern_data):
+    """The same for the Llama family: RMSNorm, SwiGLU, two key/value groups, tied embeddings, dropout."""
+    model = {"preset": "tiny", "family": "llama", "num_query_groups": 2, "tie_embeddings": True, "dropout": 0.1}
+    straight = _config(tmp_path, "straight", pattern_data, model=model, train={"steps": 20, "save_interval": 5})
+    assert_ok(run_megacpt(["train", write_config(tmp_path / "straight.json", straight)]))
+    cfg = write_config(tmp_path / "c.json", _config(tmp_path, "run", pattern_data, model=model,
+                                                    train={"steps": 20, "save_interval": 5}))
+    proc = _start([sys.executable, "-m", "megacpt", "train", cfg])
+    killed_at = wait_for_step(tmp_path / "run", 8, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert killed_at < 20
+    assert_ok(run_megacpt(["train", cfg]))
+    resumed, expected = _per_step(tmp_path / "run"), _per_step(tmp_path / "straight")
+    assert sorted(resumed) == list(range(1, 21))
+    assert [resumed[s]["loss"] for s in range(1, 21)] == [expected[s]["loss"] for s in range(1, 21)]
+
+
 def test_sigterm_saves_the_current_step_and_exits_0_then_the_rerun_continues(tmp_path, pattern_data, uninterrupted):
     cfg = write_config(tmp_path / "c.json", _config(tmp_path, "run", pattern_data, train={"save_interval": 0}))
     proc = _start([sys.executable, "-m", "megacpt", "train", cfg])
