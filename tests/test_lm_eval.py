@@ -118,3 +118,17 @@ def test_unknown_tasks_and_checkpoints_without_a_tokenizer_are_refused(trained, 
     manifest.write_manifest(bare, manifest.describe(bare, manifest.tag_files(bare)))  # edited on purpose
     assert main(["lm-eval", "--checkpoint", str(bare), *local, "--tasks", "megacpt_words_mc"]) == 2
     assert "names no tokenizer" in capsys.readouterr().err
+
+
+def test_a_damaged_tag_is_refused_before_lm_eval_loads_it(trained, tmp_path, capsys):
+    """lm-eval verifies the tag against its manifest first, as every loader does: a truncated model file is
+    exit 2 naming the file, not a model evaluated from half its weights."""
+    tag = trained["checkpoint"] / (trained["checkpoint"] / "latest").read_text()
+    damaged = tmp_path / "damaged" / tag.name
+    shutil.copytree(tag, damaged)
+    model_file = damaged / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    assert main(["lm-eval", "--checkpoint", str(damaged), "--include-path", str(trained["tasks"]),
+                 "--only-include-path", "--tasks", "megacpt_words_mc"]) == 2
+    err = capsys.readouterr().err
+    assert "mp_rank_00_model_states.pt" in err and "truncated" in err and "Traceback" not in err
