@@ -120,15 +120,22 @@ def test_unknown_tasks_and_checkpoints_without_a_tokenizer_are_refused(trained, 
     assert "names no tokenizer" in capsys.readouterr().err
 
 
-def test_a_damaged_tag_is_refused_before_lm_eval_loads_it(trained, tmp_path, capsys):
-    """lm-eval verifies the tag against its manifest first, as every loader does: a truncated model file is
-    exit 2 naming the file, not a model evaluated from half its weights."""
+@pytest.mark.parametrize("damage, words", [("truncated", "truncated"), ("flipped", "fails its checksum")])
+def test_a_damaged_tag_is_refused_before_lm_eval_loads_it(trained, tmp_path, capsys, damage, words):
+    """lm-eval verifies the tag against its manifest first, as every loader does: a truncated model file, or
+    one with a byte flipped in its weights (which would load), is exit 2 naming the file, not a model
+    evaluated from damaged weights."""
     tag = trained["checkpoint"] / (trained["checkpoint"] / "latest").read_text()
     damaged = tmp_path / "damaged" / tag.name
     shutil.copytree(tag, damaged)
     model_file = damaged / "mp_rank_00_model_states.pt"
-    model_file.write_bytes(model_file.read_bytes()[:1000])
+    data = bytearray(model_file.read_bytes())
+    if damage == "truncated":
+        data = data[:1000]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    model_file.write_bytes(bytes(data))
     assert main(["lm-eval", "--checkpoint", str(damaged), "--include-path", str(trained["tasks"]),
                  "--only-include-path", "--tasks", "megacpt_words_mc"]) == 2
     err = capsys.readouterr().err
-    assert "mp_rank_00_model_states.pt" in err and "truncated" in err and "Traceback" not in err
+    assert "mp_rank_00_model_states.pt" in err and words in err and "Traceback" not in err
