@@ -20,6 +20,19 @@ from megacpt.errors import ConfigError, UserError
 from megacpt.model.presets import PRESETS
 from megacpt.run_dir import DATA_CACHE
 
+MAX_SEED = 2**31 - 1  # numpy's generators (megatron's shuffles) take seeds below 2**32; a stream adds its epoch
+MAX_STEPS = 10**7
+
+
+def check_folder_path(value: str) -> str:
+    """A folder megacpt creates: not empty, and not starting with '~' (a shell expands it; megacpt does not)."""
+    if not value.strip():
+        raise ValueError("is empty; give a folder (an empty path would write into the current folder)")
+    if value.startswith("~"):
+        raise ValueError(f"'{value}' starts with '~', which megacpt does not expand (it would create a folder named "
+                         "'~'); write the path out, e.g. $HOME/... expanded by the shell, or an absolute path")
+    return value
+
 
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are checked on assignment."""
@@ -140,6 +153,10 @@ class ModelConfig(Section):
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                              f"{self.num_attention_heads}")
+        if self.rotary_dims % 2 or not self.rotary_dims:
+            raise ConfigError("model.rotary_pct", f"{self.rotary_pct} of a head's {self.head_dim} dimensions gives "
+                              f"{self.rotary_dims} rotary dimensions (rounded down), which must be even and above 0 "
+                              "(rotary embeddings rotate pairs)")
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by num_query_groups "
                              f"{self.num_query_groups}")
@@ -166,6 +183,11 @@ class ModelConfig(Section):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dims(self) -> int:
+        """Dimensions of each head that get rotary embeddings (rounded down, as megatron-core and HF do)."""
+        return int(self.head_dim * self.rotary_pct)
 
 
 class ParallelConfig(Section):
@@ -299,7 +321,8 @@ class DataConfig(Section):
                                             description="Validation sets, each evaluated separately; a prefix that "
                                                         "is also trained on is refused unless "
                                                         "allow_validation_overlap.")
-    seed: int = Field(1234, description="Seed of the sample order (shuffling and blending).")
+    seed: int = Field(1234, ge=0, le=MAX_SEED, description="Seed of the sample order (shuffling and blending), in "
+                                                           "[0, 2**31 - 1].")
     continue_sources: bool = Field(False, description="A source (same prefix) that an earlier stage of the "
                                    "checkpoint's lineage trained on starts at the first sample that stage did not "
                                    "use, with that stage's seed, so nothing repeats until the source's epoch ends "
@@ -313,6 +336,11 @@ class DataConfig(Section):
                                 "token needed), as if each document ran alone at positions 0, 1, ...; the label that "
                                 "starts a new document carries no loss (docs/LONG_CONTEXT.md). Validation samples "
                                 "are always evaluated unmasked.")
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _cache_dir_path(cls, value: str | None) -> str | None:
+        return value if value is None else check_folder_path(value)
 
     @field_validator("validation")
     @classmethod
@@ -496,10 +524,12 @@ class SpikeConfig(Section):
 class TrainConfig(Section):
     """The loop: steps, batch sizes, intervals."""
 
-    steps: int = Field(gt=0, description="Optimizer steps in this stage (T).")
+    steps: int = Field(gt=0, le=MAX_STEPS, description="Optimizer steps in this stage (T), at most 10**7 (the schedule "
+                                                       "and the blend keep a value per step).")
     global_batch_size: int = Field(gt=0, description="Samples per optimizer step over all data-parallel ranks.")
     micro_batch_size: int = Field(1, gt=0, description="Samples per forward pass per rank.")
-    seed: int = Field(1234, description="Seed of the weight initialisation and dropout.")
+    seed: int = Field(1234, ge=0, le=MAX_SEED, description="Seed of the weight initialisation and dropout, in [0, "
+                                                           "2**31 - 1].")
     log_interval: int = Field(10, gt=0, description="Steps between training records in metrics.jsonl and the console.")
     eval_interval: int = Field(0, ge=0,
                                description="Steps between evaluations on every validation set; 0 evaluates only at the "
@@ -609,6 +639,126 @@ class LoggingConfig(Section):
                                 "them); rewritten up to the checkpoint's step on a resume.")
 
 
+# Every top-level key DeepSpeed reads from its config (tests/test_faults.py checks the list against DeepSpeed's
+# own reading of a config); any other key of the `deepspeed` section is a mistake, such as a typo.
+DEEPSPEED_KEYS = frozenset({
+    "activation_checkpointing", "aio", "amp", "autotuning", "bf16", "bfloat16", "checkpoint", "comet", "comms_logger",
+    "communication_data_type", "compile", "compression_training", "csv_monitor", "curriculum_learning",
+    "data_efficiency", "data_types", "dataloader_drop_last", "datastates_ckpt", "disable_allgather",
+    "disable_python_gc", "dump_state", "eigenvalue", "elasticity", "expert_parallel", "flops_profiler", "fp16",
+    "gradient_accumulation_steps", "gradient_allreduce_op", "gradient_clipping", "gradient_predivide_factor",
+    "graph_harvesting", "hybrid_engine", "log_level", "managed_gradient_accumulation", "memory_breakdown", "nebula",
+    "optimizer", "pipeline", "prescale_gradients", "progressive_layer_drop", "quantize_training", "scheduler",
+    "seq_parallel_communication_data_type", "sparse_attention", "sparse_gradients", "steps_per_print",
+    "tensor_parallel", "tensorboard", "timers", "torch_autocast", "train_batch_size", "train_micro_batch_size_per_gpu",
+    "use_data_before_expert_parallelism", "vocabulary_size", "wall_clock_breakdown", "wandb", "weight_quantization",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "zero_optimization"})
+
+
+class DeepSpeedPart(BaseModel):
+    """A part of the `deepspeed` section megacpt reads: its keys here are typed and checked (no conversions: 2 is
+    not "2"; null: megacpt's default, see the JSON below); DeepSpeed's other keys of the part pass through."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class ZeroSection(DeepSpeedPart):
+    """ZeRO: the training state partitioned over the data-parallel ranks; DeepSpeed's other ZeRO keys (offload,
+    bucket sizes, ...) pass through."""
+
+    stage: int | None = Field(None, ge=0, le=3, description="0 off (megacpt's default), 1 partitions Adam's states, "
+                                                            "2 also the gradients, 3 also the weights.")
+
+
+class PrecisionSection(DeepSpeedPart):
+    """bf16 or fp16 training (on a GPU; without one megacpt trains in fp32); DeepSpeed's other keys (loss
+    scaling, ...) pass through."""
+
+    enabled: bool | None = Field(None, description="Train in this precision; megacpt enables bf16 unless fp16 is "
+                                                   "given.")
+
+
+class AdamParams(BaseModel):
+    """AdamW's arguments (torch's AdamW, or DeepSpeed's CPU Adam when the optimizer is offloaded); no others."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    lr: None = Field(None, description="Refused: schedule.max_lr and the schedule set the LR of every step.")
+    betas: list[float] | None = Field(None, min_length=2, max_length=2, description="Adam's [beta1, beta2], each in "
+                                                                                    "[0, 1); default [0.9, 0.95].")
+    eps: float | None = Field(None, gt=0, description="Adam's epsilon; default 1e-8.")
+    weight_decay: float | None = Field(None, ge=0, description="Decoupled weight decay of matrices (biases and norms "
+                                                               "get none); default 0.1.")
+    torch_adam: bool | None = Field(None, description="torch's AdamW instead of DeepSpeed's fused op; default true "
+                                                      "unless the optimizer is offloaded.")
+    fused: bool | None = Field(None, description="torch's fused AdamW kernel; default true unless offloaded.")
+    adam_w_mode: bool | None = Field(None, description="Decoupled weight decay (AdamW); false is Adam's L2 penalty.")
+    amsgrad: bool | None = Field(None, description="The AMSGrad variant.")
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _schedule_sets_lr(cls, value: Any) -> None:
+        raise ValueError("is set by schedule.max_lr and the schedule before every step; remove it")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_below_one(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and not all(0 <= beta < 1 for beta in value):
+            raise ValueError(f"{value}: each beta must lie in [0, 1)")
+        return value
+
+
+class OptimizerSection(BaseModel):
+    """The optimizer: AdamW only (megacpt's parameter groups and schedule assume it)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: str | None = Field(None, description="'AdamW' or 'Adam' (any case); default AdamW.")
+    params: AdamParams | None = Field(None, description="AdamW's arguments.")
+
+    @field_validator("type")
+    @classmethod
+    def _adam_only(cls, value: str | None) -> str | None:
+        if value is not None and value.lower() not in ("adamw", "adam"):
+            raise ValueError(f"'{value}' is not supported; use AdamW")
+        return value
+
+
+class DeepSpeedSection(DeepSpeedPart):
+    """The keys of the `deepspeed` section that megacpt reads or fills."""
+
+    train_batch_size: int | None = Field(None, gt=0, description="Filled from train.global_batch_size; a value that "
+                                                                 "disagrees is refused.")
+    train_micro_batch_size_per_gpu: int | None = Field(None, gt=0, description="Filled from train.micro_batch_size; "
+                                                                               "a value that disagrees is refused.")
+    gradient_accumulation_steps: int | None = Field(None, gt=0, description="Filled from the batch arithmetic; a "
+                                                                            "value that disagrees is refused.")
+    optimizer: OptimizerSection | None = Field(None, description="AdamW and its arguments.")
+    scheduler: None = Field(None, description="Refused: megacpt's `schedule` section sets the LR.")
+    gradient_clipping: float | None = Field(None, ge=0, description="Clip the global gradient norm to this value; 0 "
+                                                                    "does not clip; default 1.0.")
+    zero_optimization: ZeroSection | None = Field(None, description="ZeRO.")
+    bf16: PrecisionSection | None = Field(None, description="bf16 training.")
+    fp16: PrecisionSection | None = Field(None, description="fp16 training.")
+    steps_per_print: int | None = Field(None, gt=0, description="DeepSpeed's own progress lines (megacpt logs its "
+                                                                "own; default never).")
+    wall_clock_breakdown: bool | None = Field(None, description="DeepSpeed's timing breakdown; default false.")
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _schedule_sets_lr(cls, value: Any) -> None:
+        raise ValueError("megacpt's 'schedule' section sets the LR; remove DeepSpeed's scheduler")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        for key in data if isinstance(data, dict) else ():
+            if key not in DEEPSPEED_KEYS:
+                hint = _did_you_mean(key, DEEPSPEED_KEYS)
+                raise ConfigError(f"deepspeed.{key}", f"is not a key of DeepSpeed's config{hint}")
+        return data
+
+
 class RunConfig(Section):
     """One training run (one stage)."""
 
@@ -623,8 +773,23 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoint retention.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Extra metric sinks.")
     deepspeed: dict[str, Any] = Field(default_factory=dict,
-                                      description="Native DeepSpeed config; megacpt fills batch sizes, optimizer and "
-                                                  "defaults it derives.")
+                                      description="Native DeepSpeed config; megacpt checks the keys it reads or fills "
+                                                  "(below) and fills batch sizes, optimizer and defaults it derives.")
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Checked against DeepSpeedSection, kept as written (megacpt fills the rest when it builds the engine)."""
+        try:
+            DeepSpeedSection.model_validate(value)
+        except ValidationError as e:
+            raise _first_error(e, value, None, DeepSpeedSection, "deepspeed") from None
+        return value
+
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir_path(cls, value: str) -> str:
+        return check_folder_path(value)
 
     @model_validator(mode="after")
     def _check_cross_section(self) -> "RunConfig":
@@ -715,6 +880,9 @@ def read_config_file(path: str | Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text: byte {e.start} is {e.object[e.start:e.start + 1]!r}; "
+                        "save it as UTF-8") from None
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
@@ -745,6 +913,7 @@ def apply_override(raw: dict, item: str) -> None:
 
 def validate_config(raw: dict, source: str | None = None) -> RunConfig:
     """Validate a raw dict against the schema, turning pydantic's report into one `ConfigError`."""
+    refuse_non_finite(raw, "", source)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
@@ -753,21 +922,36 @@ def validate_config(raw: dict, source: str | None = None) -> RunConfig:
         raise ConfigError(e.key, e.message, e.source or source) from None
 
 
-def _first_error(e: ValidationError, raw: dict, source: str | None) -> ConfigError:
+def _first_error(e: ValidationError, raw: dict, source: str | None, root: type[BaseModel] | None = None,
+                 prefix: str = "") -> ConfigError:
+    """The first problem of a validation of `raw` against `root` (RunConfig), whose keys start with `prefix`."""
     err = e.errors()[0]
     loc = [str(p) for p in err["loc"]]
-    key = ".".join(loc) or "(top level)"
+    key = ".".join(([prefix] if prefix else []) + loc) or "(top level)"
     if err["type"] == "extra_forbidden":
-        section = _section_model(loc[:-1])
+        section = _section_model(loc[:-1], root or RunConfig)
         known = list(section.model_fields) if section else []
         return ConfigError(key, f"unknown key{_did_you_mean(loc[-1], known)}", source)
     if err["type"] == "missing":
         return ConfigError(key, "is required", source)
+    if err["type"] == "model_type":  # pydantic names the class; the user wrote JSON
+        return ConfigError(key, f"must be a section (a JSON object), got {json.dumps(_lookup(raw, err['loc']))}",
+                           source)
     message = err["msg"].removeprefix("Value error, ")
     given = _lookup(raw, err["loc"])
     if err["type"] != "value_error" and given is not _MISSING:
         message += f" (got {json.dumps(given)})"
     return ConfigError(key, message, source)
+
+
+def refuse_non_finite(value: Any, key: str, source: str | None) -> None:
+    """Infinity and NaN, which JSON readers (and so --set) accept, are the value of no key, the `deepspeed`
+    section's included."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, f"is {json.dumps(value)}; give a finite number", source)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for part, item in items:
+        refuse_non_finite(item, f"{key}.{part}" if key else str(part), source)
 
 
 _MISSING = object()
@@ -782,9 +966,8 @@ def _lookup(raw: Any, loc: tuple) -> Any:
     return raw
 
 
-def _section_model(loc: list[str]) -> type[BaseModel] | None:
-    """The pydantic model that holds the field at `loc` (list indices skipped)."""
-    model: type[BaseModel] = RunConfig
+def _section_model(loc: list[str], model: type[BaseModel]) -> type[BaseModel] | None:
+    """The pydantic model under `model` that holds the field at `loc` (list indices skipped)."""
     for part in loc:
         if part.isdigit():
             continue

@@ -8,6 +8,7 @@ import errno
 import gc
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -172,6 +173,113 @@ def test_a_resume_that_changes_what_the_stage_means_is_refused(run_copy, pattern
         config[key] = {**config.get(key, {}), **value}
     cfg = write_config(run_copy.parent / "c.json", config)
     refused(capsys, ["train", cfg], run_copy, *words, "new stage")
+
+
+# ------------------------------------------------------------------------- config values that used to crash later
+
+
+def _source_weight(value):
+    def change(config: dict) -> None:
+        config["data"]["sources"][0]["weight"] = value
+    return change
+
+
+# {case: (--set overrides, or a change of the config dict written to the file, words of the message)}
+CONFIG_FAULTS = {
+    "train.seed 2**70": (["train.seed=1180591620717411303424"], ["train.seed", "2147483647"]),
+    "data.seed -1": (["data.seed=-1"], ["data.seed", "greater than or equal to 0"]),
+    "data.seed 2**64": (["data.seed=18446744073709551616"], ["data.seed", "2147483647"]),
+    "train.steps 10**12": (["train.steps=1000000000000"], ["train.steps", "10000000"]),
+    "max_lr Infinity (--set)": (["schedule.max_lr=Infinity"], ["schedule.max_lr", "Infinity", "finite"]),
+    "timescale Infinity": (["schedule.style=inverse_sqrt", "schedule.timescale=Infinity"], ["schedule.timescale"]),
+    "init_std NaN": (["model.init_std=NaN"], ["model.init_std", "NaN"]),
+    "source weight Infinity (file)": (_source_weight(math.inf), ["data.sources.0.weight", "Infinity"]),
+    "source weight NaN (file)": (_source_weight(math.nan), ["data.sources.0.weight", "NaN"]),
+    "betas NaN": (["deepspeed.optimizer.params.betas=[0.9, NaN]"], ["deepspeed.optimizer.params.betas.1", "NaN"]),
+    "odd rotary dimensions": (["model.rotary_pct=0.1"], ["model.rotary_pct", "1 rotary dimensions", "even"]),
+    "vocab_size 10**9": (["model.vocab_size=1000000000"], ["model", "GB for their fp32 weights alone"]),
+    "hidden_size 65536": (["model.hidden_size=65536"], ["model", "GB for their fp32 weights alone"]),
+    "ffn_hidden_size 2**31": (["model.ffn_hidden_size=2147483648"], ["model", "GB for their fp32 weights alone"]),
+    "tensor 2 in a world of one": (["parallel.tensor=2"], ["parallel.tensor", "world size 1", "--world-size"]),
+    "run_dir empty": (['run_dir=""'], ["run_dir", "is empty"]),
+    "run_dir ~/x": (["run_dir=~/x"], ["run_dir", "'~'", "does not expand"]),
+    "cache_dir ~/x": (["data.cache_dir=~/x"], ["data.cache_dir", "'~'"]),
+    "zero stage 7": (["deepspeed.zero_optimization.stage=7"], ["deepspeed.zero_optimization.stage", "3"]),
+    "zero stage 'two'": (["deepspeed.zero_optimization.stage=two"], ["deepspeed.zero_optimization.stage", '"two"']),
+    "zero_optimization 5": (["deepspeed.zero_optimization=5"], ["deepspeed.zero_optimization", "a JSON object"]),
+    "optimizer 'adam'": (["deepspeed.optimizer=adam"], ["deepspeed.optimizer", "a JSON object"]),
+    "optimizer type SGD": (["deepspeed.optimizer.type=SGD"], ["deepspeed.optimizer.type", "AdamW"]),
+    "gradient_clipping 'abc'": (["deepspeed.gradient_clipping=abc"], ["deepspeed.gradient_clipping", '"abc"']),
+    "gradient_clipping -1": (["deepspeed.gradient_clipping=-1"], ["deepspeed.gradient_clipping", "0"]),
+    "betas out of range": (["deepspeed.optimizer.params.betas=[0.9, 1.5]"], ["deepspeed.optimizer.params.betas",
+                                                                             "[0, 1)"]),
+    "lr in the optimizer": (["deepspeed.optimizer.params.lr=0.1"], ["deepspeed.optimizer.params.lr", "schedule"]),
+    "weight_decay 'x'": (["deepspeed.optimizer.params.weight_decay=x"], ["deepspeed.optimizer.params.weight_decay"]),
+    "eps -1": (["deepspeed.optimizer.params.eps=-1"], ["deepspeed.optimizer.params.eps", "greater than 0"]),
+    "misspelled zero_optimisation": (["deepspeed.zero_optimisation.stage=1"],
+                                     ["deepspeed.zero_optimisation", "did you mean 'zero_optimization'"]),
+    "misspelled optimizer param": (["deepspeed.optimizer.params.beta=[0.9, 0.95]"],
+                                   ["deepspeed.optimizer.params.beta", "did you mean 'betas'"]),
+    "DeepSpeed's own ZeRO keys": (["deepspeed.zero_optimization.offload_optimiser={}"],
+                                  ["deepspeed.zero_optimization.offload_optimiser", "DeepSpeed refuses"]),
+    "fp16 and bf16 both": (["deepspeed.fp16.enabled=true", "deepspeed.bf16.enabled=true"],
+                           ["deepspeed", "bfloat16 and fp16"]),
+    "scheduler": (["deepspeed.scheduler.type=WarmupLR"], ["deepspeed.scheduler", "schedule"]),
+}
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+@pytest.mark.parametrize("case", CONFIG_FAULTS)
+def test_config_values_that_would_crash_later_are_refused_naming_the_key(tmp_path, pattern_data, capsys, case,
+                                                                          dry_run):
+    change, words = CONFIG_FAULTS[case]
+    config = _config(tmp_path / "run", pattern_data)
+    if callable(change):
+        change(config)
+    cfg = write_config(tmp_path / "c.json", config)
+    overrides = [a for item in ([] if callable(change) else change) for a in ("--set", item)]
+    refused(capsys, ["train", cfg, *overrides, *(["--dry-run"] if dry_run else [])], tmp_path, *words)
+
+
+def test_a_config_file_that_is_not_utf8_is_refused(tmp_path, capsys):
+    (tmp_path / "c.json").write_bytes(b'{"run_dir": "caf\xe9"}')
+    refused(capsys, ["train", str(tmp_path / "c.json")], tmp_path, "c.json", "not UTF-8", "byte 16")
+
+
+def test_deepspeed_keys_are_the_ones_deepspeed_reads():
+    """config.DEEPSPEED_KEYS (what a `deepspeed` section may hold) is every top-level key DeepSpeed's config reads."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from megacpt.config import DEEPSPEED_KEYS
+
+    read = set()
+
+    class Keys:
+        def __init__(self, keys):
+            self.keys = keys
+
+        def __contains__(self, key):
+            read.add(key)
+            return key in self.keys
+
+    class Recording(dict):
+        def get(self, key, *default):
+            read.add(key)
+            return super().get(key, *default)
+
+        def __getitem__(self, key):
+            read.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            read.add(key)
+            return super().__contains__(key)
+
+        def keys(self):
+            return Keys(set(self))
+
+    DeepSpeedConfig(Recording(train_batch_size=4, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2))
+    assert read == DEEPSPEED_KEYS
 
 
 # ------------------------------------------------------------------------------------------ the run dir

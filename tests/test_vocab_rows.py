@@ -126,7 +126,7 @@ def test_kept_optimizer_of_a_grown_checkpoint_keeps_old_moments_and_zeroes_new_o
     from megacpt.train.trainer import preflight
 
     config = validate_config(stage_config(tmp_path, grown, code_ids, load_optimizer=True))
-    plan = preflight(config)
+    plan = preflight(config, 1)
     assert plan.optimizer_tag == grown["stage0"]
     checkpoint.follow_layout(plan, Layout(1, 1, grown["zero"]), config.padded_vocab_size, True)
     engine, _, _ = build_engine(config, world, load_universal=bool(plan.universal and grown["zero"]))

@@ -5,13 +5,14 @@
 """
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from megacpt.config import RunConfig, inner_model
+from megacpt.config import DEEPSPEED_KEYS, DeepSpeedSection, RunConfig, inner_model
 from megacpt.runtime.deepspeed_config import derived_deepspeed_config
 
 OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md"
@@ -35,11 +36,18 @@ def _default(field) -> str:
 def render() -> str:
     lines = ["# Config reference", "",
              "Generated from `megacpt/config.py` by `python tools/config_doc.py`; do not edit by hand.",
-             "A run config is one JSON object; `--set dotted.key=value` overrides any key.", ""]
-    sections: list[tuple[str, type[BaseModel]]] = [("", RunConfig)]
+             "A run config is one JSON object; `--set dotted.key=value` overrides any key. No value may be",
+             "`Infinity` or `NaN`.", ""]
+    return "\n".join(lines + tables("", RunConfig) + deepspeed_keys() + deepspeed_defaults())
+
+
+def tables(root_key: str, root: type[BaseModel]) -> list[str]:
+    """One table per section under `root`, whose keys start with `root_key`."""
+    lines = []
+    sections: list[tuple[str, type[BaseModel]]] = [(root_key, root)]
     while sections:
         prefix, model = sections.pop(0)
-        lines += [f"## `{prefix or 'top level'}`", "", (model.__doc__ or "").strip(), "",
+        lines += [f"## `{prefix or 'top level'}`", "", inspect.cleandoc(model.__doc__ or ""), "",
                   "| key | type | default | description |", "|---|---|---|---|"]
         for name, field in model.model_fields.items():
             key = f"{prefix}.{name}" if prefix else name
@@ -49,7 +57,21 @@ def render() -> str:
             if inner is not None:
                 sections.append((key + ("[]" if "list" in str(field.annotation) else ""), inner))
         lines.append("")
-    return "\n".join(lines + deepspeed_defaults())
+    return lines
+
+
+def deepspeed_keys() -> list[str]:
+    """The keys of the `deepspeed` section megacpt checks, and those it passes through untouched."""
+    checked = set(DeepSpeedSection.model_fields)
+    passed = ", ".join(f"`{key}`" for key in sorted(DEEPSPEED_KEYS - checked))
+    return ["## The `deepspeed` section", "",
+            "`deepspeed` is DeepSpeed's own config. megacpt checks the keys below, which it reads or fills, when it",
+            "reads the config. Inside `zero_optimization`, `bf16` and `fp16` any other key passes to DeepSpeed;",
+            "`optimizer` and `optimizer.params` accept only the keys listed. Of the other top-level keys, those",
+            "DeepSpeed knows pass through untouched, and DeepSpeed checks them (as it checks every key it reads)",
+            "before any process group starts, `--dry-run` included:", "", passed + ".", "",
+            "Any other top-level key (a typo such as `zero_optimisation`) is refused.", ""] + tables("deepspeed",
+                                                                                                 DeepSpeedSection)
 
 
 def deepspeed_defaults() -> list[str]:

@@ -1,7 +1,8 @@
 """The native DeepSpeed config megacpt derives from a run config: the user's `deepspeed` section plus what megacpt
 fills in (batch sizes, gradient accumulation) and its defaults (AdamW 0.9/0.95/1e-8, weight decay 0.1 off
-biases and norms, clipping 1.0, ZeRO stage 0). DeepSpeed's own LR scheduler is refused: megacpt's schedule
-owns the LR. Pure dictionaries: no torch, no DeepSpeed (runtime/engine.py adapts the result to the machine).
+biases and norms, clipping 1.0, ZeRO stage 0). The keys megacpt reads are checked with the config
+(config.DeepSpeedSection, which also refuses DeepSpeed's own LR scheduler: megacpt's schedule owns the LR).
+Pure dictionaries: no torch, no DeepSpeed (runtime/engine.py adapts the result to the machine).
 """
 from __future__ import annotations
 
@@ -27,12 +28,8 @@ def derived_deepspeed_config(config: RunConfig, data_parallel: int) -> dict:
             raise ConfigError(f"deepspeed.{key}",
                               f"is {ds[key]} but train.* gives {value}; set batch sizes in 'train' only")
         ds[key] = value
-    if "scheduler" in ds:
-        raise ConfigError("deepspeed.scheduler",
-                          "megacpt's 'schedule' section sets the LR; remove DeepSpeed's scheduler")
-    optimizer = ds.setdefault("optimizer", copy.deepcopy(DEFAULT_OPTIMIZER))
-    if str(optimizer.get("type", "")).lower() not in ("adamw", "adam"):
-        raise ConfigError("deepspeed.optimizer.type", f"'{optimizer.get('type')}' is not supported; use AdamW")
+    optimizer = ds.setdefault("optimizer", copy.deepcopy(DEFAULT_OPTIMIZER))  # checked: config.DeepSpeedSection
+    optimizer.setdefault("type", DEFAULT_OPTIMIZER["type"])
     params = optimizer.setdefault("params", {})
     for key, value in DEFAULT_OPTIMIZER["params"].items():
         params.setdefault(key, value)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 
-from megacpt.errors import UserError
+from megacpt.errors import ConfigError
 from megacpt.model import cpu_fallback
 from megacpt.runtime.launcher_env import free_port
 
@@ -73,15 +73,14 @@ def setup_world(tensor_parallel: int, seed: int) -> World:
     os.environ.setdefault("CROSS_SIZE", os.environ.get("SLURM_NNODES", "1"))
     os.environ.setdefault("CROSS_RANK", os.environ.get("SLURM_NODEID", "0"))
     world_size = int(os.environ["WORLD_SIZE"])
-    if world_size % tensor_parallel:
-        raise UserError(f"the world size {world_size} is not divisible by parallel.tensor {tensor_parallel}")
+    data_parallel_size(world_size, tensor_parallel)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
-        _deepspeed_on_cpu()
+        deepspeed_on_cpu()
         cpu_fallback.install_if_needed()
         share_cores()
         device = torch.device("cpu")
@@ -101,7 +100,39 @@ def setup_world(tensor_parallel: int, seed: int) -> World:
     )
 
 
-def _deepspeed_on_cpu() -> None:
+def launcher_world_size() -> int:
+    """The launcher's world size (WORLD_SIZE); a plain process is a world of one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def data_parallel_size(world_size: int, tensor_parallel: int) -> int:
+    """What is left of the world for data parallelism; a ConfigError when parallel.tensor does not divide it."""
+    if world_size % tensor_parallel:
+        how = (f"one plain process; start megacpt under the deepspeed launcher (launch/) with a multiple of "
+               f"{tensor_parallel} processes, and check such a start with --dry-run --world-size N"
+               if world_size == 1 else f"{world_size} processes")
+        raise ConfigError("parallel.tensor", f"is {tensor_parallel}, which does not divide the world size {world_size} "
+                          f"({how})")
+    return world_size // tensor_parallel
+
+
+def memory_per_process() -> tuple[int, str]:
+    """(bytes, what they are) this process can hold its model in: its GPU's memory, else its share of the RAM."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.cuda.get_device_properties(local_rank).total_memory, f"the memory of GPU {local_rank}"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    processes = _local_processes()
+    share = f"1/{processes} of " if processes > 1 else ""
+    return ram // processes, f"{share}this machine's RAM (no GPU)"
+
+
+def _local_processes() -> int:
+    """The launcher's processes on this node."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+
+
+def deepspeed_on_cpu() -> None:
     """Tell DeepSpeed it runs on the CPU, and keep it from JIT-compiling its shared-memory all-reduce.
 
     Only DeepSpeed's inference all-reduce uses that op; training reduces through gloo. Built, it costs every
@@ -125,9 +156,8 @@ def share_cores() -> int:
     """
     if "OMP_NUM_THREADS" not in os.environ:
         usable = len(os.sched_getaffinity(0))
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
         if usable == os.cpu_count():
-            usable //= local_processes
+            usable //= _local_processes()
         torch.set_num_threads(max(1, usable))
     return torch.get_num_threads()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from megacpt.config import RunConfig
+from megacpt.config import ConfigError, RunConfig
 from megacpt.runtime.deepspeed_config import derived_deepspeed_config, offloads_optimizer
 from megacpt.runtime.optimizer import Gate, build_optimizer, parameter_groups
 
@@ -32,6 +32,34 @@ def _without_gpu_precision(ds: dict) -> dict:
         if ds.get(precision, {}).get("enabled"):
             ds[precision] = {"enabled": False}
     return ds
+
+
+# DeepSpeed's config sections (pydantic models) by the key of the `deepspeed` section they read
+_DEEPSPEED_SECTIONS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedFP16Config": "fp16",
+                       "DeepSpeedBF16Config": "bf16", "DeepSpeedCheckpointConfig": "checkpoint"}
+
+
+def check_with_deepspeed(ds: dict) -> None:
+    """DeepSpeed's own reading of the derived config (the keys megacpt passes through), before any process group
+    exists: what it refuses is a ConfigError naming the key, not a traceback from every rank."""
+    from megacpt.runtime.distributed import deepspeed_on_cpu
+
+    if not torch.cuda.is_available():
+        deepspeed_on_cpu()  # before DeepSpeed looks for an accelerator itself (and warns)
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    one_rank = {**ds, "train_batch_size": ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]}
+    try:
+        DeepSpeedConfig(one_rank)  # without a process group it checks the batch arithmetic of one data-parallel rank
+    except ValueError as e:  # pydantic's ValidationError included
+        errors = e.errors() if hasattr(e, "errors") else None
+        if not errors:
+            raise ConfigError("deepspeed", f"DeepSpeed refuses it: {e}") from None
+        section = _DEEPSPEED_SECTIONS.get(e.title, e.title)
+        key = ".".join(["deepspeed", section, *map(str, errors[0]["loc"])])
+        raise ConfigError(key, f"DeepSpeed refuses it: {errors[0]['msg']} (got {errors[0]['input']!r})") from None
+    except (AssertionError, TypeError, KeyError, AttributeError) as e:
+        raise ConfigError("deepspeed", f"DeepSpeed refuses it: {e}") from None
 
 
 def universal_checkpoint_info(padded_vocab_size: int, gated_mlp: bool = False) -> dict:

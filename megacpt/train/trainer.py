@@ -21,6 +21,7 @@ from megacpt.checkpoint.locate import plan_load
 from megacpt.checkpoint.tags import set_aside_newer
 from megacpt.config import RunConfig, dump_config
 from megacpt.errors import ConfigError
+from megacpt.files import check_writable_folder
 from megacpt.policy.load_plan import LoadPlan, check_architecture, new_rows
 from megacpt.policy.stage_start import check_freeze, stage_records, stream_start
 from megacpt.policy.stages import SourceFile, StageRecord, TrainedStage
@@ -29,21 +30,29 @@ from megacpt.train.callbacks import Callback, Callbacks
 from megacpt.train.stop_signals import STOPPED_BEFORE_TRAINING, StopSignal
 
 
-def preflight(config: RunConfig, checksums: bool = True) -> LoadPlan | None:
-    """Everything that can be checked before torch.distributed starts: schedule, tokenizer, data, checkpoint.
-    Returns the load plan."""
+def preflight(config: RunConfig, world_size: int, checksums: bool = True) -> LoadPlan | None:
+    """Everything that can be checked before torch.distributed starts, for a world of `world_size` processes:
+    layout, DeepSpeed config, memory, schedule, tokenizer, data, folders, checkpoint. Returns the load plan."""
     from megacpt.data.datasets import check_continued_files, check_data, continued_uses
     from megacpt.data.tokenizers import check_vocabulary
+    from megacpt.runtime.deepspeed_config import derived_deepspeed_config, zero_stage
+    from megacpt.runtime.distributed import data_parallel_size
+    from megacpt.runtime.engine import check_with_deepspeed
     from megacpt.schedule import check_schedule
 
+    ds = derived_deepspeed_config(config, data_parallel_size(world_size, config.parallel.tensor))
+    check_with_deepspeed(ds)
+    check_memory(config)
     check_schedule(config.schedule, config.train.steps)
     check_vocabulary(config.tokenizer, config.model.vocab_size)
     check_data(config.data, config.model.vocab_size, config.model.seq_length)
+    check_writable_folder(Path(config.run_dir), "run_dir")
+    check_writable_folder(config.data_cache_dir, "data.cache_dir")
     if config.logging.wandb is not None:
         from megacpt.train.wandb_sink import check_available
 
         check_available(config.logging.wandb)
-    if config.checkpoint.async_save and int(config.deepspeed.get("zero_optimization", {}).get("stage", 0)) > 0:
+    if config.checkpoint.async_save and zero_stage(ds) > 0:
         raise ConfigError("checkpoint.async_save", "works with ZeRO stage 0 only: DeepSpeed's decoupled checkpoint "
                           "engine cannot hand ZeRO's optimizer partitions to its writer process (torch refuses to "
                           "serialize a non-leaf tensor that requires grad); set it to false or use stage 0")
@@ -59,15 +68,30 @@ def preflight(config: RunConfig, checksums: bool = True) -> LoadPlan | None:
     return plan
 
 
+def check_memory(config: RunConfig) -> None:
+    """A model whose fp32 weights alone exceed this process's memory is refused before they are allocated."""
+    from megacpt.model.size import parameters_per_rank
+    from megacpt.runtime.distributed import memory_per_process
+
+    params = parameters_per_rank(config.model, config.padded_vocab_size, config.parallel.tensor)
+    available, what = memory_per_process()
+    if 4 * params > available:
+        raise ConfigError("model", f"{params:,} parameters per tensor-parallel rank need {4 * params / 1e9:,.1f} GB "
+                          f"for their fp32 weights alone, more than {what} ({available / 1e9:,.1f} GB); check "
+                          "model.vocab_size, hidden_size and ffn_hidden_size, or raise parallel.tensor (`megacpt plan "
+                          "CONFIG` estimates all the memory a run needs)")
+
+
 def train(config: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> bool:
     """Check, lock RUN_DIR, join the world, build, load, loop; False when a stop came before the first step.
     `extra_callbacks` run after megacpt's own (a concern of the caller's: see docs/ARCHITECTURE.md)."""
-    from megacpt.runtime.distributed import setup_world
+    from megacpt.runtime.distributed import launcher_world_size, setup_world
 
     signals = StopSignal()  # first: a stop may arrive during the minutes the setup below can take
     main = os.environ.get("RANK", "0") == "0"  # before the world exists: the launcher's rank, else a world of one
     with run_dir_files.hold(config.run_dir, main):
-        plan = preflight(config, checksums=main)  # the main process checksums the tag, the others check sizes
+        # the main process checksums the tag, the others check sizes
+        plan = preflight(config, launcher_world_size(), checksums=main)
         world = setup_world(config.parallel.tensor, config.train.seed)
         if world.is_main:
             prepare_run_dir(Path(config.run_dir), config, plan)
