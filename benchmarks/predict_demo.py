@@ -133,7 +133,7 @@ def main() -> int:
                 predictions = [predict_stage(fitted, stages[name]) for name in stages]
                 observed = {str(stages[name]): measured(runs[name], val) for name in stages}
                 plot_predictions(plot, predictions, "cpt law fitted on base + cosine stage: 'code' loss of "
-                                 "the continued stage (lines) vs measured (dots)", observed)
+                                 "the continued stage (lines) vs measured (dots)", True, [], observed)
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print("MAE over the evaluation points (final-loss error, predicted - measured); baseline: the cosine stage's curve")
     print("| law | val | fit R^2 | fit MAE | WSD | infinite cosine | baseline WSD | baseline infinite cosine |")

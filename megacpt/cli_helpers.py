@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from megacpt.errors import UserError
+from megacpt.files import check_output
 
 
 def positive_int(text: str) -> int:
@@ -81,8 +82,17 @@ def new_figure(what: str, **kwargs):
     return Figure(**kwargs)
 
 
-def save_figure(figure, path: str | Path, option: str, dpi: int = 120) -> None:
-    """Save `figure` as PNG (or the format the suffix names); a failure names the option and path."""
+def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    """--overwrite, for every command that writes output files (megacpt.files.check_output is the rule)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace output files that exist (never one the command reads)")
+
+
+def save_figure(figure, path: str | Path, option: str, overwrite: bool, inputs: Sequence[str | Path] = (),
+                dpi: int = 120) -> None:
+    """Save `figure` as PNG (or the format the suffix names), checked by `check_output`; a failure names the
+    option and path."""
+    check_output(path, option, overwrite, inputs)
     try:
         figure.savefig(path, dpi=dpi)
     except (OSError, ValueError) as e:

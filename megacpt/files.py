@@ -3,13 +3,17 @@ place, then flush the directory so the rename itself survives a crash.
 
 Checkpoint states and `latest`, the data commands' outputs, the tools' output folders and every command's
 report files go through here. It does not lock: two writers of the same path race (the last rename wins).
+
+`check_output` is the one rule for every file or folder a command writes: an existing one is replaced only
+with --overwrite, and one that is, contains or lies inside an input of the command never.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
-from megacpt.errors import UserError
+from megacpt.errors import ConfigError, UserError
 
 
 def fsync_path(path: str | Path) -> None:
@@ -37,6 +41,19 @@ def replace_durably(temp: str | Path, final: str | Path) -> None:
     fsync_path(Path(final).absolute().parent)
 
 
+def check_writable_folder(folder: Path, key: str) -> None:
+    """`folder` (the value of config key `key`) is a folder this process can write, or can create: refuse files
+    and read-only places (os.access also sees a read-only file system, where root cannot write either)."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(key, f"{folder} is a file, not a folder")
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(key, f"cannot create {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "write to" if existing == folder else f"create {folder} in"
+        raise ConfigError(key, f"cannot {what} {existing}: permission denied")
+
+
 def write_atomic(path: str | Path, data: str | bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
     path = Path(path)
@@ -50,8 +67,24 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
         raise
 
 
-def write_output(path: str | Path, text: str, option: str) -> None:
-    """A command's output file (CSV, JSON, report), written atomically; a failure names the option and path."""
+def check_output(path: str | Path, option: str, overwrite: bool, inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse a command's output `path` (given as `option`) that exists, unless `overwrite`, or that is, contains
+    or lies inside one of the command's `inputs` (compared as resolved paths), whatever `overwrite` says."""
+    output = Path(path).resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if output == source or output in source.parents or source in output.parents:
+            how = "is" if output == source else "contains" if output in source.parents else "lies inside"
+            raise UserError(f"{option} {path} {how} the input {given}: writing it would destroy what the command "
+                            "reads (--overwrite does not allow that); choose another path")
+    if output.exists() and not overwrite:
+        raise UserError(f"{option} {path} already exists; choose another path or pass --overwrite")
+
+
+def write_output(path: str | Path, text: str, option: str, overwrite: bool, inputs: Sequence[str | Path] = ()) -> None:
+    """A command's output file (CSV, JSON, report), checked by `check_output` and written atomically; a failure
+    names the option and path."""
+    check_output(path, option, overwrite, inputs)
     try:
         write_atomic(path, text)
     except OSError as e:

@@ -21,7 +21,7 @@ from pathlib import Path
 import filelock
 
 from megacpt.errors import ConfigError, UserError
-from megacpt.files import write_atomic
+from megacpt.files import check_writable_folder, write_atomic
 
 LOCK = ".megacpt.lock"
 OWNER = ".megacpt.lock.owner"  # host and pid of the holder (the lock file itself stays empty)
@@ -39,18 +39,6 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
 
 
-def check_usable(run_dir: Path) -> None:
-    """RUN_DIR is a folder this process can write, or can be created: refuse files and read-only places."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError("run_dir", f"{run_dir} is a file, not a folder")
-    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError("run_dir", f"cannot create {run_dir}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        what = "write to" if existing == run_dir else f"create {run_dir} in"
-        raise ConfigError("run_dir", f"cannot {what} {existing}: permission denied")
-
-
 @contextmanager
 def hold(run_dir: str | Path, main: bool = True) -> Iterator[None]:
     """Create RUN_DIR if needed and hold its lock for the block (only where `main`).
@@ -62,7 +50,7 @@ def hold(run_dir: str | Path, main: bool = True) -> Iterator[None]:
         yield
         return
     run_dir = Path(run_dir)
-    check_usable(run_dir)
+    check_writable_folder(run_dir, "run_dir")
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

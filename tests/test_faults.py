@@ -337,7 +337,16 @@ DATA_DAMAGE = {
     "garbage idx": (lambda p: p.with_suffix(".idx").write_bytes(b"x" * 100), ["d.idx", "not a Megatron index"]),
     "empty bin": (lambda p: p.with_suffix(".bin").write_bytes(b""), ["d.bin is empty"]),
     "truncated bin": (lambda p: _truncate(p.with_suffix(".bin")), ["d.bin is truncated"]),
+    "idx version 2": (lambda p: _set_byte(p.with_suffix(".idx"), 9, 2), ["d.idx", "version 2"]),
+    "idx dtype code 9": (lambda p: _set_byte(p.with_suffix(".idx"), 17, 9), ["d.idx", "dtype code 9"]),
+    "idx of float tokens": (lambda p: _set_byte(p.with_suffix(".idx"), 17, 7), ["d.idx", "dtype code 7"]),
 }
+
+
+def _set_byte(path: Path, offset: int, value: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] = value
+    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("damage", DATA_DAMAGE)
@@ -347,6 +356,51 @@ def test_damaged_datasets_are_refused_naming_the_file(tmp_path, pattern_data, ca
     config = tiny_config(tmp_path / "run", [{"name": "a", "prefix": prefix}])
     err = refused(capsys, ["train", write_config(tmp_path / "c.json", config)], tmp_path, *words)
     assert not (tmp_path / "run").exists() and "IndexedDataset.__del__" not in err
+
+
+CACHE_DAMAGE = {  # megatron's cached index files (numpy .npy), damaged: (file, damage, words)
+    "truncated sample index": ("sample_index", _truncate, "mmap length"),
+    "garbage shuffle index": ("shuffle_index", lambda p: p.write_bytes(b"\x93NUMPY" + bytes(99)), "format version"),
+    "document index not numpy (unpickling)": ("document_index", lambda p: p.write_bytes(b"x" * 99), "damaged"),
+}
+
+
+@pytest.mark.parametrize("damage", CACHE_DAMAGE)
+def test_damaged_cached_indices_are_named_with_how_to_clear_them(tmp_path, pattern_data, capsys, damage):
+    index, corrupt, words = CACHE_DAMAGE[damage]
+    config = _config(tmp_path / "run", pattern_data, train={"steps": 1}, schedule={"warmup": 0})
+    cfg = write_config(tmp_path / "c.json", config)
+    assert main(["train", cfg]) == 0
+    shutil.rmtree(tmp_path / "run")
+    (cached,) = (tmp_path / "cache").glob(f"*/*-{index}.npy")
+    corrupt(cached)
+    err = refused(capsys, ["train", cfg], tmp_path / "cache", str(cached.parent), "are damaged", words,
+                  "remove that folder")
+    assert "IndexedDataset.__del__" not in err
+    shutil.rmtree(cached.parent)  # as the message says: then the run builds them again
+    assert main(["train", cfg]) == 0
+
+
+@pytest.mark.parametrize("where, words", [("file", ["is a file"]), ("under a file", ["cannot create", "not a folder"])])
+def test_an_unusable_cache_dir_is_refused_before_the_start(tmp_path, pattern_data, capsys, where, words):
+    (tmp_path / "afile").write_text("x")
+    cache = tmp_path / "afile" if where == "file" else tmp_path / "afile" / "cache"
+    config = _config(tmp_path / "run", pattern_data, data={"cache_dir": str(cache)})
+    for dry_run in ([], ["--dry-run"]):
+        refused(capsys, ["train", write_config(tmp_path / "c.json", config), *dry_run], tmp_path, "data.cache_dir",
+                *words)
+
+
+@pytest.mark.parametrize("failure, words", [(errno.ENOSPC, "No space left on device"),
+                                            (errno.EROFS, "Read-only file system")])
+def test_a_cache_dir_that_cannot_be_written_is_named(tmp_path, pattern_data, capsys, monkeypatch, failure, words):
+    def fail(*args, **kwargs):
+        raise OSError(failure, os.strerror(failure))
+
+    monkeypatch.setattr(np, "save", fail)  # megatron writes its indices with numpy.save
+    config = _config(tmp_path / "run", pattern_data)
+    refused(capsys, ["train", write_config(tmp_path / "c.json", config)], tmp_path / "cache", "data.cache_dir",
+            str(tmp_path / "cache"), words)
 
 
 def test_a_dataset_shorter_than_one_sample_is_refused(tmp_path, pattern_data, capsys):
@@ -390,6 +444,71 @@ def test_a_dataset_rewritten_under_the_same_prefix_gets_new_indices(tmp_path, wo
 
 
 # ------------------------------------------------------------------------------------ other commands
+
+
+def _command_inputs(run: Path, pattern_data: dict) -> dict[str, str]:
+    """What the output-file commands read: a trained run, a config and a loss law's constants."""
+    validation = {"validation": [{"name": "a", "prefix": pattern_data["a_val"]}]}
+    config = _config(run.parent / "other", pattern_data, data=validation)
+    fit = {"law": "tissue", "val": "a", "constants": {"L0": 2.0, "A": 1.0, "alpha": 0.5, "C": 1.0}}
+    (run.parent / "fit.json").write_text(json.dumps(fit))
+    return {"RUN": str(run), "CONFIG": write_config(run.parent / "c.json", config), "FIT": str(run.parent / "fit.json"),
+            "CKPT": str(run / "checkpoints"), "TAG": str(run / "checkpoints" / TAG4)}
+
+
+# every command that writes a file or folder: (arguments, the output option); OUT is the output
+WRITERS = {
+    "plot --output": (["plot", "RUN", "--output", "OUT"], "--output"),
+    "schedule --csv": (["schedule", "CONFIG", "--csv", "OUT"], "--csv"),
+    "schedule --plot": (["schedule", "CONFIG", "--csv", "OUT.csv", "--plot", "OUT"], "--plot"),
+    "predict --csv": (["predict", "--constants", "FIT", "--predict", "CONFIG", "--csv", "OUT"], "--csv"),
+    "predict --plot": (["predict", "--constants", "FIT", "--predict", "CONFIG", "--csv", "OUT.csv", "--plot", "OUT"],
+                       "--plot"),
+    "plan --json": (["plan", "CONFIG", "--nodes", "1", "--gpus-per-node", "1", "--json", "OUT"], "--json"),
+    "eval --json": (["eval", "CONFIG", "--checkpoint", "CKPT", "--json", "OUT"], "--json"),
+    "convert megacpt-to-hf": (["convert", "megacpt-to-hf", "--checkpoint", "CKPT", "--output", "OUT"], "--output"),
+    "reshard": (["reshard", "--checkpoint", "CKPT", "--tp", "2", "--output", "OUT"], "--output"),
+    "merge": (["merge", "--checkpoints", "TAG", "CKPT", "--weights", "0.5", "0.5", "--output", "OUT"], "--output"),
+}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_every_command_refuses_to_replace_an_existing_output_without_overwrite(run_copy, pattern_data, capsys,
+                                                                                writer):
+    command, option = WRITERS[writer]
+    subs = _command_inputs(run_copy, pattern_data)
+    out = run_copy.parent / "existing"
+    out.write_text("keep me")
+    refused(capsys, [subs.get(a, str(out) if a == "OUT" else str(out) + a[3:] if a.startswith("OUT") else a)
+                     for a in command], run_copy.parent, f"{option} {out} already exists", "--overwrite")
+
+
+# (command, its input that OUT names, or a folder that holds or lies inside that input)
+OVERLAPS = {
+    "convert into the checkpoint it reads": ("convert megacpt-to-hf", "CKPT", "is the input"),
+    "convert into the run holding it": ("convert megacpt-to-hf", "RUN", "contains the input"),
+    "convert into its tag": ("convert megacpt-to-hf", "TAG", "lies inside the input"),
+    "reshard into its checkpoint": ("reshard", "CKPT", "is the input"),
+    "merge into its first checkpoint": ("merge", "TAG", "is the input"),
+    "plot over the metrics it reads": ("plot --output", "RUN/metrics.jsonl", "is the input"),
+    "schedule --csv over its config": ("schedule --csv", "CONFIG", "is the input"),
+    "predict --csv over its constants": ("predict --csv", "FIT", "is the input"),
+    "predict --plot over its config": ("predict --plot", "CONFIG", "is the input"),
+    "plan --json over its config": ("plan --json", "CONFIG", "is the input"),
+    "eval --json over its config": ("eval --json", "CONFIG", "is the input"),
+}
+
+
+@pytest.mark.parametrize("overlap", OVERLAPS)
+def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused_even_with_overwrite(run_copy, pattern_data,
+                                                                                         capsys, overlap):
+    writer, target, words = OVERLAPS[overlap]
+    command, option = WRITERS[writer]
+    subs = _command_inputs(run_copy, pattern_data)
+    base, _, rest = target.partition("/")
+    out = subs[base] + (f"/{rest}" if rest else "") + ("/inner" if "lies inside" in words else "")
+    args = [subs.get(a, out if a == "OUT" else out + a[3:] if a.startswith("OUT") else a) for a in command]
+    refused(capsys, [*args, "--overwrite"], run_copy.parent, f"{option} {out} {words}", "--overwrite does not")
 
 
 def test_eval_json_refuses_to_overwrite_an_existing_file(run_copy, pattern_data, capsys):

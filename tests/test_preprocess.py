@@ -185,7 +185,7 @@ def test_existing_output_is_kept_unless_overwrite(suffix, tmp_path, write_jsonl,
     args = ["preprocess", "--input", write_jsonl(tmp_path / "in.jsonl", ["a"]), "--tokenizer-type", "byte",
             "--output-prefix", str(tmp_path / "out")]
     assert cli_main(args) == 2
-    assert f"output {existing} already exists; pass --overwrite" in capsys.readouterr().err
+    assert f"output {existing} already exists; choose another path or pass --overwrite" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", existing.name]
     assert existing.read_text() == "precious"
     assert cli_main(args + ["--overwrite"]) == 0

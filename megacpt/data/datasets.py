@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,7 @@ def build_blend(data: DataConfig, stage_steps: int, batch_size: int, num_samples
 
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
 _IDX_HEADER = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
+_IDX_TOKEN_DTYPES = {1, 2, 3, 4, 5, 8}  # megatron's codes of uint8, int8, int16, int32, int64, uint16 (6, 7: floats)
 
 
 def check_index_file(idx_path: str, key: str) -> None:
@@ -63,6 +66,11 @@ def check_index_file(idx_path: str, key: str) -> None:
     if len(header) < _IDX_HEADER or header[:9] != _IDX_MAGIC:
         raise UserError(f"{key}: {idx_path} is not a Megatron index (it is {os.path.getsize(idx_path)} bytes and does "
                         f"not start with the MMIDIDX header); rebuild it with `megacpt preprocess`")
+    version, code = int(np.frombuffer(header[9:17], dtype=np.uint64)[0]), header[17]
+    if version != 1 or code not in _IDX_TOKEN_DTYPES:
+        what = f"version {version} (megatron writes 1)" if version != 1 else f"dtype code {code}, not an integer type"
+        raise UserError(f"{key}: {idx_path} has the MMIDIDX header but {what}: damaged or written by another tool; "
+                        "rebuild it with `megacpt preprocess`")
     sequences, documents = np.frombuffer(header[18:], dtype=np.uint64)
     expected = _IDX_HEADER + int(sequences) * (4 + 8) + int(documents) * 8
     actual = os.path.getsize(idx_path)
@@ -181,7 +189,21 @@ def _build(config, num_samples: int | None) -> object:
     from megacpt.data.long_documents import BoostedGPTDataset, BoostedGPTDatasetConfig
 
     kind = BoostedGPTDataset if isinstance(config, BoostedGPTDatasetConfig) else GPTDataset
-    train, _, _ = BlendedMegatronDatasetBuilder(kind, [num_samples, 0, 0], lambda: True, config).build()
+    fresh = not os.path.exists(config.path_to_cache)
+    try:
+        train, _, _ = BlendedMegatronDatasetBuilder(kind, [num_samples, 0, 0], lambda: True, config).build()
+    except Exception as e:  # megatron wraps a failed write in a bare Exception
+        cause = e if isinstance(e, OSError) else e.__cause__
+        if isinstance(cause, OSError):
+            if fresh:  # what megatron wrote before it failed: a folder that would only confuse
+                shutil.rmtree(config.path_to_cache, ignore_errors=True)
+            raise UserError(f"data.cache_dir: cannot write the dataset indices of {config.blend[0][0]} to "
+                            f"{config.path_to_cache}: {cause.strerror or cause}; give data.cache_dir a folder with "
+                            "free space that this process can write") from None
+        if isinstance(e, (ValueError, EOFError, pickle.UnpicklingError)):  # np.load of a cut or overwritten file
+            raise UserError(f"the cached dataset indices of {config.blend[0][0]} in {config.path_to_cache} are "
+                            f"damaged ({e}); remove that folder and megacpt builds them again") from None
+        raise
     return train
 
 

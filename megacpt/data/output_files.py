@@ -13,21 +13,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from megacpt.errors import UserError
-from megacpt.files import replace_durably
+from megacpt.files import check_output, replace_durably
 
 
 @contextmanager
-def atomic_outputs(prefix: str, suffixes: Sequence[str], overwrite: bool) -> Iterator[str]:
+def atomic_outputs(prefix: str, suffixes: Sequence[str], overwrite: bool, inputs: Sequence[str]) -> Iterator[str]:
     """Yield a temporary prefix to write PREFIX+suffix files under; publish them when the block succeeds.
 
-    Existing outputs are an error unless `overwrite`, checked here, before the caller spends any work.
+    The outputs follow files.check_output (existing ones only with `overwrite`, never one of the `inputs`),
+    checked here, before the caller spends any work.
     """
     finals = [Path(prefix + suffix) for suffix in suffixes]
     for final in finals:
         if final.is_dir():
             raise UserError(f"output {final} is a directory")
-        if final.exists() and not overwrite:
-            raise UserError(f"output {final} already exists; pass --overwrite to replace it")
+        check_output(final, "output", overwrite, inputs)
     try:
         finals[0].parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -113,7 +113,7 @@ def preprocess(
     Inputs, tokenizer and outputs are checked first."""
     texts = iter_documents(inputs, json_key)
     tokenizer = build_tokenizer(tokenizer_config)
-    with atomic_outputs(output_prefix, (".bin", DOCUMENT_BYTES_SUFFIX, ".idx"), overwrite) as temp_prefix:
+    with atomic_outputs(output_prefix, (".bin", DOCUMENT_BYTES_SUFFIX, ".idx"), overwrite, inputs) as temp_prefix:
         optimal_dtype, builder_class = _megatron_builder()
         encoder = _DocumentEncoder(tokenizer, append_eod, optimal_dtype(tokenizer.vocab_size))
         print(f"preprocess: {tokenizer.describe()}; {np.dtype(encoder.dtype).name} tokens; {workers} worker(s)",

@@ -31,7 +31,7 @@ def train_sentencepiece(inputs: Sequence[str], vocab_size: int, output_prefix: s
     """Train OUTPUT_PREFIX.model/.vocab on the lines of the documents in `inputs`; returns the .model path.
     `keep_whitespace` trains with KEEP_WHITESPACE (for code) instead of SentencePiece's default normalisation."""
     settings = KEEP_WHITESPACE if keep_whitespace else {}
-    with atomic_outputs(output_prefix, (".vocab", ".model"), overwrite) as temp_prefix:
+    with atomic_outputs(output_prefix, (".vocab", ".model"), overwrite, inputs) as temp_prefix:
         write_model(sentencepiece_proto(inputs, vocab_size, json_key=json_key, **settings), temp_prefix)
     return output_prefix + ".model"
 

@@ -62,7 +62,7 @@ def extend_tokenizer(base: str, inputs: Sequence[str], add: int, output_prefix: 
         raise UserError(f"--add {add}: the number of pieces to add must be at least 1")
     base_proto = read_base(base)
     iter_documents(inputs, json_key)  # checks every input file before anything is trained or written
-    with atomic_outputs(output_prefix, (".vocab", ".model"), overwrite) as temp_prefix:
+    with atomic_outputs(output_prefix, (".vocab", ".model"), overwrite, [base, *inputs]) as temp_prefix:
         new_corpus = ModelProto.FromString(sentencepiece_proto(
             inputs, len(base_proto.pieces) + add, json_key=json_key, hard_vocab_limit=False, minloglevel=2,
             **corpus_model_settings(base_proto)))

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
 from megacpt.checkpoint.locate import plan_init
-from megacpt.cli_helpers import add_set_argument, non_negative_int, positive_int, text_table
+from megacpt.cli_helpers import add_overwrite_argument, add_set_argument, non_negative_int, positive_int, text_table
 from megacpt.config import InitConfig, RunConfig, ValidationSet, load_config
 from megacpt.errors import UserError
-from megacpt.files import write_output
+from megacpt.files import check_output, write_output
 from megacpt.policy.load_plan import LoadPlan, check_architecture
 
 
@@ -36,13 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validation sets to evaluate instead of all of data.validation: NAME picks one of the "
                              "config's, NAME=PREFIX adds an indexed dataset")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON (refused if FILE exists)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json FILE")
+    add_overwrite_argument(parser)
     add_set_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.json and Path(args.json).exists() and not args.overwrite:
-        raise UserError(f"--json {args.json} already exists; choose another path or pass --overwrite")
+    inputs = [args.config, args.checkpoint]
+    if args.json:
+        check_output(args.json, "--json", args.overwrite, inputs)  # before the work
     config = load_config(args.config, args.overrides)
     config.data.allow_validation_overlap = True  # --data NAME=PREFIX may name training data on purpose
     config.data.validation = select_validation(config.data.validation, args.data)
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                   "samples": config.train.eval_samples, "results": results}
         print(format_report(report))
         if args.json:
-            write_output(args.json, json.dumps(report, indent=1) + "\n", "--json")
+            write_output(args.json, json.dumps(report, indent=1) + "\n", "--json", args.overwrite, inputs)
     return 0
 
 

@@ -10,9 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
-from megacpt.cli_helpers import positive_int
+from megacpt.cli_helpers import add_overwrite_argument, positive_int
 from megacpt.errors import UserError
-from megacpt.files import write_output
+from megacpt.files import check_output, write_output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write lm-eval's results (and samples with --log-samples) as JSON")
     parser.add_argument("--log-samples", action="store_true",
                         help="keep every document's requests and responses in --output")
+    add_overwrite_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UserError(f"megacpt lm-eval needs lm-evaluation-harness ({e}): pip install 'megacpt[eval]'") from None
 
+    if args.output:
+        check_output(args.output, "--output", args.overwrite, [args.checkpoint])  # before the work
     if args.include_path and not Path(args.include_path).is_dir():
         raise UserError(f"--include-path {args.include_path} is not a folder")
     if args.only_include_path and not args.include_path:
@@ -63,5 +66,6 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         keep = ("results", "configs", "versions", "n-shot", "samples")
         kept = {k: results[k] for k in keep if k in results}
-        write_output(args.output, json.dumps(kept, indent=1, default=handle_non_serializable), "--output")
+        write_output(args.output, json.dumps(kept, indent=1, default=handle_non_serializable), "--output",
+                     args.overwrite, [args.checkpoint])
     return 0

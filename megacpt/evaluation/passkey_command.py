@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from megacpt.cli_helpers import closed_fraction, positive_int, text_table
+from megacpt.cli_helpers import add_overwrite_argument, closed_fraction, positive_int, text_table
 from megacpt.errors import UserError
-from megacpt.files import write_output
+from megacpt.files import check_output, write_output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=positive_int, default=10, metavar="N", help="keys per depth")
     parser.add_argument("--seed", type=int, default=0, help="seed of the keys")
     parser.add_argument("--json", metavar="FILE", help="also write the table as JSON (refused if FILE exists)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json FILE")
+    add_overwrite_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,8 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from megacpt.runtime.distributed import setup_world
     from megacpt.weights import checkpoint_io
 
-    if args.json and Path(args.json).exists() and not args.overwrite:
-        raise UserError(f"--json {args.json} already exists; choose another path or pass --overwrite")
+    if args.json:
+        check_output(args.json, "--json", args.overwrite, [args.checkpoint])  # before the work
     source = checkpoint_io.load(args.checkpoint)
     tokenizer = checkpoint_io.checkpoint_tokenizer(source.state)
     if tokenizer is None:
@@ -60,5 +59,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         report = {"checkpoint": str(source.tag_dir), "length": length, "trials": args.trials, "seed": args.seed,
                   "depths": rows}
-        write_output(args.json, json.dumps(report, indent=1) + "\n", "--json")
+        write_output(args.json, json.dumps(report, indent=1) + "\n", "--json", args.overwrite, [args.checkpoint])
     return 0

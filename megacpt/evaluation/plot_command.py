@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from megacpt.cli_helpers import new_figure, save_figure
+from megacpt.cli_helpers import add_overwrite_argument, new_figure, save_figure
 from megacpt.errors import UserError
 from megacpt.evaluation.forgetting import forgetting_table, validation_names
 from megacpt.evaluation.lineage import StageRun, run_lineage
+from megacpt.run_dir import METRICS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,18 +31,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table", action="store_true", help="also print the final validation losses side by side")
     parser.add_argument("--by-position", action="store_true",
                         help="loss against position in the sample (eval_by_position) of each stage's last evaluation")
+    add_overwrite_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     histories = {str(run_dir): run_lineage(Path(run_dir)).logged for run_dir in args.run_dirs}
+    inputs = [stage.run_dir / METRICS for runs in histories.values() for stage in runs if stage.run_dir]
     if args.by_position:
         curves = position_curves(histories)
         if not curves:
             raise UserError(f"{', '.join(args.run_dirs)}: no evaluation record carries eval_by_position; train with "
                             "train.eval_position_bucket set (or run `megacpt eval --position-bucket N`)")
-        save_figure(position_figure(curves), args.output, "--output")
+        save_figure(position_figure(curves), args.output, "--output", args.overwrite, inputs)
     else:
-        save_figure(build_figure(histories), args.output, "--output")
+        save_figure(build_figure(histories), args.output, "--output", args.overwrite, inputs)
     print(f"wrote {args.output}")
     if args.table:
         print(forgetting_table(histories))

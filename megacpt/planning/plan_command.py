@@ -12,7 +12,14 @@ import argparse
 import json
 from dataclasses import asdict
 
-from megacpt.cli_helpers import add_set_argument, positive_float, positive_int, text_table, unit_fraction
+from megacpt.cli_helpers import (
+    add_overwrite_argument,
+    add_set_argument,
+    positive_float,
+    positive_int,
+    text_table,
+    unit_fraction,
+)
 from megacpt.config import RunConfig, load_config
 from megacpt.errors import ConfigError, UserError
 from megacpt.files import write_output
@@ -52,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the ranks are CPU processes (--gpus-per-node of them per node, or the hostfile's "
                              "slots): check and show the layout only, no memory or time estimate")
     parser.add_argument("--json", metavar="FILE", help="also write the plan to FILE as JSON")
+    add_overwrite_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     print(_report(args.config, config, cluster, own, largest, best))
     if args.json:
         plan = _plan_json(args.config, config, cluster, own, largest, best)
-        write_output(args.json, json.dumps(plan, indent=2) + "\n", "--json")
+        inputs = [args.config, *([args.hostfile] if args.hostfile else [])]
+        write_output(args.json, json.dumps(plan, indent=2) + "\n", "--json", args.overwrite, inputs)
     return 0
 
 
@@ -89,7 +98,8 @@ def _cpu_plan(args: argparse.Namespace, config: RunConfig, cluster: Cluster) -> 
         vocab = config.padded_vocab_size
         plan = {"config": args.config, "parameters": parameter_count(config.model, vocab),
                 "padded_vocab_size": vocab, "cluster": asdict(cluster), "config_layout": {"layout": asdict(layout)}}
-        write_output(args.json, json.dumps(plan, indent=2) + "\n", "--json")
+        inputs = [args.config, *([args.hostfile] if args.hostfile else [])]
+        write_output(args.json, json.dumps(plan, indent=2) + "\n", "--json", args.overwrite, inputs)
     return 0
 
 

@@ -14,10 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-from megacpt.cli_helpers import add_set_argument, new_figure, non_negative_int, require_matplotlib, save_figure
+from megacpt.cli_helpers import (
+    add_overwrite_argument,
+    add_set_argument,
+    new_figure,
+    non_negative_int,
+    require_matplotlib,
+    save_figure,
+)
 from megacpt.config import RunConfig, load_config
 from megacpt.data.datasets import build_blend
-from megacpt.files import write_output
+from megacpt.files import check_output, write_output
 from megacpt.schedule import check_continuation, check_schedule, lr_at
 
 
@@ -30,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="FILE.png",
                         help="also plot the LR and the samples per source against the step (needs matplotlib)")
     add_set_argument(parser)
+    add_overwrite_argument(parser)
     parser.add_argument("--stage-index", type=non_negative_int, default=0, metavar="N",
                         help="stage index tau of the first config for meta schedules (0 = first stage); default 0")
 
@@ -56,6 +64,9 @@ def stage_samples(config: RunConfig) -> dict[str, np.ndarray]:
 
 
 def run(args: argparse.Namespace) -> int:
+    for option, path in (("--csv", args.csv), ("--plot", args.plot)):
+        if path:  # both before either is written
+            check_output(path, option, args.overwrite, args.configs)
     configs = [load_config(path, args.overrides) for path in args.configs]
     stages = stage_lrs(configs, args.stage_index)
     samples = [stage_samples(c) for c in configs]
@@ -70,11 +81,11 @@ def run(args: argparse.Namespace) -> int:
             rows.append(",".join([str(step), str(index), repr(lr), *counts]))
             step += 1
     header = ",".join(["step", "stage", "lr", *(f"samples:{n}" for n in names)])
-    write_output(args.csv, "\n".join([header, *rows]) + "\n", "--csv")
+    write_output(args.csv, "\n".join([header, *rows]) + "\n", "--csv", args.overwrite, args.configs)
     if args.plot:
         labels = [f"stage {index}: {Path(p).stem} ({c.schedule.style}{'' if c.schedule.rewarm else ', no re-warm'})"
                   for (index, _), p, c in zip(stages, args.configs, configs)]
-        _plot(Path(args.plot), stages, labels, samples, names)
+        _plot(Path(args.plot), stages, labels, samples, names, args.overwrite, args.configs)
     for (index, lrs), per_stage, config in zip(stages, samples, configs):
         print(f"stage {index}: {len(lrs)} steps, LR from {lrs[0]:.3g} (step 0), peak {max(lrs):.3g}, "
               f"to {lrs[-1]:.3g} (step {len(lrs) - 1})")
@@ -87,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plot(path: Path, stages: list[tuple[int, list[float]]], labels: list[str],
-          samples: list[dict[str, np.ndarray]], names: list[str]) -> None:
+          samples: list[dict[str, np.ndarray]], names: list[str], overwrite: bool, inputs: list[str]) -> None:
     fig = new_figure("--plot", figsize=(8, 6), layout="tight")
     ax, mix = fig.subplots(2, 1, sharex=True)
     start = 0
@@ -105,4 +116,4 @@ def _plot(path: Path, stages: list[tuple[int, list[float]]], labels: list[str],
     for a in (ax, mix):
         a.grid(alpha=0.3)
         a.legend(fontsize="small")
-    save_figure(fig, path, "--plot")
+    save_figure(fig, path, "--plot", overwrite, inputs)

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from megacpt.cli_helpers import new_figure, positive_int, require_matplotlib, save_figure
+from megacpt.cli_helpers import add_overwrite_argument, new_figure, positive_int, require_matplotlib, save_figure
 from megacpt.errors import UserError
-from megacpt.files import write_output
+from megacpt.files import check_output, write_output
+from megacpt.metrics import METRICS
 from megacpt.prediction import losslaw
 from megacpt.prediction.loss_curves import planned_curve, run_curve
 
@@ -68,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--starts", type=positive_int, default=8, metavar="N",
                         help="seeded fit starts; the best wins (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fit starts (default 0)")
+    add_overwrite_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,13 +77,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--predict needs --csv FILE for the predicted curves")
     if (args.csv or args.plot) and not args.predict:
         raise UserError("--csv and --plot write predictions: give --predict CONFIG [CONFIG ...]")
+    inputs = [*(Path(d) / METRICS for d in args.fit or []), *(args.predict or []), *filter(None, [args.constants])]
+    writes = {"overwrite": args.overwrite, "inputs": inputs}
+    for option, path in (("--output", args.output), ("--csv", args.csv), ("--plot", args.plot)):
+        if path:  # all before any is written
+            check_output(path, option, **writes)
     if args.fit:
         if not args.val:
             raise UserError("--fit needs --val NAME, the validation set whose loss to fit")
         fitted = fit_runs([Path(d) for d in args.fit], args.val, args.law or "tissue", args.starts, args.seed)
         print(format_fit(fitted))
         if args.output:
-            write_output(args.output, json.dumps(asdict(fitted), indent=2) + "\n", "--output")
+            write_output(args.output, json.dumps(asdict(fitted), indent=2) + "\n", "--output", **writes)
     else:
         if args.output:
             raise UserError("--output saves a new fit; with --constants there is none (the file already holds them)")
@@ -92,9 +99,9 @@ def run(args: argparse.Namespace) -> int:
         require_matplotlib("--plot")
     if args.predict:
         predictions = [predict_stage(fitted, Path(c)) for c in args.predict]
-        write_csv(Path(args.csv), predictions)
+        write_csv(Path(args.csv), predictions, **writes)
         if args.plot:
-            plot_predictions(Path(args.plot), predictions, f"{fitted.law} law: predicted {fitted.val} loss")
+            plot_predictions(Path(args.plot), predictions, f"{fitted.law} law: predicted {fitted.val} loss", **writes)
         for p in predictions:
             print(f"{p.label}: predicted final {fitted.val} loss {p.losses[-1]:.4f} after {len(p.steps)} steps")
         print(f"wrote {args.csv}" + (f" and {args.plot}" if args.plot else ""))
@@ -146,15 +153,15 @@ def predict_stage(fitted: FittedLaw, config_path: Path) -> Prediction:
     return Prediction(str(config_path), np.arange(1, steps + 1), curve.lrs[-steps:], losses)
 
 
-def write_csv(path: Path, predictions: list[Prediction]) -> None:
+def write_csv(path: Path, predictions: list[Prediction], overwrite: bool, inputs: list) -> None:
     lines = ["config,step,lr,loss"]
     for p in predictions:
         rows = zip(p.steps.tolist(), p.lrs.tolist(), p.losses.tolist())
         lines += [f"{p.label},{s},{lr!r},{loss:.6f}" for s, lr, loss in rows]
-    write_output(path, "\n".join(lines) + "\n", "--csv")
+    write_output(path, "\n".join(lines) + "\n", "--csv", overwrite, inputs)
 
 
-def plot_predictions(path: Path, predictions: list[Prediction], title: str,
+def plot_predictions(path: Path, predictions: list[Prediction], title: str, overwrite: bool, inputs: list,
                      observed: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
     """Predicted losses above the LR curves, one colour per stage; `observed` (label -> steps, losses) adds
     the measured evaluation losses as dots."""
@@ -171,4 +178,4 @@ def plot_predictions(path: Path, predictions: list[Prediction], title: str,
     for ax in (loss_ax, lr_ax):
         ax.grid(alpha=0.3)
     loss_ax.legend(fontsize="small")
-    save_figure(figure, path, "--plot")
+    save_figure(figure, path, "--plot", overwrite, inputs)

@@ -140,9 +140,9 @@ def write_report(sweep: Sweep, results: list[RunResult] | None = None, extra: di
     results = collect(sweep) if results is None else results
     summary = {"axes": [a.key for a in sweep.axes], "runs": [r.summary() for r in results],
                "groups": groups(sweep, results), **(extra or {})}
-    write_output(sweep.root / "summary.json", json.dumps(summary, indent=1) + "\n", "the sweep's summary")
+    write_output(sweep.root / "summary.json", json.dumps(summary, indent=1) + "\n", "the sweep's summary", True)
     table = sweep_table(sweep, results)
-    write_output(sweep.root / "summary.txt", table + "\n", "the sweep's table")
+    write_output(sweep.root / "summary.txt", table + "\n", "the sweep's table", True)
     print(table, flush=True)
     waiting = [r.name for r in results if r.status != DONE]
     print(f"{len(results) - len(waiting)} of {len(results)} runs done"
@@ -158,7 +158,7 @@ def _write_figure(sweep: Sweep, summary: dict) -> None:
     except UserError as e:
         print(f"no {FIGURE}: {e}", flush=True)
         return
-    save_figure(fig, sweep.root / FIGURE, "the sweep's figure", dpi=110)
+    save_figure(fig, sweep.root / FIGURE, "the sweep's figure", True, dpi=110)  # each report replaces the last
     print(f"figure: {sweep.root / FIGURE}", flush=True)
 
 

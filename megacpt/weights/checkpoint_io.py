@@ -14,7 +14,7 @@ import argparse
 import os
 import pickle
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ import torch
 from megacpt.checkpoint import manifest, tags
 from megacpt.config import ModelConfig, ParallelConfig, TokenizerConfig
 from megacpt.errors import UserError
-from megacpt.files import replace_durably
+from megacpt.files import check_output, replace_durably
 from megacpt.model import hf_mapping
 from megacpt.model.hf_mapping import gated_mlp
 from megacpt.policy.stages import CheckpointState, ModelSignature, read_state, write_state
@@ -204,11 +204,11 @@ def add_output_arguments(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 @contextmanager
-def staged_output(output: str | Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of `output` to write into; rename it into place only if the block succeeds."""
+def staged_output(output: str | Path, overwrite: bool, inputs: Sequence[str | Path]) -> Iterator[Path]:
+    """Yield a temporary sibling of `output` to write into; rename it into place only if the block succeeds.
+    `output` follows files.check_output: never one of the tool's `inputs` (checkpoints, folders it reads)."""
+    check_output(output, "--output", overwrite, inputs)
     output = Path(output).absolute()
-    if output.exists() and not overwrite:
-        raise UserError(f"output {output} already exists; choose another path or pass --overwrite")
     if output.exists() and not output.is_dir():
         raise UserError(f"output {output} is a file, not a folder")
     try:

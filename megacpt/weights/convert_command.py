@@ -86,7 +86,7 @@ def hf_to_megacpt(hf_dir: Path, output: Path, tp: int, overwrite: bool, device: 
     """Write a weights-only megacpt checkpoint of an HF folder; returns the verified logit difference."""
     model = model_config_from_hf(read_hf_config(hf_dir), hf_dir)
     checkpoint_io.check_tensor_parallel(model, tp)
-    with checkpoint_io.staged_output(output, overwrite) as staging:
+    with checkpoint_io.staged_output(output, overwrite, [hf_dir]) as staging:
         hf = load_hf(hf_dir, FAMILIES[model.family], dtype="auto")
         weights = hf_mapping.hf_to_megatron(hf.state_dict(), model, padded_vocab_size(model.vocab_size, tp))
         tag_dir = checkpoint_io.write(staging, weights, import_state(hf_dir, model, tp), output)
@@ -113,7 +113,7 @@ def megacpt_to_hf(path: Path, output: Path, overwrite: bool, device: torch.devic
                   threshold: float) -> float | None:
     """Write an HF folder of the model's family (padding rows removed, tokenizer copied) from any megacpt
     checkpoint."""
-    with checkpoint_io.staged_output(output, overwrite) as staging:
+    with checkpoint_io.staged_output(output, overwrite, [path]) as staging:
         source = checkpoint_io.load(path)
         model = source.model
         family = FAMILIES[model.family]

@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with checkpoint_io.staged_output(args.output, args.overwrite) as staging:
+    with checkpoint_io.staged_output(args.output, args.overwrite, [args.checkpoint, args.tokenizer]) as staging:
         source = checkpoint_io.load(args.checkpoint)
         old, new, splits, section = new_ids(source, Path(args.tokenizer), args.init == "mean")
         model = source.model.model_copy(update={"vocab_size": max(source.model.vocab_size, new)})

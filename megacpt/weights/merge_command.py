@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_weights(args.checkpoints, args.weights)
-    with checkpoint_io.staged_output(args.output, args.overwrite) as staging:
+    with checkpoint_io.staged_output(args.output, args.overwrite, args.checkpoints) as staging:
         sources = [checkpoint_io.load(path, key=f"--checkpoints[{i}]") for i, path in enumerate(args.checkpoints)]
         check_architectures(sources)
         first = sources[0]

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with checkpoint_io.staged_output(args.output, args.overwrite) as staging:
+    with checkpoint_io.staged_output(args.output, args.overwrite, [args.checkpoint]) as staging:
         source = checkpoint_io.load(args.checkpoint)
         model = source.model
         checkpoint_io.check_tensor_parallel(model, args.tp)
