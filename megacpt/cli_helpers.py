@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,8 +26,8 @@ def non_negative_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    """argparse type: a number > 0 (a memory size, a peak FLOP rate)."""
-    return _checked(float, text, lambda v: v > 0, "must be > 0")
+    """argparse type: a finite number > 0 (a memory size, a peak FLOP rate)."""
+    return _checked(float, text, lambda v: 0 < v < math.inf, "must be a finite number > 0")
 
 
 def unit_fraction(text: str) -> float:

@@ -42,16 +42,20 @@ def replace_durably(temp: str | Path, final: str | Path) -> None:
 
 
 def check_writable_folder(folder: Path, key: str) -> None:
-    """`folder` (the value of config key `key`) is a folder this process can write, or can create: refuse files
-    and read-only places (os.access also sees a read-only file system, where root cannot write either)."""
+    """`folder` (the value of config key `key`, or of a command's option `--key`) is a folder this process can
+    write, or can create: refuse files and read-only places (os.access also sees a read-only file system, where
+    root cannot write either)."""
+    def refuse(message: str) -> UserError:
+        return UserError(f"{key} {message}") if key.startswith("--") else ConfigError(key, message)
+
     if folder.exists() and not folder.is_dir():
-        raise ConfigError(key, f"{folder} is a file, not a folder")
+        raise refuse(f"{folder} is a file, not a folder")
     existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
     if not existing.is_dir():
-        raise ConfigError(key, f"cannot create {folder}: {existing} is a file, not a folder")
+        raise refuse(f"cannot create {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "write to" if existing == folder else f"create {folder} in"
-        raise ConfigError(key, f"cannot {what} {existing}: permission denied")
+        raise refuse(f"cannot {what} {existing}: permission denied")
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:

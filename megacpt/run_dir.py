@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -39,15 +40,34 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
 
 
+class Start:
+    """What `hold` learns from the run it guards: whether it began to train (`began()`)."""
+
+    def __init__(self):
+        self.training = False
+
+    def began(self) -> None:
+        self.training = True
+
+
+def check_files(run_dir: Path) -> None:
+    """The files megacpt writes in RUN_DIR are files (or absent), not folders someone put in their place."""
+    for name in (CONFIG, METRICS, SAMPLES, SPIKE_LEDGER, WANDB_RUN_ID):
+        if (run_dir / name).exists() and not (run_dir / name).is_file():
+            raise UserError(f"{run_dir / name} is a folder, but megacpt writes its {name} file there; move that "
+                            "folder away")
+
+
 @contextmanager
-def hold(run_dir: str | Path, main: bool = True) -> Iterator[None]:
+def hold(run_dir: str | Path, main: bool = True) -> Iterator[Start]:
     """Create RUN_DIR if needed and hold its lock for the block (only where `main`).
 
-    If the block fails and this call created the folder, the folder is removed again when it holds nothing
-    but the lock: a start that fails leaves the disk as it found it.
+    If this call created the folder and the run did not begin to train (a failed start, or a stop signal
+    during startup), the folder is removed again, whatever the start wrote: it leaves the disk as it found it.
     """
+    start = Start()
     if not main:
-        yield
+        yield start
         return
     run_dir = Path(run_dir)
     check_writable_folder(run_dir, "run_dir")
@@ -66,14 +86,10 @@ def hold(run_dir: str | Path, main: bool = True) -> Iterator[None]:
     try:
         write_atomic(run_dir / OWNER, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
-        yield
-    except BaseException:
-        if created and set(os.listdir(run_dir)) <= {LOCK, OWNER}:
-            for name in (LOCK, OWNER):
-                (run_dir / name).unlink(missing_ok=True)
-            run_dir.rmdir()
-        raise
+        yield start
     finally:
+        if created and not start.training:
+            shutil.rmtree(run_dir, ignore_errors=True)
         lock.release()
 
 
@@ -83,6 +99,22 @@ def _owner(run_dir: Path) -> str:
         return f"host {owner['host']}, pid {owner['pid']}, since {owner['since']}"
     except (OSError, ValueError, KeyError, TypeError):
         return f"holder unknown: {run_dir / OWNER} is unreadable"
+
+
+def start_metrics_anew(run_dir: Path) -> Path | None:
+    """A stage that starts (not a resume) in a run dir whose metrics.jsonl holds records of an earlier start
+    (killed before its first checkpoint, or another run's): set that file aside as metrics.jsonl.superseded
+    (-2, -3, ...), so that readers see this stage's steps once. Returns where it went."""
+    path = run_dir / METRICS
+    if not path.is_file() or not path.read_text(encoding="utf-8", errors="replace").strip():
+        return None
+    aside = run_dir / f"{METRICS}.superseded"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = run_dir / f"{METRICS}.superseded-{n}"
+    os.replace(path, aside)
+    return aside
 
 
 def write_config(run_dir: Path, config: dict) -> None:

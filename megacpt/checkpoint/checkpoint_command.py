@@ -51,9 +51,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"{tag_dir.name}: " + ("ok" if not found else "DAMAGED: " + "; ".join(found)))
     for stale in sorted(p for p in root.iterdir() if manifest.is_temporary(p.name)):
         leftovers.append(stale)
-        print(f"{stale.name}: left by a crash during an atomic write (e.g. of `latest`); never read")
+        print(f"{stale.name}: left by a crash during an atomic write (e.g. of `latest`) or a universal "
+              "conversion; never read")
     latest_problem = _latest_problem(root)
-    print(latest_problem or f"latest: {(root / checkpoint_tags.LATEST).read_text().strip()}")
+    if latest_problem or (root / checkpoint_tags.LATEST).is_file():
+        print(latest_problem or f"latest: {checkpoint_tags.read_latest(root)}")
+    else:
+        print("latest: none yet (no save has completed: nothing to resume, nothing lost)")
     if args.clean and leftovers:
         _clean(root, leftovers)
     if damaged or latest_problem:
@@ -65,9 +69,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _latest_problem(root: Path) -> str | None:
     latest = root / checkpoint_tags.LATEST
-    if not latest.is_file():
-        return f"no '{checkpoint_tags.LATEST}' pointer"
-    name = latest.read_text().strip()
+    if not latest.is_file():  # a problem once a save has completed; before that (a crash in the first) nothing is lost
+        complete = any(checkpoint_tags.is_complete(t) for t in checkpoint_tags.list_tags(root))
+        return f"no '{checkpoint_tags.LATEST}' pointer" if complete else None
+    name = checkpoint_tags.read_latest(root)
+    if name is None:
+        return f"'{checkpoint_tags.LATEST}' holds no tag name (damaged)"
     if not checkpoint_tags.is_complete(root / name) or manifest.problems(root / name, checksums=False):
         return f"'{checkpoint_tags.LATEST}' names {name}, which is not a complete tag that verifies"
     return None

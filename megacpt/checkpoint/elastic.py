@@ -123,9 +123,13 @@ def write_universal(tag_dir: Path, saved: Layout | None, vocab_rows: int, folder
         (staging / MARKER).write_text(json.dumps({"from": str(saved or tag_dir), "vocab_rows": vocab_rows}))
         shutil.rmtree(folder, ignore_errors=True)
         replace_durably(staging, folder)
-    except PermissionError as e:
-        raise UserError(f"cannot write the universal form of checkpoint {tag_dir} ({e}); convert it where you can "
-                        "write with `megacpt reshard --checkpoint TAG --tp N --output DIR` and load that") from None
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError of its zip writer
+        if isinstance(e, RuntimeError) and "inline_container" not in str(e):
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "a failed write, e.g. a full disk"
+        raise UserError(f"cannot write the universal form of checkpoint {tag_dir} beside it ({reason}); free space "
+                        "there, or convert it where you can write with `megacpt reshard --checkpoint TAG --tp N "
+                        "--output DIR` and load that") from None
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
 

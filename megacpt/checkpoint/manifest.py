@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import crc32c
@@ -40,8 +41,9 @@ def tag_files(tag_dir: Path) -> list[str]:
 
 
 def is_temporary(name: str) -> bool:
-    """A temporary file of an atomic write (`files.write_atomic`) that a crash left behind."""
-    return name.startswith(".") and ".tmp-" in name
+    """What a crash left in a checkpoints folder: a temporary file of an atomic write (`files.write_atomic`,
+    `.NAME.tmp-PID`) or the staging folder of a universal conversion (elastic.py, `.TAG.universal-PID`)."""
+    return re.fullmatch(r"\..+\.(tmp|universal)-\d+", name) is not None
 
 
 def describe(tag_dir: Path, names: list[str]) -> dict[str, dict]:

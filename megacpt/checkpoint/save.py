@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from megacpt.checkpoint import manifest
-from megacpt.checkpoint.tags import LATEST, is_complete, prune, tag_name
+from megacpt.checkpoint.tags import LATEST, is_complete, prune, read_latest, tag_name
 from megacpt.errors import UserError
 from megacpt.files import write_atomic
 from megacpt.policy.stages import CheckpointState, write_state
@@ -118,7 +118,7 @@ def _removed_on_write_failure(tag_dir: Path) -> Iterator[None]:
         reason = _write_failure_reason(error, root)
         shutil.rmtree(tag_dir, ignore_errors=True)
         latest = root / LATEST
-        kept = (f"`latest` still names {latest.read_text().strip()}" if latest.is_file()
+        kept = (f"`latest` still names {read_latest(root)}" if latest.is_file()
                 else "there is no earlier checkpoint")
         raise UserError(f"cannot write checkpoint {tag_dir}: {reason} in {root}. The partial tag was removed and "
                         f"{kept}; make room or fix the folder, then run the same command again to resume") from None

@@ -52,6 +52,16 @@ def _use_hint(key: str, tag_dir: Path) -> str:
     return f"give {key} {tag_dir}"
 
 
+def read_latest(root: Path) -> str | None:
+    """The tag name RUN/checkpoints/latest holds, or None when it holds something else (binary garbage, text that
+    names no tag): a damaged pointer, never followed."""
+    try:
+        name = (root / LATEST).read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    return name if _TAG.fullmatch(name) else None
+
+
 def resolve_tag(path: str | Path, key: str = "init.checkpoint") -> Path:
     """A checkpoints folder (follow its `latest`) or one tag folder in it -> the tag folder (not yet verified)."""
     path = Path(path)
@@ -59,7 +69,10 @@ def resolve_tag(path: str | Path, key: str = "init.checkpoint") -> Path:
         return path
     latest = path / LATEST
     if latest.is_file():
-        tag = path / latest.read_text().strip()
+        name = read_latest(path)
+        if name is None:
+            raise UserError(f"{key}: {latest} holds no tag name (it is damaged){_newest_complete(path, key)}")
+        tag = path / name
         if is_complete(tag) or (tag / STATE_FILE).is_file():  # the loaders verify it (open_tag)
             return tag
         raise UserError(f"{key}: {latest} names {tag}, which is not a complete checkpoint{_newest_complete(path, key)}")

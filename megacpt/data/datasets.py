@@ -131,6 +131,21 @@ def _check_token_range(bin_path: str, dtype, num_tokens: int, vocab_size: int, k
                             f"{vocab_size}")
 
 
+def check_validation_size(data: DataConfig, eval_samples: int, seq_length: int, option: str) -> None:
+    """Each validation set holds `eval_samples` samples of `seq_length` tokens (`option` asks for that many):
+    megatron would repeat a smaller one, scoring the same tokens over and over."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for i, val in enumerate(data.validation):
+        dataset = IndexedDataset(val.prefix, mmap=True)  # alive while its memory-mapped lengths are read
+        tokens = int(np.sum(dataset.sequence_lengths, dtype=np.int64))
+        held = (tokens - 1) // seq_length
+        if held < eval_samples:
+            raise UserError(f"{option} is {eval_samples}, but validation set data.validation[{i}] ({val.name}) holds "
+                            f"{held} samples of seq_length {seq_length} ({tokens} tokens); megatron would repeat it. "
+                            f"Evaluate at most {held} samples or use a larger held-out file")
+
+
 def check_data(data: DataConfig, vocab_size: int, seq_length: int) -> None:
     """Check every training, replay and validation dataset of the config."""
     for group, sources in (("data.sources", data.sources), ("data.replay.sources", data.replay.sources),

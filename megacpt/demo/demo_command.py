@@ -27,6 +27,7 @@ from megacpt.config import dump_config, load_config, validate_config
 from megacpt.demo.configs import ARMS, FULL, QUICK, DemoPaths, DemoSize, stage0_config, stage0_of, stage1_sweep
 from megacpt.demo.corpora import CORPORA, SPLITS, write_corpora
 from megacpt.errors import UserError
+from megacpt.files import check_writable_folder
 from megacpt.policy.resume import diff
 from megacpt.run_dir import CONFIG
 from megacpt.sweep.execute import Job, is_finished, megacpt_command, run_jobs, stop_on_sigterm, train
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     require_matplotlib("megacpt demo")  # checked now, not after minutes of training
     stop_on_sigterm()  # stop the children cleanly on SIGTERM too, as on Ctrl-C
     size = QUICK if args.quick else FULL
+    check_writable_folder(Path(args.workdir), "--workdir")
     paths = DemoPaths(Path(args.workdir).resolve())
     settings = {"quick": args.quick, "seed": args.seed, "python": sys.version.split()[0], "size": asdict(size),
                 "tokenizer": "keep-whitespace"}

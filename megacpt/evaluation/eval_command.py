@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     config.init = InitConfig(checkpoint=args.checkpoint)  # the weights only, as a new stage loads them
     plan = plan_init(config, key="--checkpoint")
     check_architecture(config, plan.state, plan.tag_dir)
-    check_validation_data(config)
+    check_validation_data(config, args.samples is not None)
     results = evaluate_checkpoint(config, plan)
     if results is not None:
         state = plan.state
@@ -87,13 +87,15 @@ def select_validation(configured: list[ValidationSet], requested: list[str] | No
     return list(chosen.values())
 
 
-def check_validation_data(config: RunConfig) -> None:
+def check_validation_data(config: RunConfig, samples_given: bool) -> None:
     """Every validation dataset exists and fits the vocabulary, before the world starts."""
-    from megacpt.data.datasets import check_indexed_dataset
+    from megacpt.data.datasets import check_indexed_dataset, check_validation_size
 
     for val in config.data.validation:
         check_indexed_dataset(val.prefix, f"validation set '{val.name}'", config.model.vocab_size,
                               config.model.seq_length)
+    if samples_given:  # a number asked for on purpose; the config's default may cover a small set more than once
+        check_validation_size(config.data, config.train.eval_samples, config.model.seq_length, "--samples")
 
 
 def evaluate_checkpoint(config: RunConfig, plan: LoadPlan) -> dict[str, dict] | None:

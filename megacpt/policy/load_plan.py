@@ -63,6 +63,10 @@ def resume_plan(config: RunConfig, tag_dir: Path, state: CheckpointState, own_ru
         raise ConfigError("init.mode", f"'resume' needs a training checkpoint; {tag_dir} holds weights only "
                                        "(imported or merged): use 'new_stage'")
     changes = check_resume(config, state.config, tag_dir, own_run=own_run)
+    if config.train.steps < state.step:
+        raise ConfigError("train.steps", f"is {config.train.steps}, but the checkpoint {tag_dir} being resumed has "
+                          f"trained {state.step} steps of this stage already; a resume may lengthen a stage or end "
+                          f"it at a step not yet trained, not undo steps (train.steps >= {state.step})")
     return LoadPlan(tag_dir=tag_dir, state=state, resume=True, load_optimizer=True, load_scheduler=True,
                     load_data_position=True, changes=changes)
 

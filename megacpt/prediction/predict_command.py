@@ -21,9 +21,9 @@ import numpy as np
 from megacpt.cli_helpers import add_overwrite_argument, new_figure, positive_int, require_matplotlib, save_figure
 from megacpt.errors import UserError
 from megacpt.files import check_output, write_output
-from megacpt.metrics import METRICS
 from megacpt.prediction import losslaw
 from megacpt.prediction.loss_curves import planned_curve, run_curve
+from megacpt.run_dir import METRICS
 
 FIXED_WHY = {"kappa": "fixed: the runs have a single replay fraction"}
 
@@ -136,11 +136,17 @@ def read_fit(path: Path) -> FittedLaw:
     law = raw.get("law") if isinstance(raw, dict) else None
     if law not in losslaw.LAWS:
         raise UserError(f"--constants {path}: 'law' must be one of {', '.join(sorted(losslaw.LAWS))}, got {law!r}")
-    constants = raw.get("constants")
-    missing = [n for n in losslaw.LAWS[law].params if not isinstance((constants or {}).get(n), (int, float))]
+    constants = raw.get("constants") if isinstance(raw.get("constants"), dict) else {}
+    missing = [n for n in losslaw.LAWS[law].params if not isinstance(constants.get(n), (int, float))]
     if missing or not isinstance(raw.get("val"), str):
         what = f"constants {', '.join(missing)}" if missing else "'val'"
         raise UserError(f"--constants {path} lacks {what}; write it with megacpt predict --fit ... --output")
+    number = (int, float, type(None))
+    kinds = {"fixed": list, "runs": list, "points": int, "r2": number, "mae": number}
+    wrong = [key for key, kind in kinds.items() if key in raw and not isinstance(raw[key], kind)]
+    if wrong:
+        raise UserError(f"--constants {path}: {wrong[0]} is {json.dumps(raw[wrong[0]])}, not what megacpt predict "
+                        "--fit --output writes; write it again that way")
     return FittedLaw(law, raw["val"], {n: float(constants[n]) for n in losslaw.LAWS[law].params},
                      list(raw.get("fixed", [])), raw.get("r2"), raw.get("mae"), int(raw.get("points", 0)),
                      list(raw.get("runs", [])))

@@ -9,6 +9,7 @@ from pathlib import Path
 from megacpt.cli_helpers import add_set_argument, non_negative_int, positive_int
 from megacpt.config import TrainConfig, apply_override, read_config_file
 from megacpt.errors import UserError
+from megacpt.files import check_writable_folder
 from megacpt.sweep import execute, grid, slurm
 
 
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.base or not args.workdir:
         raise UserError("give BASE.json and --workdir DIR (or --report DIR for the report of an existing sweep)")
+    check_writable_folder(Path(args.workdir), "--workdir")
     sweep = build_sweep(args)
     grid.write_sweep(sweep)
     print(f"sweep of {len(sweep.runs)} runs in {sweep.root}: configs in {sweep.root / 'configs'}", flush=True)

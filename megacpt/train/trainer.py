@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -47,6 +47,7 @@ def preflight(config: RunConfig, world_size: int, checksums: bool = True) -> Loa
     check_vocabulary(config.tokenizer, config.model.vocab_size)
     check_data(config.data, config.model.vocab_size, config.model.seq_length)
     check_writable_folder(Path(config.run_dir), "run_dir")
+    run_dir_files.check_files(Path(config.run_dir))
     check_writable_folder(config.data_cache_dir, "data.cache_dir")
     if config.logging.wandb is not None:
         from megacpt.train.wandb_sink import check_available
@@ -89,19 +90,24 @@ def train(config: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> bool:
 
     signals = StopSignal()  # first: a stop may arrive during the minutes the setup below can take
     main = os.environ.get("RANK", "0") == "0"  # before the world exists: the launcher's rank, else a world of one
-    with run_dir_files.hold(config.run_dir, main):
+    with run_dir_files.hold(config.run_dir, main) as start:  # a start that trains no step leaves no run dir
         # the main process checksums the tag, the others check sizes
         plan = preflight(config, launcher_world_size(), checksums=main)
         world = setup_world(config.parallel.tensor, config.train.seed)
         if world.is_main:
             prepare_run_dir(Path(config.run_dir), config, plan)
-        return run_stage(config, world, plan, signals, extra_callbacks)
+        return run_stage(config, world, plan, signals, extra_callbacks, start.began)
 
 
 def prepare_run_dir(run_dir: Path, config: RunConfig, plan: LoadPlan | None) -> None:
     """Once the start has passed its checks: the resolved config, and on a resume the run dir rolled back to
     the checkpoint (newer tags set aside, metrics of steps after it dropped)."""
     run_dir_files.write_config(run_dir, dump_config(config))
+    if plan is None or not plan.resume:
+        aside = run_dir_files.start_metrics_anew(run_dir)
+        if aside:
+            print(f"{run_dir / run_dir_files.METRICS} held records of an earlier start without a checkpoint; "
+                  f"moved it to {aside}, this stage starts the file anew", file=sys.stderr)
     if plan is None or not plan.resume or plan.tag_dir.parent != checkpoint_dir(run_dir):
         return
     for moved in set_aside_newer(plan.tag_dir):
@@ -113,9 +119,10 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, plan: LoadPlan | None) -> 
 
 
 def run_stage(config: RunConfig, world, plan: LoadPlan | None, signals: StopSignal,
-              extra_callbacks: Sequence[Callback] = ()) -> bool:
+              extra_callbacks: Sequence[Callback] = (), began: Callable[[], None] = lambda: None) -> bool:
     """Build the engine, the data and the callbacks, restore the checkpoint, and train the stage; False when a
-    stop came before its first step."""
+    stop came before its first step. `began()` is called when the first step starts (run_dir.hold undoes a
+    start that never got there)."""
     from megacpt.checkpoint.elastic import Layout
     from megacpt.checkpoint.load import follow_layout, restore
     from megacpt.runtime.deepspeed_config import zero_stage
@@ -162,6 +169,7 @@ def run_stage(config: RunConfig, world, plan: LoadPlan | None, signals: StopSign
             metrics.write({"step": 0, "event": "stage_start", "stage": stage.index, "stage_name": stage.name,
                            "init": str(plan.tag_dir) if plan else None,
                            **long_document_shares(config, stream, begin)})
+        began()
         loop.run()
         return True
     finally:
