@@ -106,7 +106,9 @@ def test_the_write_overlaps_the_next_step(tmp_path, pattern_data, synchronous):
     for step in (4, 8):
         write = writes[f"step{step:08d}"]
         assert write["pid"] != loop["pid"]  # DeepSpeed's writer process
-        assert write["start"] < loop["begun"][str(step + 1)] < write["end"] - WRITE_SECONDS / 2
+        # the next step began while the write still had at least half its time to go (the writer process may
+        # pick the work up a moment after the step began: only the overlap is the claim)
+        assert loop["begun"][str(step + 1)] < write["end"] - WRITE_SECONDS / 2
     assert _losses(tmp_path / "run") == _losses(synchronous)
 
 
