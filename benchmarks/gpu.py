@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -276,7 +277,7 @@ def measure(args, workdir: Path) -> dict:
     peak, peak_source = peak_flops(device_name, lambda: measured_matmul(device))
     report = {"device": device_name, "size": args.size, "torch": torch.__version__, "peak_flops": peak,
               "peak_source": peak_source, "models": {}}
-    for name in MODELS[args.size]:
+    for name in args.models or MODELS[args.size]:
         data = write_data(workdir, args.size, name)
         rows = {}
         for arm in ARMS:
@@ -292,6 +293,7 @@ def measure(args, workdir: Path) -> dict:
             rate = timed_tokens_per_s(out["step_s"], tokens_per_step, WARMUP[args.size],
                                       {s for s in range(1, run.train.steps + 1) if s % interval == 0})
             waits = save_waits(Path(config["run_dir"]))
+            shutil.rmtree(Path(config["run_dir"]) / "checkpoints")  # a 1B model's tag is ~17 GB: one at a time
             rows[arm] = {"tokens_per_s": rate, "mfu": rate * flops / peak, "flops_per_token": flops,
                          "zero_stage": ARMS[arm][1], "peak_memory_bytes": out["peak_memory_bytes"],
                          "plan_bytes": plan_bytes(config, device), "save_wait_s": waits[:-1],
@@ -340,6 +342,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--size", choices=sorted(MODELS), default="full")
     parser.add_argument("--out", default="gpu_benchmark", help="folder for gpu_benchmark.json and .md")
+    parser.add_argument("--models", nargs="+", help="some of the size's models (default: all): "
+                        + "; ".join(f"{size}: {' '.join(models)}" for size, models in MODELS.items()))
     parser.add_argument("--workdir", help="run dirs and data; default: a temporary folder, removed afterwards")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -350,6 +354,9 @@ def main() -> None:
         return
     import torch
 
+    unknown = set(args.models or ()) - set(MODELS[args.size])
+    if unknown:
+        raise SystemExit(f"--models: {', '.join(sorted(unknown))} not among {', '.join(MODELS[args.size])}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --device cpu --size tiny for the CPU check")
     start = time.perf_counter()
