@@ -35,7 +35,7 @@ from launch import assert_ok, clean_env, free_port, signal_mask, wait_for_step
 pytestmark = [pytest.mark.launcher, pytest.mark.slurm, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 30  # tiny steps: room for two stops, each a step or two after its signal, before the end
+STEPS = 60  # tiny steps (tens a second): room for two stops, each some steps after its signal, before the end
 DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "scancel", "scontrol", "squeue")
 
 SLURM_CONF = """\
