@@ -11,6 +11,7 @@ from megacpt.cli import main
 from megacpt.config import ScheduleConfig
 from megacpt.prediction.loss_curves import run_curve
 from megacpt.prediction.losslaw import LrLossCurve, annealing_area, area, effective_lrs, fit, predict
+from megacpt.run_dir import checkpoint_dir
 from megacpt.schedule import lr_at
 
 from datagen import trained_stage, write_state
@@ -210,7 +211,7 @@ def pretrain_run(tmp_path: Path, steps: int = 300) -> Path:
     write_run(run_dir, lrs, {int(s): {"val": float(v), "other": 9.0} for s, v in zip(eval_steps, losses)})
     raw = run_config(run_dir, COSINE, steps, "old")
     (run_dir / "config.json").write_text(json.dumps(raw))
-    write_state(checkpoint.checkpoint_dir(run_dir) / checkpoint.tag_name(steps), steps, steps * 256,
+    write_state(checkpoint_dir(run_dir) / checkpoint.tag_name(steps), steps, steps * 256,
                 [trained_stage(0, run_dir, steps, schedule=COSINE, data=raw["data"])])
     return run_dir
 
@@ -230,7 +231,7 @@ def test_predict_writes_each_planned_stage_and_its_final_loss(tmp_path, capsys):
     run_dir = pretrain_run(tmp_path)
     fit_file = tmp_path / "fit.json"
     assert main(["predict", "--fit", str(run_dir), "--val", "val", "--output", str(fit_file)]) == 0
-    tag = str(checkpoint.checkpoint_dir(run_dir))
+    tag = str(checkpoint_dir(run_dir))
     configs = []
     for name, schedule in (("cos", COSINE), ("wsd", {**COSINE, "style": "wsd"})):
         path = tmp_path / f"{name}.json"
@@ -252,7 +253,7 @@ def test_predict_writes_each_planned_stage_and_its_final_loss(tmp_path, capsys):
 
 def test_a_new_stage_continues_the_lr_history_of_the_run_it_started_from(tmp_path):
     pretrain = pretrain_run(tmp_path)
-    tag = checkpoint.checkpoint_dir(pretrain) / checkpoint.tag_name(300)
+    tag = checkpoint_dir(pretrain) / checkpoint.tag_name(300)
     stage = tmp_path / "stage1"
     lrs = schedule_lrs("cosine", 100, max_lr=5e-4)
     write_run(stage, lrs, {50: {"val": 2.5}, 100: {"val": 2.4}}, stage=1, init=str(tag), log_interval=10)
