@@ -13,6 +13,7 @@ import torch
 
 from megacpt.checkpoint import manifest
 from megacpt.cli import main
+from megacpt.errors import UserError
 from megacpt.policy.stages import STATE_FILE, read_state
 from megacpt.run_dir import LOCK, OWNER
 from megacpt.train.stop_signals import STOPPED_BEFORE_TRAINING
@@ -294,7 +295,6 @@ def test_keep_last_removes_older_tags_after_the_new_one_is_complete(tmp_path, pa
 
 @pytest.mark.parametrize("change, words", [
     ({"model": {"preset": "tiny", "hidden_size": 128}}, ["hidden_size: checkpoint 64 vs config 128"]),
-    ({"parallel": {"tensor": 2}}, ["tensor_parallel: checkpoint 1 vs config 2", "reshard"]),
 ])
 def test_loading_a_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, pattern_data, stage0, capsys, change,
                                                                        words):
@@ -304,6 +304,21 @@ def test_loading_a_checkpoint_of_another_architecture_is_a_clear_error(tmp_path,
     assert str(stage0) in err and "Traceback" not in err
     for word in words:
         assert word in err
+
+
+def test_another_tensor_parallel_degree_without_optimizer_state_points_to_reshard(tmp_path, pattern_data, stage0):
+    """A world of one refuses tensor parallel 2 before any checkpoint is read (preflight's world check), so the
+    architecture check is called as a run of two ranks would reach it."""
+    from megacpt.config import validate_config
+    from megacpt.policy.load_plan import check_architecture
+    from megacpt.policy.stages import read_state
+
+    config = validate_config(_config(tmp_path, "stage1", pattern_data, init={"checkpoint": str(stage0)},
+                                     parallel={"tensor": 2}))
+    tag = stage0 / (stage0 / "latest").read_text().strip()
+    with pytest.raises(UserError) as error:
+        check_architecture(config, read_state(tag), tag)
+    assert "tensor_parallel: checkpoint 1 vs config 2" in str(error.value) and "reshard" in str(error.value)
 
 
 def test_load_optimizer_from_weights_without_optimizer_state_is_refused(tmp_path, pattern_data, stage0, capsys):
