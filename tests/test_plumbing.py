@@ -44,7 +44,7 @@ def test_a_staged_folder_is_renamed_into_place_with_its_files(tmp_path):
 
 def test_an_output_that_cannot_be_written_is_a_user_error_naming_the_option_and_path(tmp_path):
     with pytest.raises(UserError, match=f"cannot write --csv {tmp_path}/missing/lr.csv"):
-        files.write_output(tmp_path / "missing" / "lr.csv", "step,lr\n", "--csv")
+        files.write_output(tmp_path / "missing" / "lr.csv", "step,lr\n", "--csv", overwrite=False)
 
 
 @pytest.mark.parametrize("parse, text, message", [
