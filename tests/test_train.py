@@ -80,7 +80,7 @@ def test_missing_dataset_prefix_names_the_file(tmp_path, capsys, pattern_data):
 
 @pytest.mark.parametrize("model, parallel, words", [
     ({"preset": "tiny", "hidden_size": 66}, {}, ["hidden_size 66", "num_attention_heads 4"]),
-    ({"preset": "tiny", "num_attention_heads": 3, "hidden_size": 63}, {"tensor": 2},
+    ({"preset": "tiny", "num_attention_heads": 3, "hidden_size": 96}, {"tensor": 2},
      ["num_attention_heads 3", "parallel.tensor 2"]),
 ])
 def test_dimensions_that_do_not_divide(tmp_path, capsys, pattern_data, model, parallel, words):
