@@ -14,7 +14,6 @@ from megatron.core import parallel_state
 
 from megacpt.errors import ConfigError
 from megacpt.model import cpu_fallback
-from megacpt.runtime.launcher_env import free_port
 
 
 @dataclass(frozen=True)
@@ -59,16 +58,26 @@ class MegatronMPU:
     get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
 
 
+def _world_of_one(backend: str) -> None:
+    """Start a one-process group on a port the store itself binds (port 0: the OS picks one at bind time).
+
+    Picking a free port first and binding it later loses a race with any other process on a busy machine.
+    """
+    store = torch.distributed.TCPStore("127.0.0.1", 0, 1, is_master=True)
+    os.environ["MASTER_PORT"] = str(store.port)  # DeepSpeed wants the variable set even though the group exists
+    torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1)
+
+
 def setup_world(tensor_parallel: int, seed: int) -> World:
     """Join (or create) the process group, build megatron's TP/DP groups and seed every generator.
 
-    A plain `megatron train` has no launcher environment, so it becomes a world of one on a free port.
+    A plain `megacpt train` has no launcher environment, so it becomes a world of one (see `_world_of_one`).
     """
     import deepspeed
 
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+    alone = "RANK" not in os.environ
+    if alone:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     # the node count and index that DeepSpeed's launcher sets and its checkpoint writers read (srun sets neither)
     os.environ.setdefault("CROSS_SIZE", os.environ.get("SLURM_NNODES", "1"))
     os.environ.setdefault("CROSS_RANK", os.environ.get("SLURM_NODEID", "0"))
@@ -84,6 +93,8 @@ def setup_world(tensor_parallel: int, seed: int) -> World:
         cpu_fallback.install_if_needed()
         share_cores()
         device = torch.device("cpu")
+    if alone and not torch.distributed.is_initialized():
+        _world_of_one("nccl" if on_gpu else "gloo")
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
     if not parallel_state.model_parallel_is_initialized():
