@@ -4,7 +4,8 @@ Plain dicts in the schema of megacpt/config.py, written to DIR/configs/ so that 
 `megacpt train`. Every arm has the same steps and batch (the same compute); they differ only in the schedule
 and in replay, which is compute-equivalent (it takes a share of each batch, not extra steps). Every arm starts
 from the cosine stage 0 except `infinite`, which has its own stage 0 (the same steps and data) with an
-infinite schedule held at its constant LR, and continues it without a re-warm.
+infinite schedule held at its constant LR, and continues it without a re-warm. The model is GPT-NeoX by
+default, or with `arch` "llama" a Llama-style model of the same depth, width and parameter count (ARCHS).
 """
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ REPLAY_FRACTION = 0.25  # Ibrahim et al.'s choice for a strong shift (Pile -> Ge
 # replay_schedule: 50% of each batch at the start of stage 1, falling linearly to 10% at its end (a mixture
 # schedule, docs/DATA.md): more replay while the re-warmed LR is high and forgetting fastest, less later.
 REPLAY_SCHEDULE = [[0, 0.5], [1.0, 0.1]]
+# The model fields each --arch adds to the size's depth and width. llama: RMSNorm, SwiGLU, no biases, full RoPE,
+# grouped-query attention with 2 key/value groups of 3 heads; grouped-query attention saves 37% of the attention
+# weights, which the MLP takes back: SwiGLU's three matrices of 600 give 2,563,776 parameters against NeoX's
+# 2,566,272 at the full size (Shazeer 2020's rule of a gated MLP with the parameters of the plain one).
+ARCHS = {"neox": {}, "llama": {"family": "llama", "num_query_groups": 2, "ffn_hidden_size": 600}}
 
 
 @dataclass(frozen=True)
@@ -97,10 +103,11 @@ def stage0_of(arm: str) -> str:
     return STAGE0_INFINITE if arm == "infinite" else STAGE0
 
 
-def stage1_sweep(paths: DemoPaths, size: DemoSize, seed: int, arms: tuple[str, ...] = ARMS) -> Sweep:
+def stage1_sweep(paths: DemoPaths, size: DemoSize, seed: int, arms: tuple[str, ...] = ARMS,
+                 arch: str = "neox") -> Sweep:
     """The arms as a sweep over one axis, "arm": DIR/configs/stage1_ARM.json, DIR/runs/stage1_ARM, and the
     sweep's manifest and report, so `megacpt sweep --report DIR` reads a demo's work directory too."""
-    runs = tuple(SweepRun(stage1_run(arm), {"arm": arm}, {"arm": arm}, stage1_config(paths, size, seed, arm))
+    runs = tuple(SweepRun(stage1_run(arm), {"arm": arm}, {"arm": arm}, stage1_config(paths, size, seed, arm, arch))
                  for arm in arms)
     return Sweep(paths.root, (Axis("arm", arms),), runs)
 
@@ -109,11 +116,11 @@ def _interval(steps: int, count: int) -> int:
     return max(steps // count, 1)
 
 
-def _base(paths: DemoPaths, size: DemoSize, run: str, steps: int, seed: int) -> dict:
+def _base(paths: DemoPaths, size: DemoSize, run: str, steps: int, seed: int, arch: str) -> dict:
     """What every run shares: model, tokenizer, validation on both corpora, loop settings."""
     return {
         "run_dir": str(paths.run_dir(run)),
-        "model": {"num_layers": size.num_layers, "hidden_size": size.hidden_size,
+        "model": {**ARCHS[arch], "num_layers": size.num_layers, "hidden_size": size.hidden_size,
                   "num_attention_heads": size.num_attention_heads, "seq_length": size.seq_length,
                   "vocab_size": size.vocab_size},
         "tokenizer": {"type": "sentencepiece", "model": f"{paths.tokenizer_prefix}.model"},
@@ -144,18 +151,18 @@ def _infinite(size: DemoSize) -> dict:
             "cooldown_end": size.infinite_cooldown_end, "constant_end": 1.0}
 
 
-def stage0_config(paths: DemoPaths, size: DemoSize, seed: int, name: str = STAGE0) -> dict:
+def stage0_config(paths: DemoPaths, size: DemoSize, seed: int, name: str = STAGE0, arch: str = "neox") -> dict:
     """Pretraining on prose from random weights: warmup, then cosine to 10% of the peak; or, for the infinite
     arm's stage 0, the infinite schedule held at its constant LR."""
-    config = _base(paths, size, name, size.stage0_steps, seed)
+    config = _base(paths, size, name, size.stage0_steps, seed, arch)
     config["data"]["sources"] = [_source(paths, "prose")]
     config["schedule"] = _infinite(size) if name == STAGE0_INFINITE else _cosine(size)
     return config
 
 
-def stage1_config(paths: DemoPaths, size: DemoSize, seed: int, arm: str) -> dict:
+def stage1_config(paths: DemoPaths, size: DemoSize, seed: int, arm: str, arch: str = "neox") -> dict:
     """One arm of stage 1 on code, from its stage 0's final weights as a new stage, optimizer state dropped."""
-    config = _base(paths, size, stage1_run(arm), size.stage1_steps, seed)
+    config = _base(paths, size, stage1_run(arm), size.stage1_steps, seed, arch)
     config["data"]["sources"] = [_source(paths, "code")]
     if arm in ("rewarm_replay", "replay_schedule"):
         fraction = REPLAY_FRACTION if arm == "rewarm_replay" else REPLAY_SCHEDULE

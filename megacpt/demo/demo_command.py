@@ -24,7 +24,7 @@ from typing import Callable
 
 from megacpt.cli_helpers import require_matplotlib
 from megacpt.config import dump_config, load_config, validate_config
-from megacpt.demo.configs import ARMS, FULL, QUICK, DemoPaths, DemoSize, stage0_config, stage0_of, stage1_sweep
+from megacpt.demo.configs import ARCHS, ARMS, FULL, QUICK, DemoPaths, DemoSize, stage0_config, stage0_of, stage1_sweep
 from megacpt.demo.corpora import CORPORA, SPLITS, write_corpora
 from megacpt.errors import UserError
 from megacpt.files import check_writable_folder
@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a smaller demo (about 3 minutes on 2 cores) for a first look and the tests")
     parser.add_argument("--seed", type=int, default=1234, help="train.seed and data.seed of every run (default: 1234)")
+    parser.add_argument("--arch", choices=tuple(ARCHS), default="neox",
+                        help="the model: neox (GPT-NeoX, the default) or llama (RMSNorm, SwiGLU, grouped-query "
+                             "attention; the same depth, width and parameter count)")
     parser.add_argument("--arms", type=parse_arms, default=ARMS, metavar="ARM,...",
                         help=f"the stage-1 arms to train and report, comma-separated (default: all: {','.join(ARMS)})")
 
@@ -61,10 +64,11 @@ def run(args: argparse.Namespace) -> int:
     check_writable_folder(Path(args.workdir), "--workdir")
     paths = DemoPaths(Path(args.workdir).resolve())
     settings = {"quick": args.quick, "seed": args.seed, "python": sys.version.split()[0], "size": asdict(size),
-                "tokenizer": "keep-whitespace"}
+                "tokenizer": "keep-whitespace", "arch": args.arch}
     pin_settings(paths, settings)
-    arms = stage1_sweep(paths, size, args.seed, args.arms)
-    runs = {name: stage0_config(paths, size, args.seed, name) for name in dict.fromkeys(map(stage0_of, args.arms))}
+    arms = stage1_sweep(paths, size, args.seed, args.arms, args.arch)
+    runs = {name: stage0_config(paths, size, args.seed, name, args.arch)
+            for name in dict.fromkeys(map(stage0_of, args.arms))}
     runs.update({run.name: run.config for run in arms.runs})
     check_reuse(paths, runs)  # before anything is written or trained
     start = time.monotonic()
@@ -109,7 +113,7 @@ def pin_settings(paths: DemoPaths, settings: dict) -> None:
     """Record the demo's settings in DIR/demo.json, or refuse a work directory made with other settings."""
     pinned = paths.root / "demo.json"
     if pinned.is_file():
-        previous = json.loads(pinned.read_text())
+        previous = {"arch": "neox", **json.loads(pinned.read_text())}  # demo.json before --arch: GPT-NeoX
         if previous != settings:
             changed = ", ".join(k for k in settings if previous.get(k) != settings[k])
             raise UserError(f"--workdir {paths.root} holds a demo made with other settings ({changed} differ, see "
