@@ -160,6 +160,21 @@ def test_activations_follow_korthikanti_without_the_attention_matrix():
     assert activation_bytes(model, vocab, tp, b, recompute=True) == layers * 2 * s * b * h + layer + output
 
 
+def test_activations_of_a_swiglu_gqa_layer_count_the_gated_mlp_and_the_smaller_key_value_heads():
+    """Llama 3.1 8B at s 8192, micro batch 1, TP 8 (h 4096, 32 heads in 8 key/value groups, F 14336, L 32,
+    V 128,256 padded to 129,024), by hand, in bytes per token:
+      attention, split by TP: q 2h + k, v 2 x 2h x 8/32 + attention output 2h = 5h = 20,480
+      SwiGLU, split by TP: gate, up, silu(gate), their product: 4 x 2F = 114,688
+      (GELU's formula gives 24h = 98,304 for the split part, 27% below these 135,168)
+      one layer: 10h + 135,168 / 8 = 40,960 + 16,896 = 57,856, x 8192 tokens = 473,956,352
+      output: 4h + 6 x 129,024 / 8 = 16,384 + 96,768 = 113,152, x 8192 = 926,941,184
+      no recompute: 32 x 473,956,352 + 926,941,184 = 16,093,544,448
+      full recompute: 32 x 2 x 8192 x 4096 + 473,956,352 + 926,941,184 = 3,548,381,184"""
+    model = ModelConfig(preset="llama-3.1-8b", seq_length=8192)
+    assert activation_bytes(model, 129_024, 8, 1, recompute=False) == 16_093_544_448
+    assert activation_bytes(model, 129_024, 8, 1, recompute=True) == 3_548_381_184
+
+
 def test_10b_plan_fits_on_8_nodes_of_8_gpus_with_80_gb(tmp_path, capsys):
     out = tmp_path / "plan.json"
     assert main(["plan", TEN_B, "--nodes", "8", "--gpus-per-node", "8", "--gpu-memory-gb", "80",

@@ -12,6 +12,7 @@ from typing import Iterator
 
 from megacpt.config import ModelConfig, RunConfig, batch_arithmetic, padded_vocab_size
 from megacpt.errors import ConfigError, UserError
+from megacpt.model.families import FAMILIES
 from megacpt.model.size import parameter_count, parameters_per_rank
 
 GB = 1e9
@@ -125,16 +126,32 @@ def zero_stage(ds: dict) -> int:
 def activation_bytes(model: ModelConfig, padded_vocab: int, tensor: int, micro_batch: int, recompute: bool) -> float:
     """Activation memory of one micro-batch at its peak (Korthikanti et al. 2022, no sequence parallelism).
 
-    A layer keeps s*b*h*(10 + 24/t) bytes: SDPA's flash/memory-efficient kernels store no s x s attention
-    matrix and NeoX uses no dropout, so the paper's 5*a*s/h term is absent. With full recompute a layer keeps
-    only its bf16 input (2*s*b*h) and one layer at a time is recomputed. The output layer adds the final
-    LayerNorm's input and output (4*s*b*h) and bf16 logits with their fp32 softmax (6*s*b*V/t).
+    A layer keeps s*b*h*10 bytes on every tensor-parallel rank (the two norms' inputs, the inputs of the QKV
+    and first MLP matmuls, two dropout masks) and `layer_split_bytes` divided over them. SDPA's
+    flash/memory-efficient kernels store no s x s attention matrix, so the paper's 5*a*s/h term is absent.
+    With full recompute a layer keeps only its bf16 input (2*s*b*h) and one layer at a time is recomputed. The
+    output layer adds the final norm's input and output (4*s*b*h) and bf16 logits with their fp32 softmax
+    (6*s*b*V/t).
     """
     s, b, h, t = model.seq_length, micro_batch, model.hidden_size, tensor
-    layer = s * b * h * (10 + 24 / t)
+    layer = s * b * (10 * h + layer_split_bytes(model) / t)
     output = s * b * (4 * h + 6 * padded_vocab / t)
     stored = model.num_layers * 2 * s * b * h + layer if recompute else model.num_layers * layer
     return stored + output
+
+
+def layer_split_bytes(model: ModelConfig) -> float:
+    """Bytes per token of one layer's activations that tensor parallelism divides, in bf16.
+
+    Attention keeps the query (h), key and value (h*g/a each with g key/value groups of a heads) and the
+    attention output (h): 2*(2h + 2h*g/a). The MLP of inner size F keeps, for GELU, its input and output
+    (2*2F); for SwiGLU, down(silu(gate x) * up x), the gate and up halves of fc1's output, silu's output and
+    the product (2*4F). GPT-NeoX (g = a, F = 4h): 8h + 16h = 24h, Korthikanti et al.'s 24.
+    """
+    h, f = model.hidden_size, model.ffn_hidden_size
+    attention = 2 * (2 * h + 2 * h * model.num_query_groups / model.num_attention_heads)
+    mlp = 2 * (4 if FAMILIES[model.family].gated_mlp else 2) * f
+    return attention + mlp
 
 
 def memory_per_gpu(model: ModelConfig, layout: Layout, precision: Precision) -> dict[str, float]:
