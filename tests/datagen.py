@@ -58,6 +58,28 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def per_step(run_dir: str | Path) -> dict[int, dict]:
+    """The training record of each step; a resume drops the records of the steps after its checkpoint, so a
+    step logged twice is an error."""
+    records = [r for r in read_metrics(run_dir) if "loss" in r and "event" not in r]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
+    return {r["step"]: r for r in records}
+
+
+def rewind_to(run_dir: Path, step: int) -> None:
+    """Leave the checkpoint of `step` in charge, as if the run had been stopped right after saving it; the
+    metrics go too, so that only what the resumed run logs is compared."""
+    import shutil
+
+    (run_dir / "metrics.jsonl").unlink()
+    root = run_dir / "checkpoints"
+    for tag in root.glob("step*"):
+        if tag.name != f"step{step:08d}":
+            shutil.rmtree(tag)
+    (root / "latest").write_text(f"step{step:08d}")
+
+
 def samples_trained(run_dir: str | Path) -> dict[str, int]:
     """Samples per source after the last training step (event records, a checkpoint's for one, follow it)."""
     return [r for r in read_metrics(run_dir) if "loss" in r and "event" not in r][-1]["samples"]

@@ -36,6 +36,26 @@ def deepspeed_launch(num_procs: int, target: list[str], module: bool = True, tim
     return result
 
 
+def start_process(cmd: list[str]) -> subprocess.Popen:
+    """CMD in a clean environment and a session of its own (so `os.killpg` reaches every process it starts)."""
+    return subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def kill_9_after(run_dir: Path, step: int, cmd: list[str]) -> int:
+    """Start CMD (a training run of RUN_DIR), SIGKILL its whole session once a training record reaches `step`;
+    the newest step it had logged."""
+    import os
+    import signal
+
+    proc = start_process(cmd)
+    try:
+        return wait_for_step(run_dir, step, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def assert_ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, (f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n"
                                     f"--- stderr\n{result.stderr[-6000:]}")
@@ -57,7 +77,6 @@ def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: 
             return steps[-1]
         time.sleep(0.02)
     raise TimeoutError(f"no training record for step {step} in {run_dir} after {timeout} s")
-
 
 
 def signal_mask(pid: int, field: str) -> int:

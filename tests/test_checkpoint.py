@@ -3,7 +3,6 @@ drop Adam's moments, atomic saves, architecture checks, non-finite steps."""
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,8 +17,17 @@ from megacpt.policy.stages import STATE_FILE, read_state
 from megacpt.run_dir import LOCK, OWNER
 from megacpt.train.stop_signals import STOPPED_BEFORE_TRAINING
 
-from datagen import optimizer_file_state, read_metrics, tiny_config, write_config
-from launch import assert_ok, clean_env, deepspeed_launch, free_port, run_megacpt, start_held, wait_for_step
+from datagen import optimizer_file_state, per_step, read_metrics, tiny_config, write_config
+from launch import (
+    assert_ok,
+    deepspeed_launch,
+    free_port,
+    kill_9_after,
+    run_megacpt,
+    start_held,
+    start_process,
+    wait_for_step,
+)
 
 BETA1, BETA2 = 0.9, 0.95
 
@@ -33,36 +41,19 @@ def _config(tmp_path, name, pattern_data, **sections) -> dict:
                                          {"name": "noise", "prefix": pattern_data["noise"]}], **sections)
 
 
-def _per_step(run_dir) -> dict[int, dict]:
-    """The training record of each step; a resume drops the records of the steps after its checkpoint, so a
-    step logged twice is an error."""
-    records = [r for r in read_metrics(run_dir) if "loss" in r]
-    steps = [r["step"] for r in records]
-    assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
-    return {r["step"]: r for r in records}
-
-
-def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(args, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, pattern_data):
     tmp_path = tmp_path_factory.mktemp("straight")
     assert_ok(run_megacpt(["train", write_config(tmp_path / "c.json", _config(tmp_path, "run", pattern_data))]))
-    return _per_step(tmp_path / "run")
+    return per_step(tmp_path / "run")
 
 
 def test_kill_9_then_rerun_is_bit_exact(tmp_path, pattern_data, uninterrupted):
     cfg = write_config(tmp_path / "c.json", _config(tmp_path, "run", pattern_data))
-    proc = _start([sys.executable, "-m", "megacpt", "train", cfg])
-    killed_at = wait_for_step(tmp_path / "run", 13, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    killed_at = kill_9_after(tmp_path / "run", 13, [sys.executable, "-m", "megacpt", "train", cfg])
     assert killed_at < 40
     assert_ok(run_megacpt(["train", cfg]))
-    resumed = _per_step(tmp_path / "run")
+    resumed = per_step(tmp_path / "run")
     assert sorted(resumed) == list(range(1, 41))
     for step in range(1, 41):
         assert resumed[step]["loss"] == uninterrupted[step]["loss"], step
@@ -77,35 +68,32 @@ def test_kill_9_then_rerun_is_bit_exact_for_a_llama_style_model(tmp_path, patter
     assert_ok(run_megacpt(["train", write_config(tmp_path / "straight.json", straight)]))
     cfg = write_config(tmp_path / "c.json", _config(tmp_path, "run", pattern_data, model=model,
                                                     train={"steps": 20, "save_interval": 5}))
-    proc = _start([sys.executable, "-m", "megacpt", "train", cfg])
-    killed_at = wait_for_step(tmp_path / "run", 8, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    killed_at = kill_9_after(tmp_path / "run", 8, [sys.executable, "-m", "megacpt", "train", cfg])
     assert killed_at < 20
     assert_ok(run_megacpt(["train", cfg]))
-    resumed, expected = _per_step(tmp_path / "run"), _per_step(tmp_path / "straight")
+    resumed, expected = per_step(tmp_path / "run"), per_step(tmp_path / "straight")
     assert sorted(resumed) == list(range(1, 21))
     assert [resumed[s]["loss"] for s in range(1, 21)] == [expected[s]["loss"] for s in range(1, 21)]
 
 
 def test_sigterm_saves_the_current_step_and_exits_0_then_the_rerun_continues(tmp_path, pattern_data, uninterrupted):
     cfg = write_config(tmp_path / "c.json", _config(tmp_path, "run", pattern_data, train={"save_interval": 0}))
-    proc = _start([sys.executable, "-m", "megacpt", "train", cfg])
+    proc = start_process([sys.executable, "-m", "megacpt", "train", cfg])
     wait_for_step(tmp_path / "run", 5, proc)
     os.kill(proc.pid, signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, output[-3000:]
-    last = max(_per_step(tmp_path / "run"))
+    last = max(per_step(tmp_path / "run"))
     assert last < 40 and (tmp_path / "run" / "checkpoints" / "latest").read_text() == f"step{last:08d}"
     assert_ok(run_megacpt(["train", cfg]))
-    resumed = _per_step(tmp_path / "run")
+    resumed = per_step(tmp_path / "run")
     assert [resumed[s]["loss"] for s in range(1, 41)] == [uninterrupted[s]["loss"] for s in range(1, 41)]
 
 
 def _kill_during_save(run_dir: Path, cfg: str, tag: str, moment: str, delay: float) -> bool:
     """Start the run, SIGKILL it `delay` s after `moment` (a file or folder of `tag`) appears; True if the tag
     was still incomplete (no megacpt_state.json) when the kill landed."""
-    proc = _start([sys.executable, "-m", "megacpt", "train", cfg])
+    proc = start_process([sys.executable, "-m", "megacpt", "train", cfg])
     target = run_dir / "checkpoints" / tag / moment
     try:
         while not target.exists():
@@ -145,7 +133,7 @@ def test_sigkill_while_a_checkpoint_is_written_resumes_from_a_complete_one_bit_e
         assert read_state(run_dir / "checkpoints" / latest).step < int(tag[4:]) or not incomplete[-1]
     assert any(incomplete), "no kill landed inside a save"
     assert_ok(run_megacpt(["train", cfg]))
-    resumed, straight = _per_step(run_dir), _per_step(tmp_path / "straight")
+    resumed, straight = per_step(run_dir), per_step(tmp_path / "straight")
     assert sorted(resumed) == list(range(1, 13))
     assert [resumed[s]["loss"] for s in range(1, 13)] == [straight[s]["loss"] for s in range(1, 13)]
     assert resumed[12]["samples"] == straight[12]["samples"]
@@ -184,10 +172,7 @@ def test_a_stop_during_startup_ends_the_run_before_its_first_step_and_writes_not
         assert "before step 1, the first of this run: no step trained, nothing new to save; exiting with status 75 " \
                "(run it again)" in output
         assert not run_dir.exists()  # the start created it and trained no step: it leaves nothing behind
-    proc = _start([sys.executable, "-m", "megacpt", "train", cfg])
-    wait_for_step(run_dir, 3, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_after(run_dir, 3, [sys.executable, "-m", "megacpt", "train", cfg])
     before = _files(run_dir)
     proc = start_held(["train", cfg])  # a resumed run
     os.kill(proc.pid, signal.SIGUSR1)
@@ -207,12 +192,10 @@ def test_kill_9_then_rerun_is_bit_exact_under_the_launcher(tmp_path, pattern_dat
                                 _config(tmp_path, "straight", pattern_data, train={"steps": 16, "save_interval": 6}))
     assert_ok(deepspeed_launch(2, ["megacpt", "train", straight_cfg]))
     launcher = str(Path(sys.executable).with_name("deepspeed"))
-    proc = _start([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "megacpt", "train", cfg])
-    wait_for_step(tmp_path / "run", 8, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_after(tmp_path / "run", 8, [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+                                       "megacpt", "train", cfg])
     assert_ok(deepspeed_launch(2, ["megacpt", "train", cfg]))
-    resumed, straight = _per_step(tmp_path / "run"), _per_step(tmp_path / "straight")
+    resumed, straight = per_step(tmp_path / "run"), per_step(tmp_path / "straight")
     assert sorted(resumed) == list(range(1, 17))
     assert [resumed[s]["loss"] for s in range(1, 17)] == [straight[s]["loss"] for s in range(1, 17)]
     assert resumed[16]["samples"] == straight[16]["samples"]
@@ -258,7 +241,7 @@ def test_new_stage_restarts_the_schedule_and_the_data(tmp_path, pattern_data, st
                      schedule={"style": "constant", "max_lr": 1e-4, "min_lr": 0.0, "warmup": 2},
                      init={"checkpoint": str(stage0 / "step00000005"), "mode": "new_stage"})
     assert main(["train", write_config(tmp_path / "c.json", config)]) == 0
-    records = _per_step(tmp_path / "stage1")
+    records = per_step(tmp_path / "stage1")
     assert [records[s]["lr"] for s in (1, 2, 3)] == pytest.approx([5e-5, 1e-4, 1e-4], abs=0)
     assert records[3]["samples"] == {"a": 18, "noise": 6} and records[3]["stage"] == 1
 

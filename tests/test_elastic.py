@@ -2,11 +2,10 @@
 with one data-parallel size, tensor-parallel size or ZeRO stage continues at another, and its steps 11-20 agree
 with the uninterrupted run on the original layout (fp32) on the same samples per source."""
 import json
-import shutil
 
 import pytest
 
-from datagen import read_metrics, tiny_config, write_config
+from datagen import per_step, rewind_to, tiny_config, write_config
 from launch import assert_ok, deepspeed_launch, run_megacpt
 
 STEPS, SAVED_AT = 20, 10
@@ -34,28 +33,12 @@ def _train(processes: int, config: str):
     return result
 
 
-def _per_step(run_dir) -> dict[int, dict]:
-    """The last training record of each step (the resumed run re-logs the steps after its checkpoint)."""
-    return {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
-
-
-def _rewind(run_dir, step: int) -> None:
-    """Leave the checkpoint of `step` in charge, as if the run had been stopped right after saving it; the
-    metrics go too, so that only what the resumed run logs is compared."""
-    (run_dir / "metrics.jsonl").unlink()
-    root = run_dir / "checkpoints"
-    for tag in root.glob("step*"):
-        if tag.name != f"step{step:08d}":
-            shutil.rmtree(tag)
-    (root / "latest").write_text(f"step{step:08d}")
-
-
 def _resume(tmp_path, pattern_data, straight: dict, processes: int, zero: int, tensor: int = 1,
             model: dict | None = None) -> str:
     """Rewind RUN_DIR to step 10, resume it on this layout, check steps 11-20 against `straight`; the log."""
-    _rewind(tmp_path / "run", SAVED_AT)
+    rewind_to(tmp_path / "run", SAVED_AT)
     result = _train(processes, _config(tmp_path, pattern_data, zero, tensor, model))
-    _check_continues(_per_step(tmp_path / "run"), straight)
+    _check_continues(per_step(tmp_path / "run"), straight)
     return result.stderr
 
 
@@ -72,7 +55,7 @@ def _check_continues(resumed: dict, straight: dict) -> None:
 def _straight(tmp_path, pattern_data, processes: int, zero: int, tensor: int = 1, model: dict | None = None) -> dict:
     """The uninterrupted 20-step run on the original layout (it saves at steps 10 and 20)."""
     _train(processes, _config(tmp_path, pattern_data, zero, tensor, model))
-    return _per_step(tmp_path / "run")
+    return per_step(tmp_path / "run")
 
 
 def _said(log: str, before: str, after: str) -> bool:
@@ -115,7 +98,7 @@ def test_tensor_parallel_2_resumes_at_1_as_zero0_and_as_zero1_and_from_reshard(t
     config.update(run_dir=str(tmp_path / "from_reshard"), init={"checkpoint": str(tmp_path / "tp1"), "mode": "resume"})
     result = _train(1, write_config(tmp_path / "from_reshard.json", config))
     assert "holds its optimizer state in universal form only" in result.stderr
-    _check_continues(_per_step(tmp_path / "from_reshard"), straight)
+    _check_continues(per_step(tmp_path / "from_reshard"), straight)
 
 
 @pytest.mark.launcher

@@ -19,8 +19,16 @@ from megacpt.cli import main
 from megacpt.config import ScheduleConfig
 from megacpt.schedule import lr_at
 
-from datagen import optimizer_file_state, pattern_documents, read_metrics, tiny_config, write_config, write_indexed
-from launch import assert_ok, clean_env, deepspeed_launch, run_megacpt, wait_for_step
+from datagen import (
+    optimizer_file_state,
+    pattern_documents,
+    per_step,
+    read_metrics,
+    tiny_config,
+    write_config,
+    write_indexed,
+)
+from launch import assert_ok, deepspeed_launch, run_megacpt, start_process, wait_for_step
 
 G, SEQ, STEPS = 8, 64, 24
 GARBAGE = 200  # garbage tokens are >= GARBAGE, the pattern's are below
@@ -74,13 +82,6 @@ def _config(tmp_path: Path, prefix: str, spike: dict | None = None, **train) -> 
     return write_config(tmp_path / "c.json", config)
 
 
-def _per_step(run_dir: Path) -> dict[int, dict]:
-    records = [r for r in read_metrics(run_dir) if "loss" in r and "event" not in r]
-    steps = [r["step"] for r in records]
-    assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
-    return {r["step"]: r for r in records}
-
-
 def _events(run_dir: Path, kind: str) -> list[dict]:
     return [r for r in read_metrics(run_dir) if r.get("event") == kind]
 
@@ -105,7 +106,7 @@ def test_spikes_are_skipped_then_the_run_rolls_back_past_them(reference):
     assert [b["loss"] for b in ledger["rollbacks"][0]["batches"]] == [r["loss"] for r in spikes]
     # after the rollback: every step once, the spiked batches skipped, the LR halved for steps 11-14
     assert [r["step"] for r in _events(reference, "spike_ledger_skip")] == [13, 14, 15]
-    train = _per_step(reference)
+    train = per_step(reference)
     assert sorted(train) == list(range(1, STEPS + 1))
     schedule = ScheduleConfig(**SCHEDULE)
     for step, record in train.items():
@@ -127,7 +128,7 @@ def test_skipped_spikes_leave_the_weights_and_adam_untouched(tmp_path, spiky):
     spikes = _events(tmp_path / "run", "spike")
     assert [r["step"] for r in spikes] == [13, 14, 15]
     # the window: the losses of steps 5-12, as an independent mean and sample standard deviation
-    train = _per_step(tmp_path / "run")
+    train = per_step(tmp_path / "run")
     window = [train[step]["loss"] for step in range(5, 13)]
     for spike in spikes:
         assert spike["window_mean"] == pytest.approx(np.mean(window), rel=1e-12)
@@ -138,12 +139,7 @@ def test_skipped_spikes_leave_the_weights_and_adam_untouched(tmp_path, spiky):
     _, after = optimizer_file_state(tmp_path / "run" / "checkpoints" / "step00000015")
     for (p0, m0, v0, t0), (p1, m1, v1, t1) in zip(before, after, strict=True):
         assert p0.equal(p1) and m0.equal(m1) and v0.equal(v1) and t0 == t1
-    assert _per_step(tmp_path / "run")[15]["skipped_steps"] == 3
-
-
-def _start(cfg: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "megacpt", "train", cfg], env=clean_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    assert per_step(tmp_path / "run")[15]["skipped_steps"] == 3
 
 
 def _wait_after_rollback(run_dir: Path, proc: subprocess.Popen, step: int | None) -> None:
@@ -165,7 +161,7 @@ def test_kill_9_before_or_after_the_rollback_then_resume_gives_the_same_result(t
     """Killed before the spikes (the resume judges them against the window saved at step 10), right after the
     rollback, or after a checkpoint saved since (step 15)."""
     cfg = _config(tmp_path, spiky)
-    proc = _start(cfg)
+    proc = start_process([sys.executable, "-m", "megacpt", "train", cfg])
     if kill_after == "step 11":
         wait_for_step(tmp_path / "run", 11, proc)
     else:
@@ -173,7 +169,7 @@ def test_kill_9_before_or_after_the_rollback_then_resume_gives_the_same_result(t
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert_ok(run_megacpt(["train", cfg]))
-    resumed, straight = _per_step(tmp_path / "run"), _per_step(reference)
+    resumed, straight = per_step(tmp_path / "run"), per_step(reference)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in resumed:
         assert (resumed[step]["loss"], resumed[step]["lr"]) == (straight[step]["loss"], straight[step]["lr"]), step
@@ -227,7 +223,7 @@ def test_two_ranks_judge_alike_and_roll_back_as_one_rank_does(tmp_path, spiky, r
     expected = json.loads((reference / "spike_ledger.json").read_text())
     assert [[(b["step"], b["samples"]) for b in r["batches"]] for r in ledger["rollbacks"]] == [
         [(b["step"], b["samples"]) for b in r["batches"]] for r in expected["rollbacks"]]
-    two, one = _per_step(tmp_path / "run"), _per_step(reference)
+    two, one = per_step(tmp_path / "run"), per_step(reference)
     assert sorted(two) == list(range(1, STEPS + 1))
     for step in two:
         assert two[step]["loss"] == pytest.approx(one[step]["loss"], abs=1e-5), step
