@@ -9,9 +9,20 @@ import pytest
 
 from megacpt.config import TokenizerConfig, load_config
 from megacpt.data.tokenizers import build_tokenizer
-from megacpt.demo.configs import ARMS, QUICK, REPLAY_SCHEDULE, DemoPaths, stage0_of, stage1_config
+from megacpt.demo.configs import (
+    ARCHS,
+    ARMS,
+    FULL,
+    QUICK,
+    REPLAY_SCHEDULE,
+    STAGE0,
+    DemoPaths,
+    stage0_config,
+    stage0_of,
+    stage1_config,
+)
 from megacpt.demo.corpora import chunk, docstrings_text, is_validation, strip_code
-from megacpt.demo.demo_command import check_reuse
+from megacpt.demo.demo_command import check_reuse, pin_settings
 from megacpt.errors import UserError
 
 from launch import assert_ok, run_megacpt
@@ -86,6 +97,44 @@ def test_a_run_is_reused_only_with_the_config_the_demo_trains(tmp_path):
             check_reuse(paths, runs)
         config["train"]["seed"] = 1
         path.write_text(json.dumps(config))
+
+
+def test_the_llama_demo_trains_a_llama_style_model_of_the_neox_demos_size_and_neox_stays_as_it_was(tmp_path):
+    """--arch llama: RMSNorm, SwiGLU and grouped-query attention at the NeoX demo's depth and width, with its
+    parameter count to within 0.5%; the NeoX demo's model section is exactly what it was before --arch."""
+    from megacpt.config import padded_vocab_size, validate_config
+    from megacpt.model.size import parameter_count
+
+    paths = DemoPaths(tmp_path)
+    counts = {}
+    for arch in ARCHS:
+        for size in (FULL, QUICK):
+            configs = [stage0_config(paths, size, 1, name, arch) for name in (STAGE0, "stage0_infinite")]
+            configs += [stage1_config(paths, size, 1, arm, arch) for arm in ARMS]
+            models = {json.dumps(c["model"], sort_keys=True) for c in configs}
+            assert len(models) == 1  # every run of a demo has the same model
+            model = validate_config(configs[0]).model
+            counts[arch, size] = parameter_count(model, padded_vocab_size(model.vocab_size, 1))
+    assert stage0_config(paths, FULL, 1)["model"] == {"num_layers": 4, "hidden_size": 192, "num_attention_heads": 6,
+                                                      "seq_length": 128, "vocab_size": 2048}
+    llama = validate_config(stage1_config(paths, FULL, 1, "rewarm", "llama")).model
+    assert (llama.family, llama.num_query_groups, llama.num_attention_heads, llama.tie_embeddings) == \
+        ("llama", 2, 6, False)
+    assert (llama.num_layers, llama.hidden_size) == (FULL.num_layers, FULL.hidden_size)
+    assert counts["neox", FULL] == 2_566_272 and counts["llama", FULL] == 2_563_776
+    assert abs(counts["llama", QUICK] / counts["neox", QUICK] - 1) < 0.005
+
+
+def test_a_work_directory_of_one_arch_is_refused_for_the_other(tmp_path):
+    result = run_megacpt(["demo", "--quick", "--arch", "gpt2", "--workdir", str(tmp_path / "w")], timeout=120)
+    assert result.returncode == 2 and "--arch" in result.stderr and "Traceback" not in result.stderr
+    settings = {"quick": True, "seed": 1, "python": "3", "size": {}, "tokenizer": "keep-whitespace"}
+    pin_settings(DemoPaths(tmp_path), {**settings, "arch": "neox"})
+    pin_settings(DemoPaths(tmp_path), {**settings, "arch": "neox"})  # the same settings: reused
+    with pytest.raises(UserError, match="arch differ"):
+        pin_settings(DemoPaths(tmp_path), {**settings, "arch": "llama"})
+    (tmp_path / "demo.json").write_text(json.dumps(settings))  # written before --arch existed: a NeoX demo
+    pin_settings(DemoPaths(tmp_path), {**settings, "arch": "neox"})
 
 
 FIRST_ARMS = ("rewarm", "infinite")
