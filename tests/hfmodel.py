@@ -60,11 +60,11 @@ FAMILY_MODELS = {
 }
 
 
-def random_family_model(name: str, seed: int):
-    """One of FAMILY_MODELS (float32) with every parameter perturbed."""
+def random_family_model(name: str, seed: int, **config_fields):
+    """One of FAMILY_MODELS (float32) with every parameter perturbed; `config_fields` change its config."""
     import transformers
 
     prefix, overrides = FAMILY_MODELS[name]
-    config = getattr(transformers, f"{prefix}Config")(**{**LLAMA_STYLE, **overrides})
+    config = getattr(transformers, f"{prefix}Config")(**{**LLAMA_STYLE, **overrides, **config_fields})
     torch.manual_seed(seed)
     return perturb_every_parameter(getattr(transformers, f"{prefix}ForCausalLM")(config), seed)

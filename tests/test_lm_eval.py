@@ -16,6 +16,7 @@ from megacpt.checkpoint import manifest
 from megacpt.cli import main
 
 from datagen import tiny_config, write_config
+from hfmodel import random_family_model
 from launch import assert_ok, run_python
 
 TASKS = ("megacpt_words_mc", "megacpt_words_gen", "megacpt_words_ppl")
@@ -74,13 +75,39 @@ def _hf_reference(trained) -> dict:
                                    task_manager=TaskManager(include_path=str(trained["tasks"]), include_defaults=False))
 
 
+@pytest.fixture(scope="module", params=["llama-gqa", "qwen2-bias"])
+def converted_family(request, tmp_path_factory, make_hf_tokenizer) -> dict:
+    """A random Hugging Face model of the family (every parameter perturbed) in a folder with its tokenizer, as
+    Llama 3 and Qwen2 ship it (tokenizer.json, and tokenizer_config.json naming the class and the eos token),
+    converted to megacpt: the checkpoint remembers the folder's tokenizer."""
+    folder = tmp_path_factory.mktemp(request.param)
+    random_family_model(request.param, seed=0, vocab_size=320).save_pretrained(folder / "hf")
+    make_hf_tokenizer(folder / "hf" / "tokenizer.json", ["<|endoftext|>"])
+    (folder / "hf" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                                     "eos_token": "<|endoftext|>"}))
+    checkpoint = folder / "converted"
+    assert main(["convert", "hf-to-megacpt", "--hf", str(folder / "hf"), "--output", str(checkpoint)]) == 0
+    return {"checkpoint": checkpoint, "hf": folder / "hf", "tasks": write_tasks(folder / "tasks"), "folder": folder}
+
+
 def test_adapter_gives_the_numbers_of_lm_evals_hf_model_on_the_converted_checkpoint(trained, capsys):
-    out = trained["folder"] / "ours.json"
-    assert main(["lm-eval", "--checkpoint", str(trained["checkpoint"]), "--tasks", ",".join(TASKS), "--include-path",
-                 str(trained["tasks"]), "--only-include-path", "--batch-size", "3", "--log-samples", "--output",
+    _assert_adapter_equals_hf(trained, capsys)
+
+
+def test_adapter_on_a_converted_llama_or_qwen2_gives_the_numbers_of_lm_evals_hf_model_on_the_original(
+        converted_family, capsys):
+    _assert_adapter_equals_hf(converted_family, capsys)
+
+
+def _assert_adapter_equals_hf(case: dict, capsys) -> None:
+    """`megacpt lm-eval` on case["checkpoint"] against lm-eval's `hf` model on case["hf"]: the same scores of
+    every choice, the same generations, the same perplexities."""
+    out = case["folder"] / "ours.json"
+    assert main(["lm-eval", "--checkpoint", str(case["checkpoint"]), "--tasks", ",".join(TASKS), "--include-path",
+                 str(case["tasks"]), "--only-include-path", "--batch-size", "3", "--log-samples", "--output",
                  str(out)]) == 0
     assert "megacpt_words_mc" in capsys.readouterr().out
-    ours, hf = json.loads(out.read_text()), _hf_reference(trained)
+    ours, hf = json.loads(out.read_text()), _hf_reference(case)
 
     assert ours["results"]["megacpt_words_mc"]["acc,none"] == hf["results"]["megacpt_words_mc"]["acc,none"]
     for mine, theirs in zip(ours["samples"]["megacpt_words_mc"], hf["samples"]["megacpt_words_mc"], strict=True):
