@@ -1,14 +1,15 @@
 """How long the training loop waits for each checkpoint, with and without `checkpoint.async_save`.
 
-Runs `megacpt train` (one process, fp32 on the CPU) on random tokens, saving every `--save-interval` steps,
-once with synchronous saves and once with DeepSpeed's decoupled checkpoint engine, and reads the loop's wait
-per save (`blocked_s` of the `checkpoint` records in metrics.jsonl: the save call, plus for an asynchronous
-save the wait for DeepSpeed's writer and megacpt's manifest before the next update). The last save of a run
-is always waited for, so it is reported apart. Also the run's wall time, since the writer process competes
-for the same cores.
+Runs `megacpt train` (one process, fp32 on the CPU, ZeRO stage `--zero`) on random tokens, saving every
+`--save-interval` steps, once with synchronous saves and once with `checkpoint.async_save` (a host copy written
+by a background thread), and reads the loop's wait per save (`blocked_s` of the `checkpoint` records in
+metrics.jsonl: the save call, which for an asynchronous save is the host copy, plus the finish: for an
+asynchronous save the wait for the writer, if any, and the manifest and `latest`). The last save of a run is
+always waited for, so it is reported apart. Also the run's wall time, since the writer competes for the same
+cores.
 
     python benchmarks/async_save.py --size demo
-    python benchmarks/async_save.py --size pythia-160m --steps 8 --save-interval 2
+    python benchmarks/async_save.py --size cpu-100m --steps 8 --save-interval 2
 
 Prints a table and, on its last line, JSON.
 """
@@ -31,11 +32,12 @@ from datagen import random_documents, write_indexed  # noqa: E402
 SIZES = {
     "demo": {"num_layers": 4, "hidden_size": 192, "num_attention_heads": 6, "vocab_size": 2048},
     "cpu-25m": {"preset": "cpu-25m"},
+    "cpu-100m": {"num_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "vocab_size": 8192},  # 98M
     "pythia-160m": {"preset": "pythia-160m", "vocab_size": 50304},
 }
 
 
-def run(workdir: Path, size: str, asynchronous: bool, steps: int, save_interval: int, data: str) -> dict:
+def run(workdir: Path, size: str, zero: int, asynchronous: bool, steps: int, save_interval: int, data: str) -> dict:
     run_dir = workdir / ("async" if asynchronous else "sync")
     config = {
         "run_dir": str(run_dir),
@@ -45,6 +47,7 @@ def run(workdir: Path, size: str, asynchronous: bool, steps: int, save_interval:
         "train": {"steps": steps, "global_batch_size": 4, "micro_batch_size": 4, "save_interval": save_interval,
                   "log_interval": 1},
         "checkpoint": {"async_save": asynchronous},
+        "deepspeed": {"zero_optimization": {"stage": zero}},
     }
     path = workdir / f"{run_dir.name}.json"
     path.write_text(json.dumps(config))
@@ -67,6 +70,7 @@ def main() -> None:
     parser.add_argument("--size", choices=list(SIZES), default="demo")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--save-interval", type=int, default=4)
+    parser.add_argument("--zero", type=int, choices=[0, 1, 2], default=1, help="ZeRO stage (default 1)")
     parser.add_argument("--workdir", help="default: a temporary folder, removed afterwards")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,13 +78,14 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         vocab = SIZES[args.size].get("vocab_size", 8192)
         data = write_indexed(workdir / "random", random_documents(0, 4 * args.steps + 8, 1024, vocab))
-        rows = [run(workdir, args.size, asynchronous, args.steps, args.save_interval, data)
+        rows = [run(workdir, args.size, args.zero, asynchronous, args.steps, args.save_interval, data)
                 for asynchronous in (False, True)]
     print(f"{'save':6} {'mid-run saves: loop waits (median, s)':38} {'last save (s)':14} {'checkpoint MB':14} wall s")
     for row in rows:
         print(f"{'async' if row['async'] else 'sync':6} {row['mid_run_blocked_s_median']:<38} "
               f"{row['last_save_blocked_s']:<14} {row['checkpoint_mb']:<14} {row['wall_s']}")
-    print(json.dumps({"size": args.size, "steps": args.steps, "save_interval": args.save_interval, "runs": rows}))
+    print(json.dumps({"size": args.size, "zero": args.zero, "steps": args.steps, "save_interval": args.save_interval,
+                      "runs": rows}))
 
 
 if __name__ == "__main__":

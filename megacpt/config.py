@@ -597,10 +597,13 @@ class InitConfig(Section):
 class CheckpointConfig(Section):
     """Checkpoint retention, and which of RUN_DIR's tags a resume starts from."""
 
-    async_save: bool = Field(False, description="Write DeepSpeed's files in a background process per rank (DeepSpeed's "
-                                                "decoupled checkpoint engine) while the next step computes; the tag "
-                                                "gets its manifest and `latest` moves only once they are complete. "
-                                                "ZeRO stage 0 only.")
+    async_save: bool = Field(False, description="Write DeepSpeed's files while the next steps compute, at ZeRO stage "
+                                                "0, 1 and 2: each rank copies its share of the tag (model states, its "
+                                                "optimizer partition) to host memory at the step boundary, and a "
+                                                "background thread writes the copy (the same bytes as a synchronous "
+                                                "save). The manifest and `latest` follow once every rank's files are "
+                                                "written; the next save, the last step and a stop wait for it. Costs "
+                                                "host memory for one copy of the rank's share of the tag.")
 
     keep_last: int | None = Field(None, gt=0,
                                   description="Keep only the newest N tags (older ones are removed after a new one is "

@@ -1,27 +1,34 @@
-"""checkpoint.async_save: DeepSpeed's decoupled checkpoint engine writes while the next step computes (seen from
-the writer process and the loop's clock); the tag gets its manifest and `latest` only once its files are
-complete, and a kill between DeepSpeed's commit and megacpt's manifest leaves the previous checkpoint in charge."""
+"""checkpoint.async_save at every ZeRO stage: a tag's files are copied to host memory at the step boundary and
+written by a background thread while the next steps compute (checkpoint/async_writer.py). The files are byte for
+byte those of a synchronous save, the write overlaps the next step, a kill -9 at every moment of the save leaves
+the previous checkpoint in charge and the rerun bit-exact, and two ranks at ZeRO 1 and 2 resume bit-exactly
+from tags written this way."""
+import collections
+import io
 import json
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megacpt.checkpoint import manifest
+from megacpt.checkpoint.async_writer import host_copy
 
-from datagen import optimizer_file_state, read_metrics, tiny_config, write_config
+from datagen import read_metrics, tiny_config, write_config
 from launch import assert_ok, clean_env, deepspeed_launch, run_megacpt
 
 STEPS = 12
+SAVES = (4, 8, 12)
 
 
-def _config(tmp_path, pattern_data, name="run", asynchronous=True, **deepspeed) -> str:
+def _config(tmp_path, pattern_data, name="run", asynchronous=True, zero=1, **sections) -> str:
     config = tiny_config(tmp_path / name, [{"name": "a", "prefix": pattern_data["a"]}],
                          train={"steps": STEPS, "global_batch_size": 8, "micro_batch_size": 2, "save_interval": 4},
-                         checkpoint={"async_save": asynchronous}, deepspeed=deepspeed)
+                         checkpoint={"async_save": asynchronous},
+                         deepspeed={"zero_optimization": {"stage": zero}}, **sections)
     return write_config(tmp_path / f"{name}.json", config)
 
 
@@ -29,153 +36,218 @@ def _losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
-@pytest.fixture(scope="module")
-def synchronous(tmp_path_factory, pattern_data):
-    tmp_path = tmp_path_factory.mktemp("sync")
-    assert_ok(run_megacpt(["train", _config(tmp_path, pattern_data, asynchronous=False)]))
+def _tag(run_dir, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step{step:08d}"
+
+
+def _torch_files(tag_dir: Path) -> dict[str, bytes]:
+    """Every file of the tag that torch wrote (DeepSpeed's model and optimizer files, RNG states), with its bytes."""
+    return {str(p.relative_to(tag_dir)): p.read_bytes() for p in sorted(tag_dir.rglob("*.pt"))}
+
+
+def _saved(tmp_path_factory, pattern_data, zero: int) -> Path:
+    tmp_path = tmp_path_factory.mktemp(f"sync{zero}")
+    assert_ok(run_megacpt(["train", _config(tmp_path, pattern_data, asynchronous=False, zero=zero)]))
     return tmp_path / "run"
 
 
-def test_asynchronous_saves_equal_synchronous_ones(tmp_path, pattern_data, synchronous):
-    assert_ok(run_megacpt(["train", _config(tmp_path, pattern_data)]))
-    run = tmp_path / "run"
-    assert _losses(run) == _losses(synchronous)
+@pytest.fixture(scope="module")
+def synchronous(tmp_path_factory, pattern_data):
+    """The synchronous runs by ZeRO stage (made when first asked for)."""
+    runs = {}
+
+    def run(zero: int) -> Path:
+        if zero not in runs:
+            runs[zero] = _saved(tmp_path_factory, pattern_data, zero)
+        return runs[zero]
+    return run
+
+
+def test_a_host_copy_saves_to_the_same_bytes_and_no_longer_follows_the_original():
+    """Shared storages, views with offsets and strides, bf16, a Parameter, a non-leaf tensor that requires grad,
+    empty tensors and a state dict's `_metadata`: torch.save writes the copy exactly as the original."""
+    flat = torch.arange(24, dtype=torch.float32).to(torch.bfloat16)
+    weight = torch.nn.Parameter(torch.randn(3, 4))
+    module = collections.OrderedDict(w=flat[:12].view(3, 4), b=flat[12:], t=flat[2:10].view(2, 4).t())
+    module._metadata = {"": {"version": 1}}
+    state = {"module": module, "optimizer": {"p": weight, "non_leaf": (weight * 2)[1:], "empty": torch.empty(0),
+                                             "also_empty": torch.empty(0), "step": torch.tensor(5)},
+             "twice": [module["w"], module["w"]], "other": (1.5, "s", None)}
+
+    def saved(obj) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        return buffer.getvalue()
+
+    copied = host_copy(state)
+    assert saved(copied) == saved(state)
+    assert copied["module"]["w"].untyped_storage().data_ptr() == copied["module"]["t"].untyped_storage().data_ptr()
+    before = saved(copied)
+    with torch.no_grad():
+        flat.add_(1)
+        weight.add_(1)
+    assert saved(copied) == before != saved(state)  # the copy is the state of the moment it was taken
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_asynchronous_tags_are_the_synchronous_ones_byte_for_byte(tmp_path, pattern_data, synchronous, zero):
+    assert_ok(run_megacpt(["train", _config(tmp_path, pattern_data, zero=zero)]))
+    run, sync = tmp_path / "run", synchronous(zero)
+    assert _losses(run) == _losses(sync)
     saves = [r for r in read_metrics(run) if r.get("event") == "checkpoint"]
-    assert [(r["step"], r["async"]) for r in saves] == [(4, True), (8, True), (12, True)]
-    for step in (4, 8, 12):
-        tag = f"step{step:08d}"
-        assert manifest.problems(run / "checkpoints" / tag) == []
-        (_, ours), (_, theirs) = (optimizer_file_state(r / "checkpoints" / tag) for r in (run, synchronous))
-        for mine, other in zip(ours, theirs, strict=True):
-            assert all(a.equal(b) for a, b in zip(mine[:3], other[:3])) and mine[3] == other[3]
+    assert [(r["step"], r["async"]) for r in saves] == [(s, True) for s in SAVES]
+    for step in SAVES:
+        assert manifest.problems(_tag(run, step)) == []
+        assert sorted(p.name for p in _tag(run, step).iterdir()) == sorted(p.name for p in _tag(sync, step).iterdir())
+        assert _torch_files(_tag(run, step)) == _torch_files(_tag(sync, step))
+    if zero:
+        assert any("optim_states" in name for name in _torch_files(_tag(run, STEPS)))
     assert (run / "checkpoints" / "latest").read_text() == f"step{STEPS:08d}"
+    assert run_megacpt(["checkpoint", "verify", str(run)]).returncode == 0
 
 
-# Every process that imports it (the writer processes too: DeepSpeed spawns them, and they inherit PYTHONPATH)
-# makes DeepSpeed's file writer take WRITE_SECONDS longer and logs each write: process, file, start and end.
-SLOW_WRITER = """
-import json, os, time
-import deepspeed.runtime.checkpoint_engine.fast_checkpoint_engine as fast
-
-_save = fast.FastCheckpointEngine.save
-
-def slow_logged_save(self, state_dict, path):
-    start = time.time()
-    time.sleep({seconds})
-    done = _save(self, state_dict, path)
-    with open({log!r}, "a") as log:
-        log.write(json.dumps({{"pid": os.getpid(), "path": str(path), "start": start, "end": time.time()}}) + "\\n")
-    return done
-
-fast.FastCheckpointEngine.save = slow_logged_save
-"""
-WRITE_SECONDS = 1.5
-
-STEP_TIMES = """
-import json, os, sys, time
+# A driver that trains in this process with hooks: every torch.save of a DeepSpeed file under `checkpoints/`
+# takes WRITE_SECONDS longer and is logged (thread, file, start, end), and each step's start time is recorded.
+OVERLAP = """
+import json, sys, threading, time
+import torch
 from megacpt.config import load_config
 from megacpt.train.callbacks import Callback
 from megacpt.train.trainer import train
 
+real_save, writes = torch.save, []
+
+def slow_logged_save(obj, f, *args, **kwargs):
+    start = time.time()
+    if "checkpoints" in str(f) and "states.pt" in str(f):
+        time.sleep({seconds})
+    done = real_save(obj, f, *args, **kwargs)
+    writes.append({{"thread": threading.get_ident(), "path": str(f), "start": start, "end": time.time()}})
+    return done
+
+torch.save = slow_logged_save
+
 class StepTimes(Callback):
     def __init__(self):
-        self.begun = {}
+        self.begun = {{}}
     def before_step(self, loop, step):
         self.begun[step] = time.time()
 
 times = StepTimes()
 train(load_config(sys.argv[1]), [times])
-json.dump({"pid": os.getpid(), "begun": times.begun}, open(sys.argv[2], "w"))
+json.dump({{"thread": threading.get_ident(), "begun": times.begun, "writes": writes}}, open(sys.argv[2], "w"))
 """
+WRITE_SECONDS = 1.5
 
 
 def test_the_write_overlaps_the_next_step(tmp_path, pattern_data, synchronous):
-    """With a writer slowed by WRITE_SECONDS, each model file is written by another process than the loop's,
-    and that write is still going on after the next step has begun (the loop waits for it before that step's
-    update). With the decoupled engine off, the loop's own process would write it, before going on."""
-    cfg, log, times = _config(tmp_path, pattern_data), tmp_path / "writes.jsonl", tmp_path / "times.json"
-    (tmp_path / "hooks").mkdir()
-    (tmp_path / "hooks" / "sitecustomize.py").write_text(SLOW_WRITER.format(seconds=WRITE_SECONDS, log=str(log)))
-    env = {**clean_env(), "PYTHONPATH": os.pathsep.join([str(tmp_path / "hooks"), *sys.path])}
-    assert_ok(subprocess.run([sys.executable, "-c", STEP_TIMES, cfg, str(times)], env=env, capture_output=True,
-                             text=True, timeout=600))
-    loop = json.loads(times.read_text())
-    writes = {Path(w["path"]).parent.name: w for w in map(json.loads, log.read_text().splitlines())
-              if w["path"].endswith("mp_rank_00_model_states.pt")}
-    assert sorted(writes) == ["step00000004", "step00000008", "step00000012"]
+    """With each DeepSpeed file's write slowed by WRITE_SECONDS, the model and optimizer files of steps 4 and 8
+    are written by another thread than the loop's, and that write is still going on after the next step has
+    begun. With synchronous saves the loop's own thread writes them before going on."""
+    cfg, out = _config(tmp_path, pattern_data), tmp_path / "times.json"
+    assert_ok(subprocess.run([sys.executable, "-c", OVERLAP.format(seconds=WRITE_SECONDS), cfg, str(out)],
+                             env=clean_env(), capture_output=True, text=True, timeout=600))
+    seen = json.loads(out.read_text())
+    writes = [w for w in seen["writes"] if "states.pt" in w["path"]]
     for step in (4, 8):
-        write = writes[f"step{step:08d}"]
-        assert write["pid"] != loop["pid"]  # DeepSpeed's writer process
-        # the next step began while the write still had at least half its time to go (the writer process may
-        # pick the work up a moment after the step began: only the overlap is the claim)
-        assert loop["begun"][str(step + 1)] < write["end"] - WRITE_SECONDS / 2
-    assert _losses(tmp_path / "run") == _losses(synchronous)
+        mine = [w for w in writes if f"step{step:08d}" in w["path"]]
+        assert {Path(w["path"]).name for w in mine} == {"mp_rank_00_model_states.pt",
+                                                        "zero_pp_rank_0_mp_rank_00_optim_states.pt"}
+        for write in mine:
+            assert write["thread"] != seen["thread"]  # the background writer
+            # the next step began while the write had at least half its time to go
+            assert seen["begun"][str(step + 1)] < write["end"] - WRITE_SECONDS / 2
+    assert _losses(tmp_path / "run") == _losses(synchronous(1))
 
 
-KILL_AFTER_THE_COMMIT = """
-import os, signal, sys
-from deepspeed.runtime.checkpoint_engine.decoupled_checkpoint_engine import DecoupledCheckpointEngine
+# A driver that kills its own process with SIGKILL at one moment of the asynchronous save of step 8.
+KILL = """
+import os, signal, sys, time
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from megacpt.checkpoint import async_writer, save
 from megacpt.cli import main
 
-commit = DecoupledCheckpointEngine.commit
+moment, TAG = sys.argv[2], "step00000008"
 
-def killed_once_step_8_is_committed(self, info):
-    done = commit(self, info)
-    if info.tag == "step00000008":  # DeepSpeed's files are complete; the loop has gone on to step 9
-        os.kill(os.getpid(), signal.SIGKILL)
-    return done
+def kill():
+    os.kill(os.getpid(), signal.SIGKILL)
 
-DecoupledCheckpointEngine.commit = killed_once_step_8_is_committed
+if moment == "snapshot":  # the model states copied to host memory and queued, the optimizer partition not yet
+    copy_then_queue = async_writer.BackgroundWriter.save
+    def copying(self, state_dict, path):
+        if TAG in path and "optim_states" in path:
+            kill()
+        return copy_then_queue(self, state_dict, path)
+    async_writer.BackgroundWriter.save = copying
+elif moment == "write":  # the writer thread half way through the optimizer file; the loop goes on meanwhile
+    write = TorchCheckpointEngine.save
+    def half_written(self, state_dict, path):
+        if TAG in path and "optim_states" in path:
+            with open(path, "wb") as f:
+                f.write(b"PK" + bytes(4096))
+            time.sleep(1.0)
+            kill()
+        return write(self, state_dict, path)
+    TorchCheckpointEngine.save = half_written
+elif moment == "commit":  # the files written and fsynced, the manifest not yet
+    commit = async_writer.BackgroundWriter.commit
+    def committed(self, info):
+        done = commit(self, info)
+        if info.tag == TAG:
+            kill()
+        return done
+    async_writer.BackgroundWriter.commit = committed
+elif moment == "latest":  # the manifest written, `latest` not yet moved
+    write_atomic = save.write_atomic
+    def moved(path, text, *args, **kwargs):
+        if path.name == "latest" and text == TAG:
+            kill()
+        return write_atomic(path, text, *args, **kwargs)
+    save.write_atomic = moved
 sys.exit(main(["train", sys.argv[1]]))
 """
 
 
-def test_a_kill_between_the_commit_and_the_manifest_leaves_the_previous_checkpoint_in_charge(
-        tmp_path, pattern_data, synchronous):
-    """SIGKILL right after DeepSpeed's commit of step 8 (its files complete, megacpt's manifest and `latest`
-    not yet written): `latest` still names step 4, step 8 has no manifest, and the rerun resumes from step 4
-    and trains exactly as a run never killed."""
+@pytest.mark.parametrize("moment", ["snapshot", "write", "commit", "latest"])
+def test_a_kill_at_any_moment_of_an_asynchronous_save_resumes_bit_exactly(tmp_path, pattern_data, synchronous,
+                                                                         moment):
+    """ZeRO 1: SIGKILL during the host copy of step 8, half way through its background write, between the
+    writer's commit and the manifest, and between the manifest and `latest`. `latest` still names step 4, and
+    the rerun resumes from there and ends with the losses and the tag of a synchronous run never killed."""
     cfg = _config(tmp_path, pattern_data)
     log = tmp_path / "killed.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", KILL_AFTER_THE_COMMIT, cfg], env=clean_env(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        code = proc.wait(timeout=300)
-    os.killpg(proc.pid, signal.SIGKILL)  # DeepSpeed's writer process does not end with its killed parent
-    assert code == -signal.SIGKILL, log.read_text()[-3000:]
-    checkpoints = tmp_path / "run" / "checkpoints"
-    assert (checkpoints / "latest").read_text() == "step00000004"
-    assert (checkpoints / "step00000008" / "mp_rank_00_model_states.pt").is_file()  # committed, then killed
-    assert not (checkpoints / "step00000008" / manifest.MANIFEST).exists()  # the unfinished save
-    assert manifest.problems(checkpoints / "step00000004") == []
+        proc = subprocess.run([sys.executable, "-c", KILL, cfg, moment], env=clean_env(), stdout=out,
+                              stderr=subprocess.STDOUT, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "latest").read_text() == "step00000004"
+    assert manifest.problems(_tag(run, 4)) == []
+    assert (_tag(run, 8) / manifest.MANIFEST).exists() == (moment == "latest")
     assert_ok(run_megacpt(["train", cfg]))  # resumes at step 4 and writes step 8 again
-    assert _losses(tmp_path / "run") == _losses(synchronous)
-    assert all(manifest.problems(checkpoints / f"step{s:08d}") == [] for s in (4, 8, 12))
-    saves = [r["step"] for r in read_metrics(tmp_path / "run") if r.get("event") == "checkpoint"]
-    assert saves == [4, 8, 12]
-
-
-def test_zero_1_with_async_save_is_exit_2_naming_the_key(tmp_path, pattern_data, capsys):
-    from megacpt.cli import main
-
-    cfg = _config(tmp_path, pattern_data, zero_optimization={"stage": 1})
-    assert main(["train", cfg]) == 2
-    err = capsys.readouterr().err
-    assert "checkpoint.async_save" in err and "ZeRO stage 0" in err and "Traceback" not in err
-    assert not (tmp_path / "run").exists()
+    sync = synchronous(1)
+    assert _losses(run) == _losses(sync)
+    assert all(manifest.problems(_tag(run, s)) == [] for s in SAVES)
+    assert _torch_files(_tag(run, STEPS)) == _torch_files(_tag(sync, STEPS))
+    assert [r["step"] for r in read_metrics(run) if r.get("event") == "checkpoint"] == list(SAVES)
 
 
 @pytest.mark.launcher
-def test_two_ranks_save_asynchronously_as_synchronously(tmp_path, pattern_data):
-    """Data-parallel 2, ZeRO 0: rank 0's writer process writes the model file; the tags verify and training
-    equals a synchronous run's."""
-    results = {}
-    for name, asynchronous in (("sync", False), ("async", True)):
-        cfg = _config(tmp_path, pattern_data, name, asynchronous)
-        assert_ok(deepspeed_launch(2, ["megacpt", "train", cfg]))
-        results[name] = _losses(tmp_path / name)
-        checkpoints = tmp_path / name / "checkpoints"
-        assert all(manifest.problems(checkpoints / f"step{s:08d}") == [] for s in (4, 8, 12))
-    assert results["async"] == results["sync"]
-    state = json.loads((tmp_path / "async" / "checkpoints" / "step00000012" / "megacpt_state.json").read_text())
-    assert state["step"] == STEPS
+@pytest.mark.parametrize("zero", [1, 2])
+def test_two_ranks_resume_bit_exactly_from_asynchronous_tags(tmp_path, pattern_data, zero):
+    """Data-parallel 2 under the deepspeed launcher: each rank writes its optimizer partition in its own
+    background thread; every tag verifies, and a resume from step 4 trains steps 5-12 exactly as the run did."""
+    cfg = _config(tmp_path, pattern_data, zero=zero)
+    assert_ok(deepspeed_launch(2, ["megacpt", "train", cfg]))
+    run = tmp_path / "run"
+    straight = _losses(run)
+    for step in SAVES:
+        assert manifest.problems(_tag(run, step)) == []
+        assert {n for n in _torch_files(_tag(run, step)) if "optim_states" in n} == {
+            f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}
+    final = _torch_files(_tag(run, STEPS))
+    assert_ok(deepspeed_launch(2, ["megacpt", "train", cfg, "--set", "checkpoint.load_tag=step00000004"]))
+    resumed = _losses(run)
+    assert resumed == straight and sorted(resumed) == list(range(1, STEPS + 1))
+    assert _torch_files(_tag(run, STEPS)) == final
+    assert run_megacpt(["checkpoint", "verify", str(run)]).returncode == 0

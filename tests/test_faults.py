@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -651,25 +652,33 @@ def test_checkpoint_verify_reports_damage_and_clean_removes_only_unfinished_save
     (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 966"), "no space left on device"),
     (PermissionError(errno.EACCES, "Permission denied"), "permission denied"),
 ])
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
 def test_a_failed_save_removes_the_partial_tag_and_keeps_latest(tmp_path, pattern_data, capsys, monkeypatch,
-                                                                 failure, reason):
+                                                                 failure, reason, asynchronous):
+    """Also when the write fails in checkpoint.async_save's writer thread (the optimizer partition of ZeRO 1,
+    written after the loop went on): the loop learns it when it finishes the save."""
     real_save = torch.save
+    writer = []
 
     def fail_on_the_second_tag(obj, f, *args, **kwargs):
-        if "step00000002" in str(f):
+        if "step00000002" in str(f) and ("optim_states" in str(f) or not asynchronous):
+            writer.append(threading.current_thread().name)
             raise failure
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", fail_on_the_second_tag)
     if isinstance(failure, RuntimeError):  # torch's full-disk error has no errno: the folder's free space tells
         monkeypatch.setattr(checkpoint_save, "_free_bytes", lambda path: 0)
-    config = _config(tmp_path / "run", pattern_data, train={"steps": 2, "save_interval": 1}, schedule={"warmup": 0})
+    config = _config(tmp_path / "run", pattern_data, train={"steps": 2, "save_interval": 1}, schedule={"warmup": 0},
+                     checkpoint={"async_save": asynchronous},
+                     deepspeed={"zero_optimization": {"stage": 1 if asynchronous else 0}})
     assert main(["train", write_config(tmp_path / "c.json", config)]) == 2
     err = capsys.readouterr().err
     root = tmp_path / "run" / "checkpoints"
     assert reason in err and str(root) in err and "still names step00000001" in err and "Traceback" not in err
     assert not (root / "step00000002").exists() and (root / "latest").read_text() == "step00000001"
     assert not manifest.problems(root / "step00000001")
+    assert (writer[0] != threading.main_thread().name) == asynchronous
 
 
 def test_resuming_an_older_tag_sets_newer_ones_aside_records_changes_and_keeps_one_record_per_step(

@@ -49,8 +49,9 @@ def test_the_gpu_benchmark_runs_at_its_tiny_cpu_size(tmp_path):
             assert row["flops_per_token"] == flops[name]
             assert len(row["losses"]) == 8 and len(row["save_wait_s"]) == 1 and row["save_wait_s"][0] > 0
             assert row["plan_bytes"] > 4e9  # megacpt plan's total includes its 4 GB reserve
-        # fp32 on CPU: recompute is exact, the compiled model and ZeRO 0 (the async run) agree to float rounding
+        # fp32 on CPU: recompute is exact, the compiled model agrees to float rounding; the async run is eager's
+        # ZeRO 1 run with another way of writing checkpoints: the same losses
         assert arms["recompute"]["max_loss_diff"] <= 1e-6
         assert arms["compile"]["max_loss_diff"] <= 1e-4
-        assert arms["async_save"]["max_loss_diff"] <= 1e-4
+        assert arms["async_save"]["max_loss_diff"] == 0
         assert model["ratio_to_hf"] == pytest.approx(arms["eager"]["tokens_per_s"] / arms["hf"]["tokens_per_s"])

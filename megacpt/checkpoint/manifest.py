@@ -46,10 +46,14 @@ def is_temporary(name: str) -> bool:
     return re.fullmatch(r"\..+\.(tmp|universal)-\d+", name) is not None
 
 
+def entry(path: Path) -> dict:
+    """A file's manifest entry, {size, crc32c}; the file is fsynced on the way."""
+    return {"size": path.stat().st_size, "crc32c": checksum(path, sync=True)}
+
+
 def describe(tag_dir: Path, names: list[str]) -> dict[str, dict]:
-    """{name: {size, crc32c}} for these files of the tag, each fsynced on the way."""
-    return {name: {"size": (tag_dir / name).stat().st_size, "crc32c": checksum(tag_dir / name, sync=True)}
-            for name in names}
+    """{name: entry} for these files of the tag."""
+    return {name: entry(tag_dir / name) for name in names}
 
 
 def write_manifest(tag_dir: Path, files: dict[str, dict]) -> None:

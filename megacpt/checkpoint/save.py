@@ -2,9 +2,9 @@
 manifest and the `latest` pointer, so a crash at any moment leaves the previous checkpoint in charge.
 
 A write failure (full disk, permissions) removes the partial tag, keeps `latest` and says why. With
-DeepSpeed's decoupled checkpoint engine (`checkpoint.async_save`) the files are still being written when
-`save` returns; `PendingSave.finish` waits for DeepSpeed's commit before anything names the tag. When to
-save is the loop's business (train/checkpointing.py).
+`checkpoint.async_save` (checkpoint/async_writer.py) DeepSpeed's files are still being written when `save`
+returns; `PendingSave.finish` waits for them (and takes their checksums from the writer) before anything names
+the tag. When to save is the loop's business (train/checkpointing.py).
 """
 from __future__ import annotations
 
@@ -42,9 +42,8 @@ def save(engine, run_dir: str | Path, step: int, state: CheckpointState, world_r
     `latest`, retention).
 
     Call on every rank. A write failure removes the partial tag and raises a UserError saying why
-    (no space, permission denied) with `latest` untouched. With DeepSpeed's decoupled checkpoint engine
-    (checkpoint.async_save) its files are still being written when this returns; `finish`, called before the
-    weights change again, waits for them.
+    (no space, permission denied) with `latest` untouched. With checkpoint.async_save DeepSpeed's files are
+    still being written when this returns (from a host copy); `finish` waits for them.
     """
     root = checkpoint_dir(run_dir)
     tag = tag_name(step)
@@ -71,14 +70,16 @@ class PendingSave:
     keep_last: int | None
 
     def finish(self, engine) -> Path:
-        """Wait until this rank's files are written (DeepSpeed's commit), then manifest, `latest`, retention."""
+        """Wait until this rank's files are written, then manifest, `latest`, retention."""
         writer = engine.checkpoint_engine
-        if writer.get_commit_info() is not None:  # None: written synchronously, or already committed
-            writer.commit(writer.get_commit_info())
         root = self.tag_dir.parent
         with _removed_on_write_failure(self.tag_dir):
+            written = {}
+            if writer.get_commit_info() is not None:  # an asynchronous save (async_writer.BackgroundWriter)
+                writer.commit(writer.get_commit_info())  # raises what failed in the writer
+                written = writer.written(self.tag_dir)
             torch.distributed.barrier()
-            _write_manifest(self.tag_dir, self.world_rank)
+            _write_manifest(self.tag_dir, self.world_rank, written)
             if self.world_rank == 0:
                 write_atomic(root / LATEST, self.tag_dir.name)  # durable: file and folder entry
         if self.world_rank == 0 and self.keep_last:
@@ -86,16 +87,29 @@ class PendingSave:
         torch.distributed.barrier()
         return self.tag_dir
 
+    def ready(self, engine, device) -> bool:
+        """Whether every rank's files are written, so that `finish` would not wait for a writer (one all-reduce,
+        on every rank)."""
+        writer = engine.checkpoint_engine
+        done = torch.tensor(0 if writer.get_commit_info() is not None and writer.writing() else 1, device=device)
+        torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
+        return bool(done.item())
 
-def _write_manifest(tag_dir: Path, world_rank: int) -> None:
-    """Every rank checksums (and fsyncs) its share of the tag's files; rank 0 writes the manifest."""
-    names = [manifest.tag_files(tag_dir) if world_rank == 0 else None]
-    torch.distributed.broadcast_object_list(names, src=0)
+
+def _write_manifest(tag_dir: Path, world_rank: int, written: dict[str, dict]) -> None:
+    """Every rank checksums (and fsyncs) its share of the tag's files that no writer thread described already
+    (`written`: this rank's); rank 0 writes the manifest."""
     world = torch.distributed.get_world_size()
+    described: list = [None] * world
+    torch.distributed.all_gather_object(described, written)
+    known = {name: entry for share in described for name, entry in share.items()}
+    names = [[name for name in manifest.tag_files(tag_dir) if name not in known] if world_rank == 0 else None]
+    torch.distributed.broadcast_object_list(names, src=0)
     shares: list = [None] * world
     torch.distributed.all_gather_object(shares, manifest.describe(tag_dir, names[0][world_rank::world]))
     if world_rank == 0:
-        manifest.write_manifest(tag_dir, {name: entry for share in shares for name, entry in sorted(share.items())})
+        files = {name: entry for share in [known, *shares] for name, entry in share.items()}
+        manifest.write_manifest(tag_dir, dict(sorted(files.items())))
 
 
 _WRITE_FAILURES = ("No space left", "Permission denied", "Read-only", "inline_container", "file write failed",

@@ -17,10 +17,6 @@ def deepspeed_config(config: RunConfig, data_parallel: int, load_universal: bool
     ds = _without_gpu_precision(derived_deepspeed_config(config, data_parallel))
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
-    if config.checkpoint.async_save:  # DeepSpeed's decoupled engine: a writer process per rank (checkpoint.py)
-        writer = ds.setdefault("checkpoint", {}).setdefault("writer", {})
-        writer.setdefault("type", "PYTHON")  # plain buffered writes; FAST needs DeepSpeed's compiled async_io op
-        writer["decoupled"] = True
     return ds
 
 
@@ -91,7 +87,9 @@ def build_engine(config: RunConfig, world, scheduler_factory=None, load_universa
 
     Training and `megacpt eval` both build it here, so their parameter groups and precision are the same. The
     model carries the `universal_checkpoint_info` that DeepSpeed saves with every checkpoint
-    (checkpoint/elastic.py). `gate`: what decides each optimizer update (the loop's callbacks)."""
+    (checkpoint/elastic.py). `gate`: what decides each optimizer update (the loop's callbacks). With
+    checkpoint.async_save its checkpoint engine is megacpt's BackgroundWriter (checkpoint/async_writer.py)."""
+    from megacpt.checkpoint.async_writer import BackgroundWriter
     from megacpt.model.gpt import build_gpt
     from megacpt.model.hf_mapping import gated_mlp
     from megacpt.runtime.distributed import MegatronMPU
@@ -102,6 +100,8 @@ def build_engine(config: RunConfig, world, scheduler_factory=None, load_universa
     model.universal_checkpoint_info = universal_checkpoint_info(config.padded_vocab_size, gated_mlp(config.model))
     ds = deepspeed_config(config, world.data_size, load_universal)
     engine, optimizer, scheduler = initialize(model, ds, scheduler_factory, MegatronMPU, gate)
+    if config.checkpoint.async_save:  # DeepSpeed's checkpoint engine interface, writing from a host copy
+        engine.checkpoint_engine = BackgroundWriter(engine._config)
     if config.train.compile:
         engine.compile()  # the module compiled in place (nn.Module.compile): its state dict keys stay the same
     return engine, optimizer, scheduler

@@ -2,9 +2,11 @@
 `latest`, failures) is checkpoint/save.py.
 
 A checkpoint is saved every `train.save_interval` steps, at the stage's last step and when the ranks agreed
-to stop (SIGTERM/SIGUSR1). With `checkpoint.async_save` DeepSpeed's files are written while the next step
-computes; the save is finished (manifest, `latest`) before that step's update changes the weights, and at
-once after the last step or a stop.
+to stop (SIGTERM/SIGUSR1). With `checkpoint.async_save` DeepSpeed's files are written from a host copy while
+the next steps compute: the save is finished (manifest, `latest`) after the first step at which every rank's
+writer is done, at the latest when the next save starts (never two in flight), and at once after the last
+step or a stop. With loss-spike handling (`train.spike`) it is finished before the next update, since a
+rollback may go back to it.
 """
 from __future__ import annotations
 
@@ -36,7 +38,9 @@ class Checkpointing(Callback):
         self.pending: tuple[PendingSave, int, float] | None = None  # a started save, its step, seconds waited
 
     def after_backward(self, loop, loss) -> None:
-        self.finish(loop)  # before the update changes what an asynchronous save is writing
+        if self.pending is not None and (self.config.train.spike is not None
+                                         or self.pending[0].ready(loop.engine, loop.world.device)):
+            self.finish(loop)
 
     def after_step(self, loop, result: StepResult) -> None:
         step, cfg = result.step, self.config.train
@@ -47,8 +51,9 @@ class Checkpointing(Callback):
             self.metrics.print(f"stop signal received: saved a checkpoint at step {step}, exiting")
 
     def save(self, loop, step: int, finish: bool) -> None:
-        """Start a save; with checkpoint.async_save DeepSpeed's files are written while the next step computes,
-        unless `finish` (the last step, a stop) waits for them now."""
+        """Start a save, once the previous one is finished; with checkpoint.async_save DeepSpeed's files are
+        written while the next steps compute, unless `finish` (the last step, a stop) waits for them now."""
+        self.finish(loop)
         start = time.perf_counter()
         dataset, consumed = loop.stream.dataset, loop.stream.consumed_samples
         samples = dataset.samples_per_source(consumed)

@@ -35,7 +35,7 @@ def preflight(config: RunConfig, world_size: int, checksums: bool = True) -> Loa
     layout, DeepSpeed config, memory, schedule, tokenizer, data, folders, checkpoint. Returns the load plan."""
     from megacpt.data.datasets import check_continued_files, check_data, continued_uses
     from megacpt.data.tokenizers import check_vocabulary
-    from megacpt.runtime.deepspeed_config import derived_deepspeed_config, zero_stage
+    from megacpt.runtime.deepspeed_config import derived_deepspeed_config
     from megacpt.runtime.distributed import data_parallel_size
     from megacpt.runtime.engine import check_with_deepspeed
     from megacpt.schedule import check_schedule
@@ -53,10 +53,6 @@ def preflight(config: RunConfig, world_size: int, checksums: bool = True) -> Loa
         from megacpt.train.wandb_sink import check_available
 
         check_available(config.logging.wandb)
-    if config.checkpoint.async_save and zero_stage(ds) > 0:
-        raise ConfigError("checkpoint.async_save", "works with ZeRO stage 0 only: DeepSpeed's decoupled checkpoint "
-                          "engine cannot hand ZeRO's optimizer partitions to its writer process (torch refuses to "
-                          "serialize a non-leaf tensor that requires grad); set it to false or use stage 0")
     plan = plan_load(config, checksums)
     if plan is not None:
         # weights through the universal form may change layout; a grown tag's own weights load as they are
@@ -174,8 +170,7 @@ def run_stage(config: RunConfig, world, plan: LoadPlan | None, signals: StopSign
         return True
     finally:
         callbacks.close()
-        if engine.checkpoint_engine.is_decoupled():  # stop the writer process, which outlives us otherwise
-            engine.checkpoint_engine.cleanup()
+        engine.checkpoint_engine.cleanup()  # checkpoint.async_save: a write in flight ends before the process
 
 
 def long_document_shares(config: RunConfig, stream, begin: int) -> dict:
