@@ -6,8 +6,8 @@ states and every rank's optimizer partition, whatever the ZeRO stage. `Backgroun
 engine's checkpoint engine, copies the state dict's tensors to host memory there, at the step boundary, and
 returns; one thread per rank then writes the copy with DeepSpeed's own torch engine (the same `torch.save`
 call as a synchronous save, so the files are byte for byte the same) and checksums and fsyncs each file for
-the manifest. `commit` waits for the thread and raises what failed in it; checkpoint/save.py calls it before
-the manifest and `latest`. One tag at a time: `create` of a tag refuses while another is uncommitted.
+the manifest. `finish` waits for the thread and raises what failed in it; checkpoint/save.py calls it before
+the manifest and `latest`. One tag at a time: `create` of a tag refuses while another is unfinished.
 
 It does not decide when a save starts or finishes (train/checkpointing.py) and writes no manifest or
 `latest` (save.py). Its cost: host memory for one copy of this rank's share of the tag, until it is written.
@@ -64,7 +64,7 @@ def _host_tensor(tensor: torch.Tensor, storages: dict[int, torch.UntypedStorage]
 
 
 class BackgroundWriter(TorchCheckpointEngine):
-    """DeepSpeed's checkpoint engine interface: `save` copies to host memory and queues the write; `commit`
+    """DeepSpeed's checkpoint engine interface: `save` copies to host memory and queues the write; `finish`
     waits for the writes of the tag (`create`d) and raises what failed in them."""
 
     def __init__(self, config_params=None):
@@ -72,13 +72,13 @@ class BackgroundWriter(TorchCheckpointEngine):
         self.name = "megacpt.BackgroundWriter"
         self._jobs: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._tag: CheckpointCommitInfo | None = None  # the tag being written, until it is committed
+        self._tag: CheckpointCommitInfo | None = None  # the tag being written, until it is finished
         self._failure: BaseException | None = None  # what failed in the writer (the tag's later files are skipped)
         self._written: dict[str, dict] = {}  # path -> {size, crc32c} of the tag's written files
 
     def create(self, info: CheckpointCommitInfo) -> None:
         if self._tag is not None:
-            raise RuntimeError(f"checkpoint {self._tag.tag} is still uncommitted: commit it before saving {info.tag}")
+            raise RuntimeError(f"checkpoint {self._tag.tag} is still unfinished: finish it before saving {info.tag}")
         self._tag, self._failure, self._written = info, None, {}
 
     def save(self, state_dict, path: str) -> None:
@@ -95,33 +95,38 @@ class BackgroundWriter(TorchCheckpointEngine):
                 if self._failure is None:
                     TorchCheckpointEngine.save(self, snapshot, path)
                     self._written[path] = manifest.entry(Path(path))
-            except BaseException as error:  # raised in the loop's thread by commit
+            except BaseException as error:  # raised in the loop's thread by finish
                 self._failure = error
             finally:
                 del snapshot
                 self._jobs.task_done()
 
     def is_decoupled(self) -> bool:
-        return True  # DeepSpeed leaves the commit to megacpt (checkpoint/save.py)
+        return True  # DeepSpeed's save_checkpoint leaves the commit to megacpt (checkpoint/save.py)
 
-    def get_commit_info(self) -> CheckpointCommitInfo | None:
-        return self._tag
+    def get_commit_info(self) -> None:
+        return None  # else DeepSpeed's engine would commit, waiting for the writer, before every optimizer step
 
     def writing(self) -> bool:
-        """Whether files of the tag are still being written (commit would wait)."""
+        """Whether files of the tag are still being written (`finish` would wait)."""
         return self._jobs.unfinished_tasks > 0
 
-    def commit(self, info: CheckpointCommitInfo) -> bool:
+    def finish(self) -> dict[str, dict]:
+        """Wait for the tag's files and raise what failed in writing them; else {file name in the tag: its
+        manifest entry} of those this rank wrote. Nothing pending: {}."""
         self._jobs.join()
-        self._tag = None
+        tag, self._tag = self._tag, None
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise failure
-        return True
-
-    def written(self, tag_dir: Path) -> dict[str, dict]:
-        """The committed tag's files this rank wrote, by name in `tag_dir`, with their manifest entries."""
+        if tag is None:
+            return {}
+        tag_dir = Path(tag.save_dir) / tag.tag
         return {os.path.relpath(path, tag_dir): entry for path, entry in self._written.items()}
+
+    def commit(self, info: CheckpointCommitInfo) -> bool:
+        self.finish()
+        return True
 
     def cleanup(self) -> None:
         self._jobs.join()  # never leave a file cut short when the run ends (also after an error)

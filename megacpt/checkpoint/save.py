@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from megacpt.checkpoint import manifest
+from megacpt.checkpoint.async_writer import BackgroundWriter
 from megacpt.checkpoint.tags import LATEST, is_complete, prune, read_latest, tag_name
 from megacpt.errors import UserError
 from megacpt.files import write_atomic
@@ -74,10 +75,8 @@ class PendingSave:
         writer = engine.checkpoint_engine
         root = self.tag_dir.parent
         with _removed_on_write_failure(self.tag_dir):
-            written = {}
-            if writer.get_commit_info() is not None:  # an asynchronous save (async_writer.BackgroundWriter)
-                writer.commit(writer.get_commit_info())  # raises what failed in the writer
-                written = writer.written(self.tag_dir)
+            # checkpoint.async_save: wait for the writer (raising what failed in it), take its checksums
+            written = writer.finish() if isinstance(writer, BackgroundWriter) else {}
             torch.distributed.barrier()
             _write_manifest(self.tag_dir, self.world_rank, written)
             if self.world_rank == 0:
@@ -91,7 +90,7 @@ class PendingSave:
         """Whether every rank's files are written, so that `finish` would not wait for a writer (one all-reduce,
         on every rank)."""
         writer = engine.checkpoint_engine
-        done = torch.tensor(0 if writer.get_commit_info() is not None and writer.writing() else 1, device=device)
+        done = torch.tensor(0 if isinstance(writer, BackgroundWriter) and writer.writing() else 1, device=device)
         torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
         return bool(done.item())
 
