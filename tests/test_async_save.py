@@ -161,6 +161,7 @@ def test_the_write_overlaps_the_next_step(tmp_path, pattern_data, synchronous):
 # A driver that kills its own process with SIGKILL at one moment of the asynchronous save of step 8.
 KILL = """
 import os, signal, sys, time
+from pathlib import Path
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 from megacpt.checkpoint import async_writer, save
 from megacpt.cli import main
@@ -177,13 +178,19 @@ if moment == "snapshot":  # the model states copied to host memory and queued, t
             kill()
         return copy_then_queue(self, state_dict, path)
     async_writer.BackgroundWriter.save = copying
-elif moment == "write":  # the writer thread half way through the optimizer file; the loop goes on meanwhile
+elif moment == "write":  # the writer thread half way through the optimizer file, until the loop has trained
+    # step 12 and has had 3 s to go on to the manifest and `latest` of step 8 (which it must not do)
     write = TorchCheckpointEngine.save
     def half_written(self, state_dict, path):
         if TAG in path and "optim_states" in path:
             with open(path, "wb") as f:
                 f.write(b"PK" + bytes(4096))
-            time.sleep(1.0)
+            root = Path(path).parents[1]
+            while '"step": 12' not in (root.parent / "metrics.jsonl").read_text():
+                time.sleep(0.05)
+            deadline = time.time() + 3
+            while time.time() < deadline and not (root / "latest").read_text() == TAG:
+                time.sleep(0.05)
             kill()
         return write(self, state_dict, path)
     TorchCheckpointEngine.save = half_written
@@ -210,8 +217,9 @@ sys.exit(main(["train", sys.argv[1]]))
 @pytest.mark.parametrize("moment", ["snapshot", "write", "commit", "latest"])
 def test_a_kill_at_any_moment_of_an_asynchronous_save_resumes_bit_exactly(tmp_path, pattern_data, synchronous,
                                                                          moment):
-    """ZeRO 1: SIGKILL during the host copy of step 8, half way through its background write, between the
-    writer's commit and the manifest, and between the manifest and `latest`. `latest` still names step 4, and
+    """ZeRO 1: SIGKILL during the host copy of step 8, half way through its background write (held there
+    until the loop waits for it at the save of step 12), between the writer's finish and the manifest, and
+    between the manifest and `latest`. `latest` still names step 4, and
     the rerun resumes from there and ends with the losses and the tag of a synchronous run never killed."""
     cfg = _config(tmp_path, pattern_data)
     log = tmp_path / "killed.log"
