@@ -221,6 +221,17 @@ _POINTS_RULE = ("[step, value] points whose step is an int (an optimizer step of
                 "[0, 1] (a fraction of train.steps), in increasing order")
 
 
+def same_dataset(a: str, b: str) -> bool:
+    """Whether dataset prefixes `a` and `b` reach the same data: one path once symlinks are resolved, or .bin
+    files that are one file (a symlink, a hard link, a linked folder)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a + ".bin", b + ".bin")
+    except OSError:  # a file that does not exist (yet): the paths alone tell
+        return False
+
+
 def check_points(points: SchedulePoints, low: float, high: float, high_open: bool) -> SchedulePoints:
     """Bounds of a mixture schedule's points that need no train.steps (RunConfig checks their order)."""
     if not points:
@@ -348,10 +359,9 @@ class DataConfig(Section):
         if info.data.get("allow_validation_overlap"):
             return value
         replay = info.data.get("replay")
-        trained = {os.path.normpath(os.path.abspath(s.prefix)): s.name
-                   for s in info.data.get("sources", []) + (replay.sources if replay else [])}
+        trained = info.data.get("sources", []) + (replay.sources if replay else [])
         for v in value:
-            source = trained.get(os.path.normpath(os.path.abspath(v.prefix)))
+            source = next((s.name for s in trained if same_dataset(s.prefix, v.prefix)), None)
             if source is not None:
                 raise ValueError(f"'{v.name}' ({v.prefix}) is also the training data of source '{source}', so its loss "
                                  f"would not measure held-out data; use a held-out file, or set "
@@ -387,11 +397,11 @@ class DataConfig(Section):
                              "replay.seen_only to false")
         if self.replay.any_replay and not self.replay.sources:
             raise ValueError("replay.fraction > 0 needs replay.sources")
-        new_prefixes = {os.path.normpath(s.prefix): s.name for s in self.sources}
-        for s in self.replay.sources:
-            if os.path.normpath(s.prefix) in new_prefixes and not self.replay.seen_only:
-                raise ValueError(f"replay source '{s.name}' reads the same files as new source "
-                                 f"'{new_prefixes[os.path.normpath(s.prefix)]}' ({s.prefix}): replay is earlier data, "
+        for s in self.replay.sources if not self.replay.seen_only else []:
+            new = next((n for n in self.sources if same_dataset(n.prefix, s.prefix)), None)
+            if new is not None:
+                raise ValueError(f"replay source '{s.name}' ({s.prefix}) reads the same files as new source "
+                                 f"'{new.name}' ({new.prefix}): replay is earlier data, "
                                  "so this only shifts the blend weights; give the weight to the source instead, or "
                                  "set replay.seen_only to replay just what an earlier stage trained on")
         return self

@@ -10,7 +10,8 @@ with --overwrite, and one that is, contains or lies inside an input of the comma
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from megacpt.errors import ConfigError, UserError
@@ -58,14 +59,26 @@ def check_writable_folder(folder: Path, key: str) -> None:
         raise refuse(f"cannot {what} {existing}: permission denied")
 
 
+@contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """An OSError in the block names `path` (a failed write to an open file, or to a temporary sibling, names
+    none, or not the file the caller writes): the message of a full disk can say which file it was."""
+    try:
+        yield
+    except OSError as e:
+        e.filename = str(path)
+        raise
+
+
 def write_atomic(path: str | Path, data: str | bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
     path = Path(path)
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(temp, "wb") as f:
+        with naming(path), open(temp, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        replace_durably(temp, path)
+        with naming(path):
+            replace_durably(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise

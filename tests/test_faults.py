@@ -27,7 +27,7 @@ from megacpt.cli import main
 from megacpt.run_dir import LOCK, OWNER
 
 from datagen import pattern_documents, read_metrics, tiny_config, write_config, write_indexed
-from launch import clean_env
+from launch import assert_ok, clean_env, deepspeed_launch, run_python
 
 TAG2, TAG4 = "step00000002", "step00000004"
 
@@ -323,6 +323,88 @@ def test_a_read_only_run_dir_is_refused(tmp_path, pattern_data, capsys):
     refused(capsys, ["train", cfg], tmp_path / "ro", "permission denied")
 
 
+# ----------------------------------------------------------------------------- a full or read-only disk
+
+
+def _mount(*args: str) -> None:
+    if subprocess.run(["mount", *args], capture_output=True).returncode:
+        pytest.skip("needs mount (root; CI runs as root)")
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    """A 40 MB tmpfs of the test's own (a real full disk: every write fails as it would), unmounted at the end."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    _mount("-t", "tmpfs", "-o", "size=40m", "tmpfs", str(disk))
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)  # lazy: a failed test may hold a file open there
+
+
+def _fill(disk: Path, leave: int = 0) -> None:
+    """Fill `disk` up to `leave` free bytes."""
+    with open(disk / "fill", "wb") as f:
+        try:
+            while shutil.disk_usage(disk).free > leave:
+                f.write(bytes(min(1 << 20, shutil.disk_usage(disk).free - leave)))
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
+@pytest.mark.parametrize("start", ["fresh", "resume"])
+def test_a_start_on_a_full_disk_is_refused_naming_the_file(tmp_path, small_disk, trained, pattern_data, capsys, start):
+    run = small_disk / "run"
+    if start == "resume":
+        shutil.copytree(trained, run)
+    _fill(small_disk)
+    config = _config(run, pattern_data, train={"steps": 6}, data={"cache_dir": str(tmp_path / "cache")})
+    refused(capsys, ["train", write_config(tmp_path / "c.json", config)], small_disk,
+            f"cannot write {run / OWNER}: No space left on device", "Free space on that disk")
+    assert run.exists() == (start == "resume")  # a fresh start leaves no run dir
+
+
+@pytest.mark.parametrize("fault, reason", [("full disk", "no space left on device"),
+                                           ("read-only checkpoints", "read-only file system")])
+def test_a_zero_0_to_1_resume_that_cannot_write_the_universal_form_is_refused(tmp_path, small_disk, trained,
+                                                                              pattern_data, capsys, fault, reason):
+    run = small_disk / "run"
+    shutil.copytree(trained, run)
+    checkpoints = run / "checkpoints"
+    if fault == "full disk":
+        _fill(small_disk, leave=64 << 10)  # room for the lock's note, not for the universal form
+    else:
+        _mount("--bind", str(checkpoints), str(checkpoints))
+        _mount("-o", "remount,ro,bind", str(checkpoints))
+    try:
+        config = _config(run, pattern_data, data={"cache_dir": str(tmp_path / "cache")})
+        refused(capsys, ["train", write_config(tmp_path / "c.json", config), "--set",
+                         "deepspeed.zero_optimization.stage=1"], small_disk,
+                f"cannot write the universal form of checkpoint {checkpoints / TAG4} beside it: {reason}",
+                "megacpt reshard")
+    finally:
+        if fault != "full disk":
+            subprocess.run(["umount", "--lazy", str(checkpoints)], check=True)
+
+
+@pytest.mark.parametrize("start", ["resume from an older tag", "fresh start after a killed one"])
+def test_a_start_that_fails_after_its_checks_changes_nothing_in_an_existing_run_dir(run_copy, pattern_data, capsys,
+                                                                                     monkeypatch, start):
+    """config.json, the tags and metrics.jsonl change only once the start has built and restored everything:
+    here the data indices cannot be written (a full disk under data.cache_dir)."""
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "save", full)
+    if start.startswith("fresh"):  # a run killed before its first checkpoint: metrics.jsonl and config.json only
+        shutil.rmtree(run_copy / "checkpoints")
+    config = _config(run_copy, pattern_data, train={"log_interval": 2},  # a change a resume may make
+                     data={"cache_dir": str(run_copy.parent / "other_cache")})
+    refused(capsys, ["train", write_config(run_copy.parent / "c.json", config),
+                     *(["--set", f"checkpoint.load_tag={TAG2}"] if start.startswith("resume") else [])], run_copy,
+            "data.cache_dir", "No space left on device")
+
+
 # ------------------------------------------------------------------------------------ bad data and tokenizers
 
 
@@ -422,6 +504,51 @@ def test_a_replay_source_that_is_a_new_source_is_refused(tmp_path, pattern_data,
     refused(capsys, ["train", write_config(tmp_path / "c.json", config)], tmp_path, "'old'", "same files", "seen_only")
 
 
+@pytest.mark.parametrize("link", ["symlinked files", "hard-linked files", "symlinked folder"])
+@pytest.mark.parametrize("group", ["validation", "replay"])
+def test_a_validation_or_replay_prefix_linked_to_the_training_files_is_the_same_data(tmp_path, pattern_data, capsys,
+                                                                                      link, group):
+    trained = Path(pattern_data["a"])
+    if link == "symlinked folder":
+        (tmp_path / "linked").symlink_to(trained.parent, target_is_directory=True)
+        prefix = tmp_path / "linked" / trained.name
+    else:
+        prefix = tmp_path / "other"
+        for ext in (".bin", ".idx"):
+            target = trained.with_name(trained.name + ext)
+            if link == "symlinked files":
+                prefix.with_name(prefix.name + ext).symlink_to(target)
+            else:
+                os.link(target, prefix.with_name(prefix.name + ext))
+    data, words = {
+        "validation": ({"validation": [{"name": "v", "prefix": str(prefix)}]},
+                       ["'v'", "is also the training data of source 'a'"]),
+        "replay": ({"replay": {"fraction": 0.2, "sources": [{"name": "old", "prefix": str(prefix)}]}},
+                   ["replay source 'old'", "same files as new source 'a'"])}[group]
+    config = tiny_config(tmp_path / "run", [{"name": "a", "prefix": pattern_data["a"]}], data=data)
+    refused(capsys, ["train", write_config(tmp_path / "c.json", config)], tmp_path, *words)
+
+
+def test_a_resume_after_a_source_was_rewritten_under_the_same_prefix_is_refused(tmp_path, capsys):
+    import crc32c
+
+    prefix = write_indexed(tmp_path / "d", pattern_documents(11, 3, 60, 100))
+    config = tiny_config(tmp_path / "run", [{"name": "d", "prefix": prefix}],
+                         train={"steps": 2, "save_interval": 2}, schedule={"warmup": 0})
+    assert main(["train", write_config(tmp_path / "c.json", config)]) == 0
+    bin_file = Path(prefix + ".bin")
+    before = bin_file.read_bytes()
+    gc.collect()  # unmap the old files before they are rewritten
+    write_indexed(prefix, pattern_documents(11, 4, 60, 100))  # the same documents' lengths, other tokens
+    after = bin_file.read_bytes()
+    assert len(after) == len(before) and after != before
+    config["train"]["steps"] = 4
+    refused(capsys, ["train", write_config(tmp_path / "c.json", config)], tmp_path / "run",
+            f"{bin_file} of source 'd' changed since this stage started on it (as checkpoint {TAG2} records)",
+            f"{len(before)} bytes, CRC32C {crc32c.crc32c(before):08x}; now {len(after)} bytes, CRC32C "
+            f"{crc32c.crc32c(after):08x}", "init.checkpoint")
+
+
 def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, pattern_data, capsys):
     config = tiny_config(tmp_path / "run", [{"name": "a", "prefix": pattern_data["a"]}], tokenizer={"type": "byte"})
     refused(capsys, ["train", write_config(tmp_path / "c.json", config)], tmp_path,
@@ -444,6 +571,34 @@ def test_a_dataset_rewritten_under_the_same_prefix_gets_new_indices(tmp_path, wo
     tokens = set(np.concatenate([second[i]["tokens"].numpy() for i in range(40)]).tolist())
     assert tokens == {(100 + 7 * i) % 256 for i in range(5)}  # only the new documents' tokens
     assert first != second[0]["tokens"].tolist()
+
+
+@pytest.mark.launcher
+def test_deepspeeds_ds_to_universal_on_a_tag_stops_where_the_docs_say_and_megacpt_reshard_converts_it(tmp_path,
+                                                                                                     pattern_data):
+    """DeepSpeed's own converter on a 2-rank ZeRO-1 tag stops at megatron-core's empty `_extra_state` entries;
+    LAUNCH.md and CHECKPOINTS.md say so and name megacpt's command, which writes the tag's universal form."""
+    config = _config(tmp_path / "run", pattern_data, train={"steps": 2, "save_interval": 2}, schedule={"warmup": 0},
+                     deepspeed={"zero_optimization": {"stage": 1}})
+    assert_ok(deepspeed_launch(2, ["megacpt", "train", write_config(tmp_path / "c.json", config)]))
+    tag = tmp_path / "run" / "checkpoints" / TAG2
+    result = run_python(["-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag), "--output_folder",
+                         str(tmp_path / "ds_universal")])
+    assert result.returncode != 0 and "'NoneType' object has no attribute 'float'" in result.stderr, result.stderr
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    for page in ("LAUNCH.md", "CHECKPOINTS.md"):
+        text = " ".join((docs / page).read_text().split())
+        assert "ds_to_universal --input_folder TAG" in text and "megacpt reshard --checkpoint TAG --tp T" in text, page
+    # what the docs offer instead: reshard at the tag's own TP writes OUT/TAG/universal, DeepSpeed's layout
+    assert_ok(run_python(["-m", "megacpt", "reshard", "--checkpoint", str(tag), "--tp", "1", "--output",
+                          str(tmp_path / "out")]))
+    universal = tmp_path / "out" / TAG2 / "universal" / "zero"
+    weights = {n: t for n, t in torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)["module"].items()
+               if torch.is_tensor(t)}
+    assert sorted(p.name for p in universal.iterdir() if p.is_dir()) == sorted(weights)  # and optimizer_state.pt
+    for name, tensor in weights.items():
+        assert {p.name for p in (universal / name).iterdir()} >= {"fp32.pt", "exp_avg.pt", "exp_avg_sq.pt"}
+        assert torch.equal(torch.load(universal / name / "fp32.pt", weights_only=False)["param"], tensor.float()), name
 
 
 # ------------------------------------------------------------------------------------ other commands
@@ -534,9 +689,10 @@ def test_convert_refuses_a_truncated_safetensors_and_an_output_under_a_file(tmp_
                      str(tmp_path / "afile" / "out")], tmp_path, "cannot create output", "afile")
 
 
+@pytest.mark.parametrize("garbage", [b"\xff\xfe\x00garbage\x80", b"../" + TAG4.encode()], ids=["binary", "text"])
 @pytest.mark.parametrize("command", ["train", "verify"])
-def test_latest_holding_binary_garbage_is_refused_naming_it(run_copy, pattern_data, capsys, command):
-    (run_copy / "checkpoints" / "latest").write_bytes(b"\xff\xfe\x00garbage\x80")
+def test_latest_holding_garbage_is_refused_naming_it(run_copy, pattern_data, capsys, command, garbage):
+    (run_copy / "checkpoints" / "latest").write_bytes(garbage)
     cfg = write_config(run_copy.parent / "c.json", _config(run_copy, pattern_data))
     args = ["train", cfg] if command == "train" else ["checkpoint", "verify", str(run_copy)]
     refused(capsys, args, run_copy, "latest", "holds no tag name", TAG4)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from megacpt.checkpoint.save import write_failure_reason
 from megacpt.errors import UserError
 from megacpt.files import replace_durably
 from megacpt.model import hf_mapping
@@ -126,10 +127,10 @@ def write_universal(tag_dir: Path, saved: Layout | None, vocab_rows: int, folder
     except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError of its zip writer
         if isinstance(e, RuntimeError) and "inline_container" not in str(e):
             raise
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else "a failed write, e.g. a full disk"
-        raise UserError(f"cannot write the universal form of checkpoint {tag_dir} beside it ({reason}); free space "
-                        "there, or convert it where you can write with `megacpt reshard --checkpoint TAG --tp N "
-                        "--output DIR` and load that") from None
+        reason = write_failure_reason(e, folder.parent)
+        raise UserError(f"cannot write the universal form of checkpoint {tag_dir} beside it: {reason}; make room "
+                        "there or make it writable, or convert it where you can write with `megacpt reshard "
+                        "--checkpoint TAG --tp N --output DIR` and load that") from None
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
 

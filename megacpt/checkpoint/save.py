@@ -128,7 +128,7 @@ def _removed_on_write_failure(tag_dir: Path) -> Iterator[None]:
         if isinstance(error, RuntimeError) and not any(w in str(error) for w in _WRITE_FAILURES):
             raise
         root = tag_dir.parent
-        reason = _write_failure_reason(error, root)
+        reason = write_failure_reason(error, root)
         shutil.rmtree(tag_dir, ignore_errors=True)
         latest = root / LATEST
         kept = (f"`latest` still names {read_latest(root)}" if latest.is_file()
@@ -137,12 +137,14 @@ def _removed_on_write_failure(tag_dir: Path) -> Iterator[None]:
                         f"{kept}; make room or fix the folder, then run the same command again to resume") from None
 
 
-def _write_failure_reason(error: BaseException, root: Path) -> str:
+def write_failure_reason(error: BaseException, root: Path) -> str:
+    """Why a write into `root` failed, in a few words (no space left on device, permission denied, ...)."""
     code, text = getattr(error, "errno", None), str(error)
     if code == errno.ENOSPC or "No space left" in text or _free_bytes(root) < (1 << 20):
         return "no space left on device"
-    if code in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in text or "Read-only" in text \
-            or not os.access(root, os.W_OK):
+    if code == errno.EROFS or "Read-only" in text:
+        return "read-only file system"
+    if code in (errno.EACCES, errno.EPERM) or "Permission denied" in text or not os.access(root, os.W_OK):
         return "permission denied"
     return getattr(error, "strerror", None) or text
 

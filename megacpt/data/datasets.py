@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from megacpt.checkpoint.manifest import checksum
-from megacpt.config import DataConfig, DataSource
+from megacpt.config import DataConfig, DataSource, same_dataset
 from megacpt.data.blend import Blend, batch_counts, batch_shares
 from megacpt.data.documents import DOCUMENT_BYTES_SUFFIX
 from megacpt.data.packing import mask_documents, sample_parts
@@ -352,15 +352,11 @@ def build_train_dataset(data: DataConfig, num_samples: int, global_batch_size: i
     return BlendedStream(blend, sources, names)
 
 
-def _same_prefix(a: str, b: str) -> bool:
-    return os.path.normpath(a) == os.path.normpath(b)
-
-
 def _trained_uses(stages: list[StageRecord], prefix: str) -> list[tuple[TrainedStage, SourceUse]]:
     """(stage, use) of every earlier megacpt stage that read `prefix`'s stream, oldest first (an imported stage
     has no data megacpt could know of)."""
     return [(stage, use) for stage in stages if isinstance(stage, TrainedStage)
-            for use in stage.uses().values() if _same_prefix(use.prefix, prefix)]
+            for use in stage.uses().values() if same_dataset(use.prefix, prefix)]
 
 
 def continued_uses(data: DataConfig, stages: list[StageRecord], seq_length: int) -> dict[str, SourceUse]:
@@ -386,15 +382,35 @@ def check_continued_files(uses: dict[str, SourceUse], checksums: bool = True) ->
     """Every continued source's files are the ones its earlier stage read (size, and CRC32C with `checksums`)."""
     for name, use in uses.items():
         for saw in use.files:
-            if not os.path.isfile(saw.path):
-                raise UserError(f"data.continue_sources: {saw.path} of source '{name}' is gone")
-            size = os.path.getsize(saw.path)
-            now = file_checksum(saw.path) if checksums else saw.checksum
-            if (size, now) != (saw.size, saw.checksum):
-                raise UserError(f"data.continue_sources: {saw.path} of source '{name}' changed since an earlier stage "
-                                f"read it ({saw.size} bytes, CRC32C {saw.checksum}; now {size} bytes, CRC32C "
-                                f"{now}), so 'the first sample not yet used' means nothing any more; restore the "
-                                "file, or set data.continue_sources to false and start the source over")
+            change = file_change(saw, "since an earlier stage read it", checksums)
+            if change:
+                raise UserError(f"data.continue_sources: {saw.path} of source '{name}' {change}, so 'the first sample "
+                                "not yet used' means nothing any more; restore the file, or set "
+                                "data.continue_sources to false and start the source over")
+
+
+def check_resumed_files(stage: TrainedStage, tag: str, checksums: bool = True) -> None:
+    """A resume trains the rest of `stage` on the files the stage started on (their size and CRC32C, recorded in
+    its checkpoint `tag`): a source rewritten under the same prefix would change what the stage means."""
+    for name, use in stage.uses().items():
+        for saw in use.files:
+            change = file_change(saw, f"since this stage started on it (as checkpoint {tag} records)", checksums)
+            if change:
+                raise UserError(f"{saw.path} of source '{name}' {change}: the resumed stage would train its remaining "
+                                "steps on other data than its first ones. Restore the file to resume, or train on the "
+                                "new files as a new stage: init.checkpoint set to this checkpoint, in another run_dir")
+
+
+def file_change(saw: SourceFile, since: str, checksums: bool) -> str | None:
+    """How the file `saw` recorded differs from it now ('is gone', or both sizes and CRC32Cs); None when it is the
+    same (the CRC32C is compared only with `checksums`, else the size)."""
+    if not os.path.isfile(saw.path):
+        return "is gone"
+    size = os.path.getsize(saw.path)
+    now = file_checksum(saw.path) if checksums else saw.checksum
+    if (size, now) == (saw.size, saw.checksum):
+        return None
+    return f"changed {since} ({saw.size} bytes, CRC32C {saw.checksum}; now {size} bytes, CRC32C {now})"
 
 
 # Files up to this size are checksummed whole; a larger .bin by evenly spaced chunks (with its size and the whole

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from megacpt.errors import UserError
-from megacpt.files import replace_durably
+from megacpt.files import naming, replace_durably
 from megacpt.run_dir import SAMPLES
 
 
@@ -38,16 +38,21 @@ class SampleLedger:
         if self.file is not None:
             self.file.close()
         temp = self.path.with_name(f"{SAMPLES}.tmp-{os.getpid()}")
-        with open(temp, "w", encoding="utf-8") as f:
-            for step in range(1, done + 1):
-                f.write(_line(self.dataset, step, self.begin + (step - 1) * self.batch_size, self.batch_size))
+        try:
+            with naming(self.path), open(temp, "w", encoding="utf-8") as f:
+                for step in range(1, done + 1):
+                    f.write(_line(self.dataset, step, self.begin + (step - 1) * self.batch_size, self.batch_size))
+        except OSError:
+            temp.unlink(missing_ok=True)
+            raise
         replace_durably(temp, self.path)
         self.file = open(self.path, "a", encoding="utf-8")
 
     def write(self, step: int, first: int) -> None:
         """Step `step`, which trained on the global batch starting at stream position `first`."""
-        self.file.write(_line(self.dataset, step, first, self.batch_size))
-        self.file.flush()
+        with naming(self.path):
+            self.file.write(_line(self.dataset, step, first, self.batch_size))
+            self.file.flush()
 
     def close(self) -> None:
         self.file.close()

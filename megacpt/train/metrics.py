@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from megacpt.errors import UserError
+from megacpt.files import naming
 from megacpt.run_dir import METRICS, TENSORBOARD, keep_metrics_until
 from megacpt.train.callbacks import Callback, StepResult
 
@@ -40,8 +41,9 @@ class JsonlSink:
         self.file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with naming(self.path):
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
     def rewind(self, step: int) -> None:
         """Drop the records of steps after `step` (a rollback trains them again)."""

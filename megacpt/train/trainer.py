@@ -5,10 +5,12 @@ config's data, schedule and checkpoint, and the load plan the CPT policy decides
 world, the engine with its gated optimizer and the stage's LR scheduler, the data, the restore, the
 callbacks in their order, the loop. SIGTERM and SIGUSR1 finish the current step, save and exit 0; received
 during startup (which can take minutes for a large checkpoint), they stop the run before its first step and
-leave the checkpoints as they were (`train` returns False: the command exits STOPPED_BEFORE_TRAINING, 75).
+leave the run dir as it was (`train` returns False: the command exits STOPPED_BEFORE_TRAINING, 75); so does a
+start that fails: the run dir changes only right before the first step (`prepare_run_dir`).
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -20,7 +22,7 @@ from megacpt import run_dir as run_dir_files
 from megacpt.checkpoint.locate import plan_load
 from megacpt.checkpoint.tags import set_aside_newer
 from megacpt.config import RunConfig, dump_config
-from megacpt.errors import ConfigError
+from megacpt.errors import ConfigError, UserError
 from megacpt.files import check_writable_folder
 from megacpt.policy.load_plan import LoadPlan, check_architecture, new_rows
 from megacpt.policy.stage_start import check_freeze, stage_records, stream_start
@@ -33,7 +35,7 @@ from megacpt.train.stop_signals import STOPPED_BEFORE_TRAINING, StopSignal
 def preflight(config: RunConfig, world_size: int, checksums: bool = True) -> LoadPlan | None:
     """Everything that can be checked before torch.distributed starts, for a world of `world_size` processes:
     layout, DeepSpeed config, memory, schedule, tokenizer, data, folders, checkpoint. Returns the load plan."""
-    from megacpt.data.datasets import check_continued_files, check_data, continued_uses
+    from megacpt.data.datasets import check_continued_files, check_data, check_resumed_files, continued_uses
     from megacpt.data.tokenizers import check_vocabulary
     from megacpt.runtime.deepspeed_config import derived_deepspeed_config
     from megacpt.runtime.distributed import data_parallel_size
@@ -59,6 +61,8 @@ def preflight(config: RunConfig, world_size: int, checksums: bool = True) -> Loa
         check_architecture(config, plan.state, plan.tag_dir,
                            other_layout=plan.load_optimizer and plan.optimizer_tag is None)
     check_freeze(config, plan)
+    if plan is not None and plan.resume and isinstance(plan.state.stages[-1], TrainedStage):
+        check_resumed_files(plan.state.stages[-1], plan.tag_dir.name, checksums)
     if config.data.continue_sources and plan is not None:
         earlier = plan.state.stages[:-1] if plan.resume else plan.state.stages
         check_continued_files(continued_uses(config.data, earlier, config.model.seq_length), checksums)
@@ -86,18 +90,28 @@ def train(config: RunConfig, extra_callbacks: Sequence[Callback] = ()) -> bool:
 
     signals = StopSignal()  # first: a stop may arrive during the minutes the setup below can take
     main = os.environ.get("RANK", "0") == "0"  # before the world exists: the launcher's rank, else a world of one
-    with run_dir_files.hold(config.run_dir, main) as start:  # a start that trains no step leaves no run dir
-        # the main process checksums the tag, the others check sizes
-        plan = preflight(config, launcher_world_size(), checksums=main)
-        world = setup_world(config.parallel.tensor, config.train.seed)
-        if world.is_main:
-            prepare_run_dir(Path(config.run_dir), config, plan)
-        return run_stage(config, world, plan, signals, extra_callbacks, start.began)
+    try:
+        with run_dir_files.hold(config.run_dir, main) as start:  # a start that trains no step leaves no run dir
+            # the main process checksums the tag, the others check sizes
+            plan = preflight(config, launcher_world_size(), checksums=main)
+            world = setup_world(config.parallel.tensor, config.train.seed)
+            return run_stage(config, world, plan, signals, extra_callbacks, start.began)
+    except OSError as e:
+        if e.errno not in DISK_FAILURES:
+            raise
+        raise UserError(f"cannot write {e.filename or config.run_dir}: {e.strerror}. Free space on that disk (or make "
+                        "it writable) and run the same command again: a start that trained no step left the run dir "
+                        "as it found it, a run that trained resumes from its last checkpoint") from None
+
+
+# a full disk, a full quota, a read-only file system: the disk's state, not a bug (the message says which file)
+DISK_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def prepare_run_dir(run_dir: Path, config: RunConfig, plan: LoadPlan | None) -> None:
-    """Once the start has passed its checks: the resolved config, and on a resume the run dir rolled back to
-    the checkpoint (newer tags set aside, metrics of steps after it dropped)."""
+    """Once the start has built and restored everything, right before its first step (a start that fails or
+    stops earlier changes nothing): the resolved config, and on a resume the run dir rolled back to the
+    checkpoint (newer tags set aside, metrics of steps after it dropped)."""
     run_dir_files.write_config(run_dir, dump_config(config))
     if plan is None or not plan.resume:
         aside = run_dir_files.start_metrics_anew(run_dir)
@@ -126,6 +140,7 @@ def run_stage(config: RunConfig, world, plan: LoadPlan | None, signals: StopSign
     from megacpt.schedule import StageScheduler
     from megacpt.train.loop import TrainingLoop
     from megacpt.train.spikes import SpikeLedger
+    from megacpt.train.step_guard import StepGuard
 
     stages = stage_records(config, plan)
     stage = stages[-1]
@@ -142,11 +157,21 @@ def run_stage(config: RunConfig, world, plan: LoadPlan | None, signals: StopSign
     tokens_before = restore(plan, engine, scheduler, stream, world)
     loop = TrainingLoop(engine, scheduler, stream, world, callbacks, config.train.steps,
                         config.train.global_batch_size * config.model.seq_length, tokens_before)
-    metrics, guard = build_callbacks(
-        callbacks, config, world, plan, stages, engine, scheduler, stream, val_data, begin, spike_ledger, signals,
-        lambda p: restore(p, engine, scheduler, stream, world))
-    callbacks.add(*extra_callbacks)
+    guard = StepGuard(engine.basic_optimizer, world.device, signals.requested, config.train.max_skipped_steps,
+                      config.run_dir)
     try:
+        if scheduler.t < config.train.steps and guard.agree_to_stop():
+            if world.is_main:
+                print(f"stop signal received before step {scheduler.t + 1}, the first of this run: no step "
+                      f"trained, nothing new to save; exiting with status {STOPPED_BEFORE_TRAINING} (run it "
+                      "again)", file=sys.stderr, flush=True)
+            return False
+        if world.is_main:  # the start has passed everything that can fail: now it may change the run dir
+            prepare_run_dir(Path(config.run_dir), config, plan)
+        metrics = build_callbacks(
+            callbacks, config, world, plan, stages, engine, scheduler, stream, val_data, begin, spike_ledger, guard,
+            lambda p: restore(p, engine, scheduler, stream, world))
+        callbacks.add(*extra_callbacks)
         for message in (layout_change, freeze_message(config, scheduler.t, stages)):
             if message:
                 metrics.print(message)
@@ -156,11 +181,6 @@ def run_stage(config: RunConfig, world, plan: LoadPlan | None, signals: StopSign
                       f"{params / 1e6:.1f}M parameters; world {world.size} (tensor {world.tensor_size} x data "
                       f"{world.data_size}{cpu_threads(world)}); {'resuming ' if plan and plan.resume else 'from '}"
                       f"{plan.tag_dir if plan else 'fresh weights'}")
-        if scheduler.t < config.train.steps and guard.agree_to_stop():
-            metrics.print(f"stop signal received before step {scheduler.t + 1}, the first of this run: no step "
-                          f"trained, nothing new to save; exiting with status {STOPPED_BEFORE_TRAINING} (run it "
-                          "again)")
-            return False
         if plan is None or not plan.resume:
             metrics.write({"step": 0, "event": "stage_start", "stage": stage.index, "stage_name": stage.name,
                            "init": str(plan.tag_dir) if plan else None,
@@ -186,8 +206,8 @@ def long_document_shares(config: RunConfig, stream, begin: int) -> dict:
 
 def build_callbacks(callbacks: Callbacks, config: RunConfig, world, plan: LoadPlan | None,
                     stages: list[StageRecord], engine, scheduler, stream, val_data, begin: int, spike_ledger,
-                    signals: StopSignal, restore_plan):
-    """The run's callbacks, in the order every hook calls them; returns the metrics log and the step guard.
+                    guard, restore_plan):
+    """The run's callbacks, in the order every hook calls them, around the step guard; returns the metrics log.
 
     Gates on the update, in order: the step guard (its all-reduce first, on every rank), the loss-spike test,
     the frozen rows (around an applied update). After a step: the training record (before the guard may stop
@@ -195,12 +215,10 @@ def build_callbacks(callbacks: Callbacks, config: RunConfig, world, plan: LoadPl
     from megacpt.train.checkpointing import Checkpointing
     from megacpt.train.metrics import MetricsLog, TrainLog
     from megacpt.train.spikes import Spikes
-    from megacpt.train.step_guard import StepGuard
     from megacpt.train.validation import Validation
 
     cfg, index = config.train, stages[-1].index
     metrics = MetricsLog(metric_sinks(config, world, stages), world.is_main)
-    guard = StepGuard(engine.basic_optimizer, world.device, signals.requested, cfg.max_skipped_steps, config.run_dir)
     window = plan.state.spike_window if plan and plan.resume else None
     callbacks.add(
         metrics,
@@ -214,7 +232,7 @@ def build_callbacks(callbacks: Callbacks, config: RunConfig, world, plan: LoadPl
         Checkpointing(config, stages, metrics, begin, source_identities(stream.dataset, stages[-1])
                       if world.is_main else {}),
     )
-    return metrics, guard
+    return metrics
 
 
 def metric_sinks(config: RunConfig, world, stages: list[StageRecord]) -> list:
