@@ -194,7 +194,11 @@ def hf_child(spec: dict) -> dict:
 def run_child(spec: dict, workdir: Path) -> dict:
     path = workdir / f"{spec['model']}_{spec['arm']}.spec.json"
     path.write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent.parent), os.environ.get("PYTHONPATH", "")])}
+    from megacpt.runtime.launcher_env import own_world_env
+
+    # each child builds its own world of one: no RANK or MASTER_PORT of a process that already holds that port
+    paths = [str(HERE.parent.parent), os.environ.get("PYTHONPATH", "")]
+    env = {**own_world_env(), "PYTHONPATH": os.pathsep.join(paths)}
     if spec["device"] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     start = time.perf_counter()
