@@ -37,6 +37,42 @@ LAUNCH_DIR="${MEGACPT_LAUNCH_DIR:-${SLURM_SUBMIT_DIR:-$PWD}/launch}"
 source "$LAUNCH_DIR/stop_signals.sh"
 PYTHON="${PYTHON:-python}"
 STOPPED_BEFORE_TRAINING=75
+BATCH_SHELL_PID=$$
+
+# A job step from the job's first second to its end, so that a stop sent to the job's steps is never lost:
+# SLURM delivers `scancel --signal=SIG JOB` and `--signal=SIG@...` (without --batch, --full or B:) to the job's
+# steps only, and drops them while there is none (during the preflight, between two steps; scancel still
+# exits 0). The watch step's one task, on this node, sleeps until the first USR1 or TERM kills it; its srun
+# then exits 128 + that signal, and the subshell around it passes the stop on to this batch shell as USR1.
+# It shares the job's CPUs with the launch (--overlap), and end_stop_watch ends it when this shell exits.
+# Only under slurmd (SLURMD_NODENAME names this node) and not in a dry run.
+STOP_WATCH_PID=""
+start_stop_watch() {
+  [[ -n "${SLURMD_NODENAME:-}" && "${MEGACPT_DRY_RUN:-0}" != 1 ]] || return 0
+  local errors="${TMPDIR:-/tmp}/megacpt-stop-watch-$SLURM_JOB_ID.err"
+  (
+    trap 'kill -s TERM "$srun_pid" 2>/dev/null; rm -f "$errors"; exit 0' TERM  # end_stop_watch
+    srun --overlap --nodes=1 --ntasks=1 --nodelist="$SLURMD_NODENAME" --cpus-per-task=1 \
+      --job-name=megacpt-stop-watch sleep infinity 2>"$errors" &
+    srun_pid=$!
+    status=0
+    wait "$srun_pid" || status=$?
+    case "$status" in
+      $((128 + $(kill -l USR1))) | $((128 + $(kill -l TERM)))) kill -s USR1 "$BATCH_SHELL_PID" 2>/dev/null ;;
+      *) echo "megacpt launch: warning: the stop watch step ended with status $status ($(tr '\n' ' ' < "$errors")):" \
+           "a stop sent to the job's steps before the launch step exists is lost; send it to the batch shell" \
+           "(scancel --batch --signal=USR1 JOB)" >&2 ;;
+    esac
+    rm -f "$errors"
+  ) {stop_signals_tick}<&- &
+  STOP_WATCH_PID=$!
+}
+end_stop_watch() {
+  [[ -z "$STOP_WATCH_PID" ]] || kill -s TERM "$STOP_WATCH_PID" 2>/dev/null || true
+}
+HOSTFILE_IS_OURS=0  # set below when this shell picks the hostfile's path, and so removes it at exit
+trap 'end_stop_watch; (( ! HOSTFILE_IS_OURS )) || rm -f "$HOSTFILE"' EXIT
+start_stop_watch
 
 # -I: not the megacpt folder of the submit directory, which imports without its dependencies being installed.
 "$PYTHON" -I -c 'import importlib.metadata as m; m.version("megacpt")' 2>/dev/null \
@@ -57,7 +93,7 @@ if [[ -z "${HOSTFILE:-}" ]]; then
   else
     HOSTFILE="${TMPDIR:-/tmp}/megacpt-hostfile-$SLURM_JOB_ID"
   fi
-  trap 'rm -f "$HOSTFILE"' EXIT
+  HOSTFILE_IS_OURS=1
 fi
 
 echo "megacpt launch: job $SLURM_JOB_ID on $NNODES node(s) x $GPUS_PER_NODE ranks, $CPUS_ON_NODE CPUs each node" \

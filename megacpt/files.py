@@ -3,6 +3,7 @@ place, then flush the directory so the rename itself survives a crash.
 
 Checkpoint states and `latest`, the data commands' outputs, the tools' output folders and every command's
 report files go through here. It does not lock: two writers of the same path race (the last rename wins).
+The logs a run grows a line at a time (metrics.jsonl, samples.jsonl) are `LineFile`s.
 
 `check_output` is the one rule for every file or folder a command writes: an existing one is replaced only
 with --overwrite, and one that is, contains or lies inside an input of the command never.
@@ -106,3 +107,25 @@ def write_output(path: str | Path, text: str, option: str, overwrite: bool, inpu
         write_atomic(path, text)
     except OSError as e:
         raise UserError(f"cannot write {option} {path}: {e.strerror}") from None
+
+
+class LineFile:
+    """A log that grows a line at a time (metrics.jsonl, samples.jsonl), continued where it ends.
+
+    Unbuffered: each line reaches the file (the page cache) as it is written, so a write that fails (a full
+    disk) raises there, naming the file, and leaves nothing pending that closing the file would try again and
+    fail on with another error. A line the disk had room for only in part is left torn at the end."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with naming(self.path):
+            self.file = open(self.path, "ab", buffering=0)
+
+    def write(self, line: str) -> None:
+        data = memoryview(line.encode("utf-8"))
+        with naming(self.path):
+            while data:  # an unbuffered write may take part of it
+                data = data[self.file.write(data):]
+
+    def close(self) -> None:
+        self.file.close()

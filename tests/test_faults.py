@@ -25,8 +25,10 @@ from megacpt.checkpoint import manifest
 from megacpt.checkpoint import save as checkpoint_save
 from megacpt.cli import main
 from megacpt.run_dir import LOCK, OWNER
+from megacpt.train import trainer
+from megacpt.train.callbacks import Callback
 
-from datagen import pattern_documents, read_metrics, tiny_config, write_config, write_indexed
+from datagen import pattern_documents, per_step, read_metrics, tiny_config, write_config, write_indexed
 from launch import assert_ok, clean_env, deepspeed_launch, run_python
 
 TAG2, TAG4 = "step00000002", "step00000004"
@@ -362,6 +364,47 @@ def test_a_start_on_a_full_disk_is_refused_naming_the_file(tmp_path, small_disk,
     refused(capsys, ["train", write_config(tmp_path / "c.json", config)], small_disk,
             f"cannot write {run / OWNER}: No space left on device", "Free space on that disk")
     assert run.exists() == (start == "resume")  # a fresh start leaves no run dir
+
+
+def test_a_disk_that_fills_up_during_training_ends_the_run_naming_the_file(tmp_path, small_disk, trained,
+                                                                            pattern_data, capsys, monkeypatch):
+    """The disk fills up (for real: a tmpfs) after step 6 of a resumed run; metrics.jsonl's next page cannot be
+    allocated some records later. The run ends with exit 2 naming that file, without a traceback, and the
+    checkpoints are as they were: `latest` on step 4, which verifies. Once there is room again the same
+    command resumes there and logs every step once (a line the full disk cut short is dropped)."""
+    run = small_disk / "run"
+    shutil.copytree(trained, run)
+    checkpoints = tree_hash(run / "checkpoints")
+
+    class FillTheDisk(Callback):
+        def after_step(self, loop, result) -> None:
+            if result.step == 6:
+                _fill(small_disk)
+
+    real_build = trainer.build_callbacks
+
+    def build_with_the_filler(callbacks, *args, **kwargs):
+        metrics = real_build(callbacks, *args, **kwargs)
+        callbacks.add(FillTheDisk())
+        return metrics
+
+    monkeypatch.setattr(trainer, "build_callbacks", build_with_the_filler)
+    config = _config(run, pattern_data, train={"steps": 200, "save_interval": 1000},  # no save after the fill
+                     data={"cache_dir": str(tmp_path / "cache")})
+    command = ["train", write_config(tmp_path / "c.json", config)]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {run / 'metrics.jsonl'}: No space left on device" in err, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert "step 7/200" in err and "step 200/200" not in err  # trained past the fill, ended at the failed write
+    assert tree_hash(run / "checkpoints") == checkpoints
+    assert (run / "checkpoints" / "latest").read_text() == TAG4 and not manifest.problems(run / "checkpoints" / TAG4)
+
+    monkeypatch.undo()
+    (small_disk / "fill").unlink()
+    assert main(command) == 0
+    assert "resuming stage 0 at step 4/200" in capsys.readouterr().err
+    assert sorted(per_step(run)) == list(range(1, 201))
 
 
 @pytest.mark.parametrize("fault, reason", [("full disk", "no space left on device"),

@@ -3,7 +3,8 @@ their config, key, sockets and state in a temporary folder, stopped by their pid
 scripts with 2 CPU ranks. Training equals launch/local.sh 2; every way a job is stopped (USR1 to the job
 step, USR1 to the batch shell, scancel, scontrol requeue) leaves a complete checkpoint at the step it
 stopped, with `latest` on it, and the next job continues bit-exactly. A stop in a job's first seconds (USR1
-to the job step as its first process starts, to the batch shell as soon as it runs, the scripts' own
+to the job's steps as the watch step starts, during the preflight when the job has no other step, as the
+launch step's first process starts; to the batch shell as soon as it runs; the scripts' own
 `--signal=B:USR1@120` due at once) is neither lost nor fatal: the job ends before its first step with exit
 75 and says so, its checkpoint untouched.
 
@@ -292,20 +293,48 @@ def catches_usr1(pid: int) -> bool:
 
 def stopped_at_startup(slurm: Cluster, script: str, config: str, options: list[str], env: dict[str, str],
                        when: str) -> str:
-    """Submit a job and stop it in its first seconds: `when` "step": USR1 to the job step within 100 ms of its
-    first process starting (SLURM then signals every process of the step, those still starting too); "batch":
-    USR1 to the batch shell the moment it catches USR1 (its first line). The job must end before its first
-    step with exit 75 (not 0: nothing was trained), saying so, the checkpoint as it was. Returns the log."""
+    """Submit a job and stop it in its first seconds, with USR1 to the job's steps (`scancel --signal=USR1
+    JOB`, which SLURM drops while the job has no step) or to its batch shell. `when`: "watch": to the steps
+    within 100 ms of the first process of the job's first step (the scripts' watch step, started as the batch
+    shell's first command); "preflight": to the steps while `megacpt plan` runs in the batch shell (slowed down
+    by 5 s); "launch": to the steps within 100 ms of the launch step's first process (SLURM then signals
+    every process of the step, those still starting too); "batch": to the batch shell the moment it catches
+    USR1 (its first line). The job must end before its first step with exit 75 (not 0: nothing was trained),
+    saying so, the checkpoint as it was. Returns the log."""
     before = _checkpoint_step(config)
+    if when == "preflight":
+        env = {**env, "PYTHON": str(_slow_python(config, 5))}
     job_id = slurm.submit(script, config, *options, **env)
     deadline = time.monotonic() + 300
-    while not (job_processes(job_id, "0") if when == "step" else
-               [pid for pid in job_processes(job_id, None) if catches_usr1(pid)]):
+
+    def ready() -> list[int]:
+        if when == "batch":
+            return [pid for pid in job_processes(job_id, None) if catches_usr1(pid)]
+        if when == "preflight":
+            return [pid for pid in job_processes(job_id, None) if " plan " in _command_line(pid)]
+        return job_processes(job_id, "0" if when == "watch" else "1")
+
+    while not ready():
         assert time.monotonic() < deadline, slurm.job(job_id)
     seen = time.monotonic()
     slurm.run("scancel", "--signal=USR1", *(["--batch"] if when == "batch" else []), job_id)
-    assert time.monotonic() - seen < 0.1 or when == "batch", "scancel took more than 100 ms"
+    assert time.monotonic() - seen < 0.1 or when in ("batch", "preflight"), "scancel took more than 100 ms"
     return _ended_before_its_first_step(slurm, job_id, config, before)
+
+
+def _slow_python(config: str, seconds: int) -> Path:
+    """A PYTHON whose `megacpt plan` (the preflight) first sleeps SECONDS."""
+    slow_python = Path(config).parent / f"python-slow-preflight-{seconds}"
+    slow_python.write_text(f'#!/bin/sh\n[ "$3" = plan ] && sleep {seconds}\nexec {sys.executable} "$@"\n')
+    slow_python.chmod(0o755)
+    return slow_python
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 def stopped_by_the_time_limit_at_startup(slurm: Cluster, script: str, config: str, options: list[str],
@@ -314,11 +343,8 @@ def stopped_by_the_time_limit_at_startup(slurm: Cluster, script: str, config: st
     at its next time-limit check, within 30 s. A preflight slowed down to 32 s makes sure that it arrives
     during the preflight: the job must end before its first step (exit 75, as `stopped_at_startup`) without
     starting the ranks, not train as if nothing had happened."""
-    slow_python = Path(config).parent / "python-slow-preflight"
-    slow_python.write_text(f'#!/bin/sh\n[ "$3" = plan ] && sleep 32\nexec {sys.executable} "$@"\n')
-    slow_python.chmod(0o755)
     before = _checkpoint_step(config)
-    job_id = slurm.submit(script, config, *options, "--time=2", **{**env, "PYTHON": str(slow_python)})
+    job_id = slurm.submit(script, config, *options, "--time=2", **{**env, "PYTHON": str(_slow_python(config, 32))})
     log = _ended_before_its_first_step(slurm, job_id, config, before)
     assert "(a stop signal reached the batch shell before the launch)" in log
 
@@ -345,15 +371,16 @@ TASKS = ("slurm_srun_tasks.sbatch", ["--nodes=1", "--ntasks-per-node=2"], {})
 
 def test_the_deepspeed_script_stops_at_startup_on_usr1_to_the_step_and_on_requeue_then_finishes_exactly(
         cluster, make_config, reference):
-    """slurm_deepspeed.sbatch on one node (no ssh: one launcher with --no_ssh): USR1 to the job step as its
-    first process starts and to the batch shell as soon as it runs each end the job before its first step
-    with exit 75; `scancel --signal=USR1` (the job step) after a step saves and
-    completes the job with exit 0; `scontrol requeue` (TERM to every process, while deepspeed.sh passes USR1 on
-    to the launcher's group) saves at the step it reached without a traceback, and the requeued job trains to
-    the end, bit-exactly."""
+    """slurm_deepspeed.sbatch on one node (no ssh: one launcher with --no_ssh): USR1 to the job's steps as the
+    watch step starts, during the preflight and as the launch step starts, and to the batch shell as soon as
+    it runs, each end the job before its first step with exit 75; `scancel --signal=USR1` (the job's steps)
+    after a step saves and completes the job with exit 0; `scontrol requeue` (TERM to every process, while
+    deepspeed.sh passes USR1 on to the launcher's group) saves at the step it reached without a traceback, and
+    the requeued job trains to the end, bit-exactly."""
     script, options, env = DEEPSPEED
     config = make_config("deepspeed")
-    stopped_at_startup(cluster, script, config, options, env, "step")
+    for when in ("watch", "preflight", "launch"):
+        stopped_at_startup(cluster, script, config, options, env, when)
     job_id = cluster.submit(script, config, *options, **env)
     first = stop_after_a_step(cluster, job_id, config, ["scancel", "--signal=USR1"], "COMPLETED")
     assert cluster.job(job_id)["ExitCode"] == "0:0"
@@ -382,16 +409,17 @@ def test_the_deepspeed_script_stops_at_startup_on_usr1_to_the_step_and_on_requeu
 
 def test_the_per_task_script_stops_at_startup_on_usr1_to_the_batch_shell_and_on_scancel_then_finishes_exactly(
         cluster, make_config, reference):
-    """slurm_srun_tasks.sbatch, one srun task per rank with a CPU each: USR1 to the job step as its first task
-    starts, to the batch shell as soon as it runs, and the time limit's USR1 due at once (the batch shell's
+    """slurm_srun_tasks.sbatch, one srun task per rank with a CPU each: USR1 to the job's steps as the watch
+    step starts, during the preflight and as the launch step's first task starts, to the batch shell as soon
+    as it runs, and the time limit's USR1 due at once (the batch shell's
     path, the same in both scripts) each end the job before its first step with exit 75; `scancel --batch
     --signal=USR1` (the batch shell alone, as --signal=B:USR1@... does) after a step is passed on to the tasks,
     which save and exit 0 (the job COMPLETED, not killed by the signal); plain `scancel` (TERM to every
     process) saves too; the last job trains to the end, bit-exactly."""
     script, options, env = TASKS
     config = make_config("tasks")
-    stopped_at_startup(cluster, script, config, options, env, "step")
-    stopped_at_startup(cluster, script, config, options, env, "batch")
+    for when in ("watch", "preflight", "launch", "batch"):
+        stopped_at_startup(cluster, script, config, options, env, when)
     job_id = cluster.submit(script, config, *options, **env)
     stop_after_a_step(cluster, job_id, config, ["scancel", "--batch", "--signal=USR1"], "COMPLETED")
     assert cluster.job(job_id)["ExitCode"] == "0:0"

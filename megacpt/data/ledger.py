@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from megacpt.errors import UserError
-from megacpt.files import naming, replace_durably
+from megacpt.files import LineFile, naming, replace_durably
 from megacpt.run_dir import SAMPLES
 
 
@@ -46,13 +46,11 @@ class SampleLedger:
             temp.unlink(missing_ok=True)
             raise
         replace_durably(temp, self.path)
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.file = LineFile(self.path)
 
     def write(self, step: int, first: int) -> None:
         """Step `step`, which trained on the global batch starting at stream position `first`."""
-        with naming(self.path):
-            self.file.write(_line(self.dataset, step, first, self.batch_size))
-            self.file.flush()
+        self.file.write(_line(self.dataset, step, first, self.batch_size))
 
     def close(self) -> None:
         self.file.close()

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from megacpt.errors import UserError
-from megacpt.files import naming
+from megacpt.files import LineFile
 from megacpt.run_dir import METRICS, TENSORBOARD, keep_metrics_until
 from megacpt.train.callbacks import Callback, StepResult
 
@@ -38,18 +38,16 @@ class JsonlSink:
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / METRICS
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.file = LineFile(self.path)
 
     def write(self, record: dict) -> None:
-        with naming(self.path):
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+        self.file.write(json.dumps(record) + "\n")
 
     def rewind(self, step: int) -> None:
         """Drop the records of steps after `step` (a rollback trains them again)."""
         self.file.close()
         keep_metrics_until(self.path.parent, step)
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.file = LineFile(self.path)
 
     def checkpoint_saved(self, step: int, path: Path) -> None:
         pass
