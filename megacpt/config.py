@@ -40,42 +40,59 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-# megatron-core's Llama 3 RoPE scaling takes only the factor; the other constants are fixed in its code.
-LLAMA3_ROPE_CONSTANTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# The keys of each rope_type besides `factor`, with their defaults (None: required). megatron-core's Llama 3
+# scaling takes only the factor, its other constants are fixed in its code; YaRN's betas are the defaults of
+# Hugging Face and megatron-core, its original length is the checkpoint's.
+ROPE_TYPE_KEYS = {
+    "linear": {},
+    "llama3": {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "yarn": {"beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_embeddings": None},
+}
 
 
 class RopeScalingConfig(Section):
     """RoPE frequency scaling, in Hugging Face's `rope_scaling` form (config.json)."""
 
-    rope_type: Literal["linear", "llama3"] = Field(
+    rope_type: Literal["linear", "llama3", "yarn"] = Field(
         description="'linear': position interpolation (Chen et al. 2023), positions divided by factor (megatron-core's "
                     "seq_len_interpolation_factor); 'llama3': Llama 3.1's frequency-dependent scaling (megatron-core's "
-                    "rope_scaling).")
-    factor: float = Field(gt=0, description="Scaling factor: linear, the new length over the trained one (L'/L); "
-                                            "llama3, 8 for Llama 3.1, 32 for Llama 3.2.")
+                    "rope_scaling); 'yarn': YaRN (Peng et al. 2023), frequencies whose wavelength exceeds the trained "
+                    "length interpolated by factor, short ones kept, a ramp between, and attention logits scaled by "
+                    "(0.1 ln(factor) + 1)^2 (megatron-core's YarnRotaryEmbedding).")
+    factor: float = Field(gt=0, description="Scaling factor: linear and yarn, the new length over the trained one "
+                                            "(L'/L); llama3, 8 for Llama 3.1, 32 for Llama 3.2.")
     low_freq_factor: float | None = Field(None, description="llama3 only: wavelengths above "
                                                             "original_max_position_embeddings / low_freq_factor are "
                                                             "divided by factor. Only 1 (megatron-core's constant).")
     high_freq_factor: float | None = Field(None, description="llama3 only: wavelengths below "
                                                              "original_max_position_embeddings / high_freq_factor are "
                                                              "kept. Only 4 (megatron-core's constant).")
-    original_max_position_embeddings: int | None = Field(None, description="llama3 only: the context length the "
-                                                                           "frequencies were trained at. Only 8192 "
-                                                                           "(megatron-core's constant).")
+    original_max_position_embeddings: int | None = Field(None, gt=0, description=(
+        "The context length the frequencies were trained at. llama3: only 8192 (megatron-core's constant); yarn: "
+        "required, the checkpoint's seq_length (L)."))
+    beta_fast: float | None = Field(None, gt=0, description="yarn only: frequencies that turn more than beta_fast "
+                                                            "times within original_max_position_embeddings are kept; "
+                                                            "default 32.")
+    beta_slow: float | None = Field(None, gt=0, description="yarn only: frequencies that turn fewer than beta_slow "
+                                                            "times are interpolated fully; default 1.")
 
     @model_validator(mode="after")
-    def _megatron_constants(self) -> "RopeScalingConfig":
-        for key, value in LLAMA3_ROPE_CONSTANTS.items():
+    def _keys_of_the_type(self) -> "RopeScalingConfig":
+        """Fill the type's defaults; refuse another type's keys, and llama3 constants megatron-core lacks."""
+        own = ROPE_TYPE_KEYS[self.rope_type]
+        for key in {key for keys in ROPE_TYPE_KEYS.values() for key in keys}:
             given = getattr(self, key)
-            if self.rope_type != "llama3":
+            if key not in own:
                 if given is not None:
-                    raise ValueError(f"{key} belongs to rope_type 'llama3', not '{self.rope_type}'")
-                continue
-            if given is None:
-                object.__setattr__(self, key, value)
-            elif given != value:
+                    raise ValueError(f"{key} does not belong to rope_type '{self.rope_type}'")
+            elif given is None:
+                if own[key] is None:
+                    raise ValueError(f"rope_type '{self.rope_type}' needs {key} (the length the checkpoint was "
+                                     "trained at)")
+                object.__setattr__(self, key, own[key])
+            elif self.rope_type == "llama3" and given != own[key]:
                 raise ValueError(f"{key} {given} is not supported: megatron-core's llama3 scaling has "
-                                 f"{key} {value} built in")
+                                 f"{key} {own[key]} built in")
         return self
 
     def hf_dict(self) -> dict:
@@ -114,8 +131,9 @@ class ModelConfig(Section):
                                      description="Fraction of each head's dimensions that get rotary embeddings; "
                                                  "default 0.25 for neox, 1 (the only choice) for the other families.")
     rotary_base: int = Field(10000, gt=0, description="Rotary base (theta; Hugging Face's rope_theta).")
-    rope_scaling: RopeScalingConfig | None = Field(None, description="RoPE frequency scaling (Llama 3.1's 'llama3'); "
-                                                                     "omit for plain RoPE.")
+    rope_scaling: RopeScalingConfig | None = Field(None, description="RoPE frequency scaling (Llama 3.1's 'llama3', "
+                                                                     "position interpolation, YaRN); omit for plain "
+                                                                     "RoPE.")
     parallel_residual: bool | None = Field(None,
                                            description="NeoX parallel residual x + attn(ln1 x) + mlp(ln2 x); false "
                                                        "gives the sequential block. Default true for neox, false (the "

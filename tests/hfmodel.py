@@ -57,6 +57,11 @@ FAMILY_MODELS = {
     "qwen2-bias": ("Qwen2", dict(tie_word_embeddings=False, rope_parameters={"rope_type": "default",
                                                                             "rope_theta": 1000000.0})),
     "mistral": ("Mistral", dict(sliding_window=128, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # YaRN from 32 to 128 positions (Qwen2.5's long-context recipe), betas off their defaults so that both are
+    # read: the ramp spans frequencies 0-3 of 8 (0-2 with the defaults)
+    "qwen2-yarn": ("Qwen2", dict(tie_word_embeddings=False, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 4.0, "beta_slow": 0.5,
+        "rope_theta": 10000.0})),
 }
 
 

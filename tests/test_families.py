@@ -4,6 +4,8 @@ conversion is exact both ways at TP 1 and 2, generation matches, and what a fami
 The Hugging Face models are tiny, random and have every parameter perturbed (norm weights and Qwen2's q/k/v
 biases included), so a swapped or dropped tensor shows in the logits (tests/hfmodel.py)."""
 import json
+import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -46,7 +48,7 @@ def converted(hf_dirs, tmp_path_factory) -> dict[tuple[str, int], Path]:
     """hf-to-megacpt of each model at TP 1 and TP 2 (the converter's own logit check is on)."""
     root = tmp_path_factory.mktemp("converted")
     out = {}
-    for name in THREE + ("mistral",):
+    for name in THREE + ("mistral", "qwen2-yarn"):
         for tp in (1, 2):
             out[name, tp] = root / f"{name}-tp{tp}"
             assert cli("convert", "hf-to-megacpt", "--hf", hf_dirs[name], "--output", out[name, tp], "--tp", tp) == 0
@@ -104,7 +106,7 @@ def test_gated_fc1_splits_gate_and_up_per_rank():
                        full["decoder.layers.0.mlp.linear_fc1.weight"])
 
 
-@pytest.mark.parametrize("name", THREE + ("mistral",))
+@pytest.mark.parametrize("name", THREE + ("mistral", "qwen2-yarn"))
 @pytest.mark.parametrize("tp", [1, 2])
 def test_hf_to_megacpt_to_hf_gives_back_every_tensor_and_config_key(tmp_path, capsys, hf_dirs, converted, name, tp):
     out = tmp_path / "hf"
@@ -131,7 +133,7 @@ def test_hf_to_megacpt_to_hf_gives_back_every_tensor_and_config_key(tmp_path, ca
     assert exported.config.rope_parameters == original.config.rope_parameters  # transformers reads them back
 
 
-@pytest.mark.parametrize("name", THREE)
+@pytest.mark.parametrize("name", THREE + ("qwen2-yarn",))
 def test_greedy_generation_matches_hugging_face(capsys, hf_dirs, converted, name):
     assert cli("generate", "--checkpoint", converted[name, 2], "--prompt-ids", ",".join(map(str, PROMPT)),
                "--max-new-tokens", NEW_TOKENS) == 0
@@ -173,6 +175,28 @@ def test_a_tp_degree_that_does_not_divide_the_key_value_groups_is_refused(tmp_pa
         "seq_length": 64, "vocab_size": 256}, parallel={"tensor": 4})
     with pytest.raises(ConfigError, match="num_query_groups 2 is not divisible by parallel.tensor 4"):
         validate_config(raw)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"attention_factor": 1.5}, "yarn's attention_factor 1.5 is not supported; megacpt's YaRN scales attention by "
+                                "0.1 ln(factor) + 1 = 1.13863"),
+    ({"mscale": 1.0, "mscale_all_dim": 0.707}, "yarn's mscale 1.0 and mscale_all_dim 0.707 are not supported"),
+    ({"truncate": False}, "yarn's truncate False is not supported"),
+])
+def test_a_yarn_that_scales_attention_otherwise_is_refused(tmp_path, capsys, hf_dirs, change, message):
+    """Hugging Face's YaRN keys that megatron-core's YaRN cannot compute; an attention_factor equal to the
+    default (0.1 ln 4 + 1) is taken."""
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_dirs["qwen2-yarn"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] |= change
+    (folder / "config.json").write_text(json.dumps(config))
+    assert cli("convert", "hf-to-megacpt", "--hf", folder, "--output", tmp_path / "out") == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+    config["rope_parameters"] = {k: v for k, v in config["rope_parameters"].items() if k not in change} | {
+        "attention_factor": 0.1 * math.log(4) + 1}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert cli("convert", "hf-to-megacpt", "--hf", folder, "--output", tmp_path / "out") == 0
 
 
 def test_mistral_refuses_a_sample_longer_than_its_sliding_window(tmp_path, hf_dirs):

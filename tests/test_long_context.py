@@ -120,20 +120,20 @@ def test_a_resume_refuses_another_length_or_rope(stages, capsys, key, value):
     assert key in err and "Traceback" not in err
 
 
-def test_hugging_face_export_writes_the_final_context_and_matches_past_the_old_length(stages, tmp_path):
+def _export_matches_past_the_old_length(checkpoints, out, rope_parameters: dict) -> None:
+    """megacpt-to-hf writes the final context; the exported model's logits at positions 64-127 equal megacpt's
+    (to 1e-5), and are far from those of the same weights with plain RoPE: the scaling is what matches."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from megacpt.runtime.distributed import setup_world
     from megacpt.weights import checkpoint_io
 
-    checkpoints = stages["root"] / "stage1" / "checkpoints"
-    assert main(["convert", "megacpt-to-hf", "--checkpoint", str(checkpoints), "--output", str(tmp_path / "hf")]) == 0
-    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert main(["convert", "megacpt-to-hf", "--checkpoint", str(checkpoints), "--output", str(out)]) == 0
+    written = json.loads((out / "config.json").read_text())
     assert written["max_position_embeddings"] == 128
-    assert written["rope_parameters"] == {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0,
-                                          "partial_rotary_factor": 0.25}
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert written["rope_parameters"] == rope_parameters
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     source = checkpoint_io.load(checkpoints)
     world = setup_world(1, seed=0)
     ours = checkpoint_io.build_model(source.model, source.weights, 1, 0, world.device)
@@ -143,8 +143,24 @@ def test_hugging_face_export_writes_the_final_context_and_matches_past_the_old_l
         mine = ours(ids, torch.arange(128)[None], None)[0, 64:, :256]
     matched = (theirs - mine).abs().max().item()
     assert matched < 1e-5
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32,
-                                                 rope_parameters={"rope_type": "default", "rope_theta": 500000.0,
-                                                                  "partial_rotary_factor": 0.25}).eval()
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, rope_parameters={
+        "rope_type": "default", "rope_theta": rope_parameters["rope_theta"], "partial_rotary_factor": 0.25}).eval()
     with torch.no_grad():
-        assert (plain(ids).logits[0, 64:] - mine).abs().max().item() > 20 * matched  # the interpolation matches
+        assert (plain(ids).logits[0, 64:] - mine).abs().max().item() > 20 * matched
+
+
+def test_hugging_face_export_writes_the_final_context_and_matches_past_the_old_length(stages, tmp_path):
+    _export_matches_past_the_old_length(stages["root"] / "stage1" / "checkpoints", tmp_path / "hf", {
+        "rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0, "partial_rotary_factor": 0.25})
+
+
+def test_a_yarn_stage_trains_and_exports_exactly(stages, pattern_data, tmp_path):
+    """YaRN by 2 from stage 0's 64 tokens, on NeoX's partial rotary (a quarter of each head): the frequencies
+    and the attention factor (0.1 ln 2 + 1) equal Hugging Face's "yarn" past the old length."""
+    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}
+    config = write_config(tmp_path / "yarn.json", _config(
+        tmp_path, "yarn", pattern_data, 128, 2, model={"preset": "tiny", "seq_length": 128, "rope_scaling": yarn},
+        init={"checkpoint": str(stages["root"] / "stage0" / "checkpoints"), "mode": "new_stage"}))
+    assert main(["train", config]) == 0
+    _export_matches_past_the_old_length(tmp_path / "yarn" / "checkpoints", tmp_path / "hf", {
+        **yarn, "beta_fast": 32.0, "beta_slow": 1.0, "rope_theta": 10000.0, "partial_rotary_factor": 0.25})

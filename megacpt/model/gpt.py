@@ -3,7 +3,8 @@
 The family (model/families.py) decides the norm (LayerNorm or RMSNorm), the biases, the MLP (GELU, or
 SwiGLU through megatron's `gated_linear_unit`), the residual wiring (NeoX's parallel block or megatron's own
 sequential `TransformerLayer`), grouped-query attention (`num_query_groups`) and tied embeddings
-(`share_embeddings_and_output_weights`); RoPE, its Llama 3 scaling and tensor parallelism are megatron-core's.
+(`share_embeddings_and_output_weights`); RoPE, its Llama 3 scaling, YaRN and tensor parallelism are
+megatron-core's.
 The modules megacpt puts into the spec (SDPA core attention, plain-matmul linears) are the same for every
 family, so a change to attention applies to all of them.
 """
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings import YarnRotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megacpt.config import ModelConfig
+from megacpt.config import ModelConfig, RopeScalingConfig
 from megacpt.model.families import FAMILIES
 from megacpt.model.neox import (
     NeoXColumnParallelLinear,
@@ -90,7 +92,10 @@ def build_gpt(model: ModelConfig, padded_vocab_size: int, tensor_parallel_size: 
     config = transformer_config(model, tensor_parallel_size, params_dtype=params_dtype,
                                 activation_checkpointing=activation_checkpointing, cpu_init=cpu_init)
     scaling = model.rope_scaling
-    return GPTModel(
+    yarn = scaling is not None and scaling.rope_type == "yarn"
+    if yarn:
+        set_yarn(config, scaling)
+    gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model),
         vocab_size=padded_vocab_size,
@@ -99,10 +104,29 @@ def build_gpt(model: ModelConfig, padded_vocab_size: int, tensor_parallel_size: 
         post_process=True,
         parallel_output=True,
         share_embeddings_and_output_weights=model.tie_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type="yarn" if yarn else "rope",
         rotary_percent=model.rotary_pct,
         rotary_base=model.rotary_base,
         rope_scaling=scaling is not None and scaling.rope_type == "llama3",
         rope_scaling_factor=scaling.factor if scaling is not None else 8.0,
         seq_len_interpolation_factor=scaling.factor if scaling is not None and scaling.rope_type == "linear" else None,
     )
+    if yarn and model.rotary_pct < 1:
+        # megatron-core's YarnRotaryEmbedding spans the whole head whatever rotary_percent: give it the rotated part
+        gpt.rotary_pos_emb = YarnRotaryEmbedding(
+            kv_channels=int(model.head_dim * model.rotary_pct), rotary_base=model.rotary_base,
+            scaling_factor=scaling.factor, original_max_position_embeddings=scaling.original_max_position_embeddings,
+            beta_fast=scaling.beta_fast, beta_slow=scaling.beta_slow, mscale=None, mscale_all_dim=None,
+            use_cpu_initialization=config.use_cpu_initialization)
+    return gpt
+
+
+def set_yarn(config: TransformerConfig, scaling: RopeScalingConfig) -> None:
+    """YaRN where megatron-core reads it: GPTModel builds its YarnRotaryEmbedding from these attributes of the
+    config, and attention multiplies the rotated query and key by the concentration factor when the config
+    has `yarn_rotary_scaling_factor`: 0.1 ln(factor) + 1 with mscale None, Hugging Face's attention_factor."""
+    config.yarn_rotary_scaling_factor = scaling.factor
+    config.yarn_original_max_position_embeddings = scaling.original_max_position_embeddings
+    config.yarn_beta_fast, config.yarn_beta_slow = scaling.beta_fast, scaling.beta_slow
+    config.yarn_mscale = config.yarn_mscale_all_dim = None
+    config.yarn_correction_range_round_to_int = True  # Hugging Face's `truncate`, on by default

@@ -212,6 +212,10 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], *, gated_mlp: bool) -> d
     return out
 
 
+# Hugging Face's YaRN keys that megacpt takes only at what they compute by default (the converter checks them).
+YARN_AT_THEIR_DEFAULTS = ("attention_factor", "mscale", "mscale_all_dim", "truncate")
+
+
 def model_fields_from_hf(hf_config: dict) -> dict:
     """megacpt `model` fields from an HF config.json of a known family (transformers 4.x and 5.x spellings:
     `rope_theta` / `rope_scaling` or `rope_parameters`). Raises KeyError for a missing key."""
@@ -229,8 +233,8 @@ def model_fields_from_hf(hf_config: dict) -> dict:
         "vocab_size": hf_config["vocab_size"],
     }
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "type", "partial_rotary_factor")} | \
-        {"rope_type": rope_type}
+    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "type", "partial_rotary_factor",
+                                                          *YARN_AT_THEIR_DEFAULTS)} | {"rope_type": rope_type}
     if family.name == "neox":
         return fields | {
             "rope_scaling": None if rope_type == "default" else scaling,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -169,11 +170,31 @@ def read_hf_config(hf_dir: Path) -> dict:
                             f"{key} {wanted!r}")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    supported = ("default", "linear") if family.name == "neox" else ("default", "linear", "llama3")
+    supported = ("default", "linear", "yarn") if family.name == "neox" else ("default", "linear", "llama3", "yarn")
     if rope_type not in supported:
         raise UserError(f"{file}: rope_type '{rope_type}' is not supported for {family.name}; megacpt converts "
-                        f"{' and '.join(supported)} RoPE")
+                        f"{', '.join(supported)} RoPE")
+    if rope_type == "yarn":
+        check_yarn(file, rope)
     return config
+
+
+def check_yarn(file: Path, rope: dict) -> None:
+    """Hugging Face's YaRN may scale attention otherwise than by its default 0.1 ln(factor) + 1 (DeepSeek's
+    mscale pair, an explicit attention_factor) or round the ramp's ends differently (truncate false);
+    megatron-core's, as megacpt builds it, cannot."""
+    factor = rope.get("factor") or 1.0
+    default = 0.1 * math.log(factor) + 1 if factor > 1 else 1.0
+    if rope.get("truncate", True) is not True:
+        raise UserError(f"{file}: yarn's truncate {rope['truncate']!r} is not supported; megacpt rounds the ramp's "
+                        "ends to whole frequencies (truncate true)")
+    if rope.get("mscale") and rope.get("mscale_all_dim"):
+        raise UserError(f"{file}: yarn's mscale {rope['mscale']} and mscale_all_dim {rope['mscale_all_dim']} are not "
+                        f"supported; megacpt's YaRN scales attention by 0.1 ln(factor) + 1 = {default:.6g}")
+    given = rope.get("attention_factor")
+    if given is not None and not math.isclose(given, default, rel_tol=1e-6):
+        raise UserError(f"{file}: yarn's attention_factor {given} is not supported; megacpt's YaRN scales attention "
+                        f"by 0.1 ln(factor) + 1 = {default:.6g}")
 
 
 def model_config_from_hf(hf_config: dict, hf_dir: Path) -> ModelConfig:
