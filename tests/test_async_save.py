@@ -18,17 +18,18 @@ from megacpt.checkpoint import manifest
 from megacpt.checkpoint.async_writer import host_copy
 
 from datagen import read_metrics, tiny_config, write_config
-from launch import assert_ok, clean_env, deepspeed_launch, run_megacpt
+from launch import assert_ok, clean_env, deepspeed_launch, run_megacpt, run_python
 
 STEPS = 12
 SAVES = (4, 8, 12)
 
 
-def _config(tmp_path, pattern_data, name="run", asynchronous=True, zero=1, **sections) -> str:
+def _config(tmp_path, pattern_data, name="run", asynchronous=True, zero=1, precision="fp32", **sections) -> str:
     config = tiny_config(tmp_path / name, [{"name": "a", "prefix": pattern_data["a"]}],
                          train={"steps": STEPS, "global_batch_size": 8, "micro_batch_size": 2, "save_interval": 4},
                          checkpoint={"async_save": asynchronous},
-                         deepspeed={"zero_optimization": {"stage": zero}}, **sections)
+                         deepspeed={"zero_optimization": {"stage": zero}, "bf16": {"enabled": precision == "bf16"}},
+                         **sections)
     return write_config(tmp_path / f"{name}.json", config)
 
 
@@ -45,21 +46,37 @@ def _torch_files(tag_dir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(tag_dir)): p.read_bytes() for p in sorted(tag_dir.rglob("*.pt"))}
 
 
-def _saved(tmp_path_factory, pattern_data, zero: int) -> Path:
-    tmp_path = tmp_path_factory.mktemp(f"sync{zero}")
-    assert_ok(run_megacpt(["train", _config(tmp_path, pattern_data, asynchronous=False, zero=zero)]))
+# `megacpt train` as it runs on a GPU in bf16: without CUDA megacpt trains in fp32 (runtime/engine.py turns
+# the config's bf16 off); this keeps it on, and DeepSpeed's ZeRO bf16 optimizer (bf16 weights and gradients,
+# an fp32 master partition, files bf16_zero_pp_rank_*) runs on the CPU as on a GPU.
+BF16_TRAIN = """
+import sys
+from megacpt.runtime import engine
+engine._without_gpu_precision = lambda ds: ds
+from megacpt.cli import main
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def _train(cfg: str, precision: str) -> None:
+    assert_ok(run_megacpt(["train", cfg]) if precision == "fp32" else run_python(["-c", BF16_TRAIN, cfg]))
+
+
+def _saved(tmp_path_factory, pattern_data, zero: int, precision: str) -> Path:
+    tmp_path = tmp_path_factory.mktemp(f"sync{zero}{precision}")
+    _train(_config(tmp_path, pattern_data, asynchronous=False, zero=zero, precision=precision), precision)
     return tmp_path / "run"
 
 
 @pytest.fixture(scope="module")
 def synchronous(tmp_path_factory, pattern_data):
-    """The synchronous runs by ZeRO stage (made when first asked for)."""
+    """The synchronous runs by ZeRO stage and precision (made when first asked for)."""
     runs = {}
 
-    def run(zero: int) -> Path:
-        if zero not in runs:
-            runs[zero] = _saved(tmp_path_factory, pattern_data, zero)
-        return runs[zero]
+    def run(zero: int, precision: str = "fp32") -> Path:
+        if (zero, precision) not in runs:
+            runs[zero, precision] = _saved(tmp_path_factory, pattern_data, zero, precision)
+        return runs[zero, precision]
     return run
 
 
@@ -165,8 +182,11 @@ from pathlib import Path
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 from megacpt.checkpoint import async_writer, save
 from megacpt.cli import main
+from megacpt.runtime import engine
 
 moment, TAG = sys.argv[2], "step00000008"
+if sys.argv[3] == "bf16":  # as BF16_TRAIN
+    engine._without_gpu_precision = lambda ds: ds
 
 def kill():
     os.kill(os.getpid(), signal.SIGKILL)
@@ -214,26 +234,30 @@ sys.exit(main(["train", sys.argv[1]]))
 """
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("moment", ["snapshot", "write", "commit", "latest"])
 def test_a_kill_at_any_moment_of_an_asynchronous_save_resumes_bit_exactly(tmp_path, pattern_data, synchronous,
-                                                                         moment):
-    """ZeRO 1: SIGKILL during the host copy of step 8, half way through its background write (held there
-    until the loop waits for it at the save of step 12), between the writer's finish and the manifest, and
-    between the manifest and `latest`. `latest` still names step 4, and
-    the rerun resumes from there and ends with the losses and the tag of a synchronous run never killed."""
-    cfg = _config(tmp_path, pattern_data)
+                                                                         moment, precision):
+    """ZeRO 1, in fp32 and in bf16 (DeepSpeed's bf16 optimizer, as 8B-10B runs train): SIGKILL during the host
+    copy of step 8, half way through its background write (held there until the loop waits for it at the save
+    of step 12), between the writer's finish and the manifest, and between the manifest and `latest`. `latest`
+    still names step 4, and the rerun resumes from there and ends with the losses and the tag of a synchronous
+    run never killed."""
+    cfg = _config(tmp_path, pattern_data, precision=precision)
     log = tmp_path / "killed.log"
     with open(log, "w") as out:
-        proc = subprocess.run([sys.executable, "-c", KILL, cfg, moment], env=clean_env(), stdout=out,
+        proc = subprocess.run([sys.executable, "-c", KILL, cfg, moment, precision], env=clean_env(), stdout=out,
                               stderr=subprocess.STDOUT, timeout=300)
     assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     run = tmp_path / "run"
     assert (run / "checkpoints" / "latest").read_text() == "step00000004"
     assert manifest.problems(_tag(run, 4)) == []
     assert (_tag(run, 8) / manifest.MANIFEST).exists() == (moment == "latest")
-    assert_ok(run_megacpt(["train", cfg]))  # resumes at step 4 and writes step 8 again
-    sync = synchronous(1)
+    _train(cfg, precision)  # resumes at step 4 and writes step 8 again
+    sync = synchronous(1, precision)
     assert _losses(run) == _losses(sync)
+    optimizer_files = {n for n in _torch_files(_tag(run, STEPS)) if "optim_states" in n}
+    assert optimizer_files == {f"{'bf16_' if precision == 'bf16' else ''}zero_pp_rank_0_mp_rank_00_optim_states.pt"}
     assert all(manifest.problems(_tag(run, s)) == [] for s in SAVES)
     assert _torch_files(_tag(run, STEPS)) == _torch_files(_tag(sync, STEPS))
     assert [r["step"] for r in read_metrics(run) if r.get("event") == "checkpoint"] == list(SAVES)
