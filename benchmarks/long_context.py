@@ -7,7 +7,8 @@ demo stage-1 arm (150 steps x 16 x 128 = 150 x 4 x 512), re-warmed like the demo
     none   the RoPE of stage 0 (base 10,000, no scaling): positions past 128 were never seen
     pi     position interpolation (Chen et al. 2023): rope_scaling linear, factor 4
     abf    adjusted base frequency (Xiong et al. 2023): rotary_base 10,000 x 50
-    best+mask  the best of these three (lowest mean loss at positions 384-511 over seeds and sets) with
+    yarn   YaRN (Peng et al. 2023): rope_scaling yarn, factor 4 from 128 positions, betas 32 and 1
+    best+mask  the best of these four (lowest mean loss at positions 384-511 over seeds and sets) with
            data.document_mask
 
 Every arm is evaluated by position buckets of 128 on the prose and code validation sets before (stage 0's
@@ -17,7 +18,7 @@ loss is the loss at length 128: forgetting of short context. The first seed's be
 Hugging Face and its logits at positions 384-511 of a code validation window compared with megacpt's.
 
     python benchmarks/long_context.py --workdir lc --seeds 1234 1 2
-    (two stage 0s and 12 stages of 150 steps: 1 h 45 min on 2 cores that also ran other work; writes
+    (three stage 0s and 15 stages of 150 steps, each stage about a minute on 2 idle cores; writes
     lc/summary.json and lc/long_context.png)
 """
 from __future__ import annotations
@@ -37,7 +38,8 @@ from megacpt.sweep.execute import Job, is_finished, megacpt_command, run_jobs, t
 from megacpt.sweep.grid import write_once
 
 LENGTH, BUCKET = 512, 128
-RESCALES = {"none": {}, "pi": {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "abf": {"rotary_base": 500000}}
+RESCALES = {"none": {}, "pi": {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "abf": {"rotary_base": 500000},
+            "yarn": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}}}
 BUCKETS = ("0-127", "384-511")
 
 
