@@ -11,7 +11,7 @@ with --overwrite, and one that is, contains or lies inside an input of the comma
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,13 +71,15 @@ def naming(path: str | Path) -> Iterator[None]:
         raise
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
+def write_atomic(path: str | Path, data: str | bytes | Iterable[str]) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part. `data` may
+    be an iterable of text chunks, written as they come (a long file need not be built in memory)."""
     path = Path(path)
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with naming(path), open(temp, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            for chunk in [data] if isinstance(data, (str, bytes)) else data:
+                f.write(chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
         with naming(path):
             replace_durably(temp, path)
     except BaseException:

@@ -10,11 +10,10 @@ up identical to an uninterrupted run's, whatever lines a killed run left behind.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from megacpt.errors import UserError
-from megacpt.files import LineFile, naming, replace_durably
+from megacpt.files import LineFile, write_atomic
 from megacpt.run_dir import SAMPLES
 
 
@@ -37,15 +36,8 @@ class SampleLedger:
         """The file as it is after step `done` (a resume, or a rollback to an earlier checkpoint)."""
         if self.file is not None:
             self.file.close()
-        temp = self.path.with_name(f"{SAMPLES}.tmp-{os.getpid()}")
-        try:
-            with naming(self.path), open(temp, "w", encoding="utf-8") as f:
-                for step in range(1, done + 1):
-                    f.write(_line(self.dataset, step, self.begin + (step - 1) * self.batch_size, self.batch_size))
-        except OSError:
-            temp.unlink(missing_ok=True)
-            raise
-        replace_durably(temp, self.path)
+        write_atomic(self.path, (_line(self.dataset, step, self.begin + (step - 1) * self.batch_size, self.batch_size)
+                                 for step in range(1, done + 1)))
         self.file = LineFile(self.path)
 
     def write(self, step: int, first: int) -> None:
